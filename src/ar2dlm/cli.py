@@ -1,0 +1,136 @@
+"""`ar2dlm VERB ...`: one verb = one function; flags are the function's keywords."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, DecodeConfig, SAMPLERS, MASKING_SCHEMES
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    convert(args.base, args.out, block_size=args.block_size, mask_token=args.mask_token,
+            reuse_token=args.reuse_token, masking=args.masking, loss_weight=args.loss_weight)
+    print(args.out)
+    return 0
+
+
+def read_prompts(path: str) -> list:
+    """Prompts of a JSONL file: each line a JSON string, or an object with "prompt" (text or token ids)."""
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"prompts file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+        if isinstance(item, dict):
+            item = item.get("prompt")
+        ok = isinstance(item, str) or (isinstance(item, list) and item and all(isinstance(t, int) for t in item))
+        if not ok:
+            raise ConfigError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" "
+                              f"(text or a list of token ids)")
+        prompts.append(item)
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from .decode.engine import _Output, stream
+    from .model import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    settings = {k: getattr(args, k) for k in ("max_new_tokens", "draft_len", "proposals", "sampler", "mix_weight",
+                                              "temperature", "top_k", "top_p", "seed", "ar")}
+    settings["stop"] = tuple(args.stop or ())
+    cfg = lm.decode_config(**settings)
+    ids = lm.encode(prompts, chat=args.chat)
+    if args.json:
+        for start in range(0, len(ids), args.batch_size):
+            chunk = ids[start:start + args.batch_size]
+            from .decode.engine import generate
+            for i, g in enumerate(generate(lm, chunk, cfg)):
+                print(json.dumps({"index": start + i, "text": g.text, "token_ids": g.token_ids,
+                                  "finish_reason": g.finish_reason, "stats": g.stats.as_dict()}), flush=True)
+        return 0
+    for i, prompt_ids in enumerate(ids):
+        out = _Output(lm, cfg)
+        for piece in stream(lm, prompt_ids, cfg, out):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        s = out.stats
+        mode = "ar" if cfg.ar else f"{cfg.sampler} K={cfg.draft_len} |R|={cfg.proposals}"
+        hist = " ".join(f"{k}:{v}" for k, v in sorted(s.accepted.items()))
+        print(f"\n[{mode}] {s.new_tokens} tokens, {s.forwards} forwards, TPF {s.tpf:.2f}, "
+              f"{s.new_tokens / max(s.wall_time, 1e-9):.1f} tok/s, {s.wall_time:.2f}s, accepted {{{hist}}}",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
+                                "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
+                                "the next block).")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    c = sub.add_parser("convert", help="add a mask token and ar2dlm.json to a HF causal LM",
+                       description="Convert BASE (a local HF checkpoint directory, or 'smollm2-135m' for the bundled "
+                       "SmolLM2-135M-Instruct) into OUT, an HF directory that still loads as an AR model.")
+    c.add_argument("base", help="HF checkpoint directory or bundled name (smollm2-135m)")
+    c.add_argument("out", help="output directory (must not exist or be empty)")
+    c.add_argument("--block-size", type=int, default=16, help="tokens per drafted block (default 16)")
+    c.add_argument("--mask-token", default="<|mask|>", help="text of the mask token to add (default <|mask|>)")
+    c.add_argument("--reuse-token", action="store_true",
+                   help="use an existing (reserved, unused) token named by --mask-token instead of adding one")
+    c.add_argument("--masking", choices=MASKING_SCHEMES, default="full", help="training masking scheme")
+    c.add_argument("--loss-weight", type=float, default=1.0, help="alpha of the AR loss (default 1)")
+    c.set_defaults(fn=cmd_convert)
+
+    d = DecodeConfig()
+    g = sub.add_parser("generate", help="decode prompts with TiDAR (or plain AR with --ar) and print stats",
+                       description="Stream the model's answer to each prompt, then print tokens, forward passes, "
+                       "tokens per forward (TPF), speed and the accepted-length histogram.")
+    g.add_argument("model", help="converted checkpoint directory (or any HF causal LM with --ar)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt text")
+    src.add_argument("--prompts", help="JSONL file: one JSON string or {\"prompt\": ...} per line")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--sampler", choices=SAMPLERS, default=d.sampler,
+                   help="greedy (== AR greedy), lossless (== AR distribution), mix (logit mixing, faster)")
+    g.add_argument("--mix-weight", type=float, default=d.mix_weight, help="w in [0, 1] for --sampler mix")
+    g.add_argument("--draft-len", type=int, default=None, help="K, tokens per draft (default: the model's)")
+    g.add_argument("--proposals", type=int, default=None, help="|R|, proposals per forward, 1..K")
+    g.add_argument("--ar", action="store_true", help="plain AR decoding on the same model and cache")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together with --json")
+    g.add_argument("--json", action="store_true", help="one JSON line per prompt instead of streamed text")
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"ar2dlm {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

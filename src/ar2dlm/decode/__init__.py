@@ -1,0 +1,1 @@
+"""Decoding: prefill -> step (verify + pre-draft in one forward) -> commit."""

@@ -1,0 +1,96 @@
+"""Naive, cache-free decoders: the oracles the engine is tested against.
+
+Every step recomputes the whole sequence from scratch with a mask built by
+plain loops, and verification is a Python loop over the draft. Slow and
+obviously right; never used outside tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _forward(lm, ids: list[int], pos: list[int], allowed: list[list[bool]], slots: list[bool]) -> torch.Tensor:
+    mask = torch.tensor(allowed, dtype=torch.bool)[None]
+    logits = lm.forward(torch.tensor([ids]), torch.tensor([pos]), mask, torch.tensor([slots]))
+    return logits[0]
+
+
+def _argmax(logits: torch.Tensor, mask_token_id) -> int:
+    logits = logits.clone()
+    if mask_token_id is not None and mask_token_id < logits.shape[-1]:
+        logits[mask_token_id] = float("-inf")
+    return int(logits.argmax())
+
+
+def ar_greedy(lm, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> list[int]:
+    """Greedy AR decoding, one full causal forward per token."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            n = len(seq)
+            causal = [[j <= i for j in range(n)] for i in range(n)]
+            logits = _forward(lm, seq, list(range(n)), causal, [False] * n)
+            tok = _argmax(logits[-1], lm.mask_token_id)
+            seq.append(tok)
+            out.append(tok)
+            if tok in eos:
+                break
+    return out
+
+
+def tidar_greedy(lm, prompt: list[int], max_new_tokens: int, draft_len: int,
+                 eos: set[int] = frozenset()) -> tuple[list[int], int]:
+    """Greedy TiDAR decoding with every proposal (R = {1..K}); returns (tokens, forward passes).
+
+    Each step: [committed prefix (causal) | d_1..d_K | P_1 .. P_K], where P_r
+    is K mask slots at positions L+r.. seeing the prefix and d_1..d_r.
+    """
+    K, M = draft_len, lm.mask_token_id
+    committed, out, forwards = list(prompt), [], 0
+    with torch.no_grad():
+        # prefill: prompt | P_0
+        L = len(committed)
+        ids = committed + [M] * K
+        pos = list(range(L)) + list(range(L, L + K))
+        allowed = [[(j <= i if i < L else True) if j < L else (i >= L) for j in range(L + K)] for i in range(L + K)]
+        logits = _forward(lm, ids, pos, allowed, [i >= L for i in range(L + K)])
+        forwards += 1
+        t = _argmax(logits[L - 1], M)
+        draft = [t] + [_argmax(logits[L + j], M) for j in range(1, K)]
+        out.append(t)
+        while len(out) < max_new_tokens and out[-1] not in eos:
+            L = len(committed)
+            ids = committed + draft + [M] * (K * K)
+            pos = list(range(L)) + [L + j for j in range(K)] + [L + r + s for r in range(1, K + 1) for s in range(K)]
+            n = len(ids)
+
+            def sees(i, j):
+                if j < L:
+                    return i >= L or j <= i  # everyone sees the committed prefix (causally within it)
+                if i < L:
+                    return False
+                if i < L + K:  # draft row: causal over the draft
+                    return L <= j <= i
+                r, jr = (i - L - K) // K + 1, (j - L - K) // K + 1
+                if j < L + K:  # proposal P_r sees d_1..d_r
+                    return j - L < r
+                return r == jr  # own block only
+
+            allowed = [[sees(i, j) for j in range(n)] for i in range(n)]
+            logits = _forward(lm, ids, pos, allowed, [i >= L + K for i in range(n)])
+            forwards += 1
+            target = [_argmax(logits[L + j], M) for j in range(K)]  # target[j-1] = argmax p_j
+            r = 1
+            while r < K and draft[r] == target[r - 1]:
+                r += 1
+            t = target[r - 1]
+            committed += draft[:r]
+            out += draft[1:r] + [t]
+            base = L + K + (r - 1) * K  # first row of P_r
+            draft = [t] + [_argmax(logits[base + s], M) for s in range(1, K)]
+    out = out[:max_new_tokens]
+    for i, tok in enumerate(out):
+        if tok in eos:
+            return out[:i + 1], forwards
+    return out, forwards

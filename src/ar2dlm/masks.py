@@ -1,0 +1,161 @@
+"""Every attention mask of ar2dlm, built as dense bool tensors (True = attend).
+
+Queries are rows, keys are columns. `to_additive` turns a bool mask into the
+additive float mask eager attention needs (sdpa takes either); `for_model`
+picks the right one for a loaded model. Rows that would attend to nothing get
+their own diagonal so that no softmax sees an all-masked row (NaN).
+
+All masks carry a leading batch dimension: [b, q, k].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(seq_len: int, batch: int = 1, device=None) -> torch.Tensor:
+    """Plain causal mask [batch, S, S]: token i attends to tokens 0..i.
+
+    S = 3:   1 . .
+             1 1 .
+             1 1 1
+    """
+    i = torch.arange(seq_len, device=device)
+    return (i[None, :] <= i[:, None]).expand(batch, seq_len, seq_len).clone()
+
+
+def block_ids(seq_len: int, block_size: int, block_offset: torch.Tensor | int = 0, device=None) -> torch.Tensor:
+    """Block index of every position [b, S]; a nonzero offset makes block 0 shorter.
+
+    block(i) = (i + offset) // B, offset in [0, B): with B = 3, offset 1 the
+    blocks of positions 0..5 are 0 0 1 1 1 2.
+    """
+    offset = torch.as_tensor(block_offset, device=device).reshape(-1, 1)
+    return (torch.arange(seq_len, device=device)[None, :] + offset) // block_size
+
+
+def training_mask(
+    seq_len: int,
+    block_size: int,
+    doc_ids: torch.Tensor | None = None,
+    block_offset: torch.Tensor | int = 0,
+    device=None,
+) -> torch.Tensor:
+    """TiDAR training layout over [clean x_0..x_{S-1} | slots m_0..m_{S-1}] -> [b, 2S, 2S].
+
+    Clean rows are causal and never see slots. Slot m_i of block b sees the
+    clean tokens of all earlier blocks and every slot of its own block.
+    Nothing crosses a document boundary (`doc_ids` [b, S], same id = same doc).
+
+    B = 3, S = 6:
+                keys: c0 c1 c2 c3 c4 c5 | m0 m1 m2 m3 m4 m5
+       c0             1  .  .  .  .  .  | .  .  .  .  .  .
+       c1             1  1  .  .  .  .  | .  .  .  .  .  .
+       c5             1  1  1  1  1  1  | .  .  .  .  .  .
+       m0 m1 m2       .  .  .  .  .  .  | 1  1  1  .  .  .
+       m3 m4 m5       1  1  1  .  .  .  | .  .  .  1  1  1
+    """
+    if doc_ids is None:
+        doc_ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    device = doc_ids.device
+    S = seq_len
+    block = block_ids(S, block_size, block_offset, device).expand(doc_ids.shape[0], S)  # [b, S]
+    pos = torch.arange(S, device=device)
+    block2 = torch.cat([block, block], 1)  # [b, 2S]
+    doc2 = torch.cat([doc_ids, doc_ids], 1)  # [b, 2S]
+    pos2 = torch.cat([pos, pos])  # [2S]
+    slot2 = torch.arange(2 * S, device=device) >= S  # [2S]
+
+    q_slot, k_slot = slot2[:, None], slot2[None, :]  # [2S, 1], [1, 2S]
+    clean_clean = ~q_slot & ~k_slot & (pos2[None, :] <= pos2[:, None])  # [2S, 2S]
+    slot_clean = q_slot & ~k_slot  # refined by blocks below
+    slot_slot = q_slot & k_slot
+    qb, kb = block2[:, :, None], block2[:, None, :]  # [b, 2S, 1], [b, 1, 2S]
+    mask = clean_clean | (slot_clean & (kb < qb)) | (slot_slot & (kb == qb))  # [b, 2S, 2S]
+    return mask & (doc2[:, :, None] == doc2[:, None, :])
+
+
+def prefill_mask(prompt_lens: torch.Tensor, padded_len: int, draft_len: int) -> torch.Tensor:
+    """Prefill layout [prompt (causal, right-padded) | P_0: K slots] -> [b, Lp+K, Lp+K].
+
+    Row i's prompt occupies slots 0..len_i-1; slots len_i..Lp-1 are holes no
+    one attends to (their rows see only themselves). P_0 slots see the whole
+    prompt and each other: they draft positions len_i..len_i+K-1.
+
+    len = 2, Lp = 3, K = 2:   keys: p0 p1 h | s0 s1
+                              p0     1  .  . | .  .
+                              p1     1  1  . | .  .
+                              h      .  .  1 | .  .
+                              s0     1  1  . | 1  1
+                              s1     1  1  . | 1  1
+    """
+    device = prompt_lens.device
+    b, Lp, K = prompt_lens.shape[0], padded_len, draft_len
+    valid = torch.arange(Lp, device=device)[None, :] < prompt_lens[:, None]  # [b, Lp]
+    n = Lp + K
+    mask = torch.zeros(b, n, n, dtype=torch.bool, device=device)
+    mask[:, :Lp, :Lp] = causal_mask(Lp, device=device) & valid[:, None, :]
+    mask[:, Lp:, :Lp] = valid[:, None, :]
+    mask[:, Lp:, Lp:] = True
+    return _self_attend_empty_rows(mask, offset=0)
+
+
+def step_mask(cache_valid: torch.Tensor, draft_len: int, proposals: torch.Tensor) -> torch.Tensor:
+    """Decode step: [draft d_1..d_K | P_r for r in R] over [cache | step] -> [b, q, C+q].
+
+    `cache_valid` [b, C]: which cache slots hold committed tokens (others are
+    holes left by ragged acceptance in a batch). `proposals` [b, n]: the
+    acceptance lengths r pre-drafted; P_r is K slots conditioned on d_1..d_r.
+    q = K + n K.
+
+    K = 3, R = {1, 2}:  keys -> cache | d1 d2 d3 | P1 slots | P2 slots
+       d1                        1    | 1  .  .  |  . . .   |  . . .
+       d2                        1    | 1  1  .  |  . . .   |  . . .
+       d3                        1    | 1  1  1  |  . . .   |  . . .
+       P1 slots                  1    | 1  .  .  |  1 1 1   |  . . .
+       P2 slots                  1    | 1  1  .  |  . . .   |  1 1 1
+    """
+    device = cache_valid.device
+    b, C = cache_valid.shape
+    K, n = draft_len, proposals.shape[1]
+    q = K + n * K
+    mask = torch.zeros(b, q, C + q, dtype=torch.bool, device=device)
+    mask[:, :, :C] = cache_valid[:, None, :]
+    mask[:, :K, C:C + K] = causal_mask(K, device=device)
+    # proposal block k: sees drafts d_1..d_{R_k} and its own K slots
+    j = torch.arange(K, device=device)
+    sees_draft = j[None, None, :] < proposals[:, :, None]  # [b, n, K]
+    mask[:, K:, C:C + K] = sees_draft.repeat_interleave(K, dim=1)
+    block = torch.arange(n, device=device).repeat_interleave(K)  # [n K]
+    mask[:, K:, C + K:] = block[:, None] == block[None, :]
+    return mask
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask [b, q, k] -> additive float mask [b, 1, q, k] (0 = attend, finfo.min = not).
+
+    finfo.min rather than -inf: eager softmax of an all -inf row is NaN.
+    """
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    out.masked_fill_(~mask, torch.finfo(dtype).min)
+    return out[:, None]
+
+
+def for_model(mask: torch.Tensor, model) -> torch.Tensor:
+    """The 4D mask a stock HF forward takes as-is: bool for sdpa, additive float otherwise."""
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if impl == "sdpa":
+        return mask[:, None]
+    return to_additive(mask, model.dtype)
+
+
+def _self_attend_empty_rows(mask: torch.Tensor, offset: int) -> torch.Tensor:
+    """Give rows with no visible key their own diagonal (padding holes) to avoid NaN."""
+    empty = ~mask.any(-1)  # [b, q]
+    if empty.any():
+        q = mask.shape[1]
+        diag = torch.zeros_like(mask)
+        idx = torch.arange(q, device=mask.device)
+        diag[:, idx, idx + offset] = True
+        mask = mask | (diag & empty[:, :, None])
+    return mask

@@ -1,0 +1,144 @@
+"""`DiffusionLM`: a stock HF causal LM plus the diffusion settings of `ar2dlm.json`.
+
+The forward is the model's own: we hand it a ready 4D attention mask (returned
+unchanged by transformers) and explicit `position_ids`, so any architecture
+works without forking its modeling file. It also takes `mask_slots`, a bool
+per row saying which rows are drafting slots; a drafting adapter reads it from
+`slot_gate` to act on those rows only, so clean rows keep the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import masks
+from .config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
+
+
+class SlotGate:
+    """Holds the `mask_slots` [b, q] of the forward in progress (None outside one)."""
+
+    def __init__(self):
+        self.mask_slots: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def rows(self, mask_slots: torch.Tensor | None):
+        previous, self.mask_slots = self.mask_slots, mask_slots
+        try:
+            yield
+        finally:
+            self.mask_slots = previous
+
+
+class DiffusionLM:
+    """A converted checkpoint ready to decode. `settings is None` means a plain AR model."""
+
+    def __init__(self, model, tokenizer, settings: DiffusionConfig | None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.slot_gate = SlotGate()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa", allow_ar: bool = False) -> "DiffusionLM":
+        """Load a converted checkpoint. `allow_ar=True` also accepts an unconverted AR model."""
+        from .bundled import resolve_base
+
+        path = Path(path) if Path(path).exists() else resolve_base(str(path))
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        settings = None
+        if (path / SETTINGS_FILE).exists():
+            settings = DiffusionConfig.load(path)
+        elif not allow_ar:
+            raise ConfigError(
+                f"{path} has no {SETTINGS_FILE}: it is an unconverted AR model. Convert it with "
+                f"`ar2dlm convert {path} OUT_DIR`, or decode it as plain AR with `--ar`.")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"could not load a causal LM from {path}: {e}") from e
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, settings)
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def mask_token_id(self) -> int | None:
+        return None if self.settings is None else self.settings.mask_token_id
+
+    @property
+    def context_len(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mask_slots: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
+        """Logits [b, q, vocab] of the stock forward.
+
+        input_ids, position_ids: [b, q]; attention_mask: bool [b, q, k] over
+        (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
+        """
+        with self.slot_gate.rows(mask_slots):
+            out = self.model(input_ids=input_ids, position_ids=position_ids,
+                             attention_mask=masks.for_model(attention_mask, self.model),
+                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+        return out.logits
+
+    # ------------------------------------------------------------------ decoding
+    def decode_config(self, **overrides) -> DecodeConfig:
+        """DecodeConfig from the checkpoint's defaults (ar2dlm.json) and these overrides."""
+        defaults = {}
+        if self.settings is not None:
+            K = self.settings.draft_len or self.settings.block_size
+            defaults = {"draft_len": K, "proposals": self.settings.proposals or min(3, K)}
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("stop", "eos_token_id"):
+            if isinstance(defaults.get(key), (list, str, int)):
+                v = defaults[key]
+                defaults[key] = tuple([v] if isinstance(v, (str, int)) else v)
+        if "draft_len" in overrides and "proposals" not in overrides and self.settings is not None:
+            defaults["proposals"] = min(defaults["proposals"], defaults["draft_len"])
+        config = DecodeConfig(**defaults)
+        if not config.ar and self.settings is None:
+            raise ConfigError("this model is not converted (no ar2dlm.json): decode it with ar=True / --ar, "
+                              "or convert it with `ar2dlm convert`")
+        return config
+
+    def encode(self, prompts: Sequence[str | Sequence[int]] | str, chat: bool = False) -> list[list[int]]:
+        """Token ids of each prompt (strings are tokenized; `chat` applies the chat template)."""
+        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if chat:
+                    toks = self.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                        return_dict=False)
+                    toks = list(toks["input_ids"]) if isinstance(toks, dict) or hasattr(toks, "keys") else list(toks)
+                else:
+                    toks = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            else:
+                toks = [int(t) for t in prompt]
+            if len(toks) == 0:
+                raise ConfigError(f"prompt {i} is empty: give at least one token")
+            ids.append(toks)
+        return ids
+
+    def generate(self, prompts, chat: bool = False, **settings) -> list["Generation"]:
+        """Decode a batch of prompts (strings or token-id lists); one `Generation` per prompt."""
+        from .decode.engine import generate
+
+        return generate(self, self.encode(prompts, chat), self.decode_config(**settings))
+
+    def stream(self, prompt, chat: bool = False, **settings) -> Iterator[str]:
+        """Yield text as tokens are committed (one prompt)."""
+        from .decode.engine import stream
+
+        yield from stream(self, self.encode([prompt], chat)[0], self.decode_config(**settings))

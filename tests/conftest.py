@@ -1,0 +1,117 @@
+"""Tiny random-initialised HF models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2MoeConfig, Qwen3Config)
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+VOCAB = 96
+EOS = 1
+
+
+def make_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: '<unk>' '<eos>' 'w2' 'w3' ... (text 'w5 w7' -> [5, 7])."""
+    vocab = {"<unk>": 0, "<eos>": EOS, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<unk>")
+
+
+def _common(V):
+    return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS, bos_token_id=None,
+                pad_token_id=0)
+
+
+ARCHS = {
+    "llama": lambda V: LlamaConfig(**_common(V)),
+    "qwen2": lambda V: Qwen2Config(**_common(V)),
+    "qwen3": lambda V: Qwen3Config(**_common(V), head_dim=8),
+    "mistral": lambda V: MistralConfig(**_common(V), sliding_window=None),
+    "qwen2_moe": lambda V: Qwen2MoeConfig(**_common(V), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=32, decoder_sparse_step=1),
+    "gpt2": lambda V: GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=256, eos_token_id=EOS,
+                                 bos_token_id=EOS, pad_token_id=0),
+}
+CORE_ARCHS = ["llama", "qwen2", "qwen2_moe", "gpt2"]
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, vocab: int = VOCAB):
+    torch.manual_seed(seed)
+    config = ARCHS[arch](vocab)
+    extra = {"experts_implementation": "eager"} if "moe" in arch else {}  # grouped_mm has no float64 kernel
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", **extra).to(dtype)
+    with torch.no_grad():  # random init is near-uniform; sharper logits make drafts and ties realistic
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def save_base(arch: str, path, seed: int = 0, dtype=torch.float32):
+    model = tiny_model(arch, seed, dtype)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory):
+    """arch -> directory of a saved tiny base checkpoint."""
+    root = tmp_path_factory.mktemp("bases")
+    return {arch: save_base(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def converted_dirs(base_dirs, tmp_path_factory):
+    """arch -> directory of its conversion (block size 4)."""
+    from ar2dlm import convert
+
+    root = tmp_path_factory.mktemp("converted")
+    return {arch: convert(path, root / arch, block_size=4) for arch, path in base_dirs.items()}
+
+
+def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: int = VOCAB, dtype=torch.float64):
+    """A tiny model trained (all weights, AR + diffusion loss) on a repeating pattern, so its drafts are
+    often accepted: greedy tests then exercise the accept branches, not only rejections.
+
+    Returns a DiffusionLM (block size 4)."""
+    from ar2dlm.config import DiffusionConfig
+    from ar2dlm.convert import add_mask_token
+    from ar2dlm.model import DiffusionLM
+    from ar2dlm import objective
+
+    model = tiny_model(arch, seed, dtype, vocab)
+    tok = make_tokenizer(vocab)
+    mask_id = add_mask_token(model, tok)
+    cfg = DiffusionConfig(block_size=4, mask_token_id=mask_id)
+    lm = DiffusionLM(model, tok, cfg)
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randperm(vocab - 2, generator=g)[:7] + 2  # a cycle of 7 distinct tokens
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        phase = torch.randint(0, 7, (8, 1), generator=g)
+        x = pattern[(phase + torch.arange(32)) % 7]  # [8, 32]
+        batch = objective.build_batch(x, cfg, block_offset=torch.randint(0, 4, (8,), generator=g), generator=g)
+        loss, _, _ = objective.loss(lm, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    lm.pattern = pattern.tolist()
+    return lm
+
+
+@pytest.fixture(scope="session")
+def drafter():
+    return train_drafter()

@@ -1,0 +1,199 @@
+"""The decode engine against its oracles: HF generate, full recomputation, the naive reference decoders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ar2dlm import masks
+from ar2dlm.config import DiffusionConfig
+from ar2dlm.convert import add_mask_token
+from ar2dlm.decode import engine
+from ar2dlm.decode.reference import ar_greedy, tidar_greedy
+from ar2dlm.model import DiffusionLM
+from conftest import CORE_ARCHS, EOS, make_tokenizer, tiny_model
+
+SETTINGS = [(1, 1), (4, 1), (4, 3), (4, 4), (16, 1), (16, 3), (16, 16)]  # (K, |R|)
+N_PROMPTS, NEW = 20, 24
+
+
+def converted(arch, seed=0):
+    """(HF base model, DiffusionLM of its conversion), float64 so no near-tie can flip an argmax."""
+    base = tiny_model(arch, seed, torch.float64)
+    model = tiny_model(arch, seed, torch.float64)
+    tok = make_tokenizer()
+    mask_id = add_mask_token(model, tok)
+    return base, DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=mask_id))
+
+
+def random_prompts(n, seed, vocab=96, lo=2, hi=14):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (int(m),), generator=g).tolist() for m in torch.randint(lo, hi, (n,), generator=g)]
+
+
+def hf_greedy(model, prompt, new=NEW, suppress=None):
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new, eos_token_id=EOS,
+                         pad_token_id=0, suppress_tokens=suppress)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_greedy_equals_hf_generate(arch):
+    base, lm = converted(arch)
+    prompts = random_prompts(N_PROMPTS, seed=1)
+    expected = [hf_greedy(base, p) for p in prompts]
+    for K, R in SETTINGS:
+        alone = [lm.generate([p], max_new_tokens=NEW, draft_len=K, proposals=R)[0].token_ids for p in prompts]
+        assert alone == expected, (K, R)
+        batched = []
+        for i in range(0, N_PROMPTS, 4):  # batches of 4 prompts of different lengths
+            batched += [g.token_ids for g in lm.generate(prompts[i:i + 4], max_new_tokens=NEW, draft_len=K,
+                                                         proposals=R)]
+        assert batched == expected, (K, R)
+
+
+def test_greedy_with_accepting_drafter_equals_hf(drafter):
+    """A trained drafter: most drafts are accepted, so every accept branch runs."""
+    pattern = drafter.pattern
+    prompts = [pattern[i:i + 3] for i in range(4)] + random_prompts(16, seed=2)
+    suppress = [drafter.mask_token_id]
+    expected = [hf_greedy(drafter.model, p, 40, suppress) for p in prompts]
+    for K, R in SETTINGS:
+        gens = [lm_g for i in range(0, len(prompts), 4)
+                for lm_g in drafter.generate(prompts[i:i + 4], max_new_tokens=40, draft_len=K, proposals=R)]
+        assert [g.token_ids for g in gens] == expected, (K, R)
+        alone = [drafter.generate([p], max_new_tokens=40, draft_len=K, proposals=R)[0] for p in prompts]
+        assert [g.token_ids for g in alone] == expected, (K, R)
+        if K > 1:
+            tpf = sum(g.stats.tpf for g in alone) / len(alone)
+            assert tpf > 2.0, f"drafter should be accepted often (K={K}, R={R}, mean TPF {tpf:.2f})"
+            if K == 4:  # the block size it was trained at
+                assert any(k == K for g in alone for k in g.stats.accepted), "some step accepted the whole draft"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reference_decoders_agree_with_engine(arch, drafter):
+    for lm in (converted(arch)[1], drafter):
+        for p in random_prompts(4, seed=3):
+            ar = ar_greedy(lm, p, 20, {EOS})
+            assert lm.generate([p], max_new_tokens=20, ar=True)[0].token_ids == ar
+            for K in (1, 4):
+                toks, forwards = tidar_greedy(lm, p, 20, K, {EOS})
+                g = lm.generate([p], max_new_tokens=20, draft_len=K, proposals=K)[0]
+                assert toks == ar and g.token_ids == toks
+                assert g.stats.forwards == forwards  # same drafts, same acceptance, step for step
+
+
+def test_cached_step_equals_full_recomputation():
+    """A step over a cache (with a hole) gives the logits of one forward over everything."""
+    _, lm = converted("llama")
+    torch.manual_seed(0)
+    prefix, draft, K = torch.randint(2, 96, (1, 9)), torch.randint(2, 96, (1, 4)), 4
+    R = torch.tensor([[1, 3]])
+    M = lm.mask_token_id
+    # cached: prefill prefix (slot 5 is a hole: a rejected token left in the cache), then the step
+    cache = DynamicCache()
+    valid = torch.ones(1, 9, dtype=torch.bool)
+    valid[0, 5] = False
+    pre_mask = masks.causal_mask(9) & valid[:, None, :]
+    pre_mask |= torch.eye(9, dtype=torch.bool)[None]
+    pos_prefix = torch.tensor([[0, 1, 2, 3, 4, 99, 5, 6, 7]])  # the hole's position is irrelevant
+    lm.forward(prefix, pos_prefix, pre_mask, None, cache)
+    L = 8  # committed tokens (9 slots, one hole)
+    ids = torch.cat([draft, torch.full((1, 2 * K), M)], 1)
+    pos = torch.cat([L + torch.arange(K), L + 1 + torch.arange(K), L + 3 + torch.arange(K)])[None]
+    step = lm.forward(ids, pos, masks.step_mask(valid, K, R), None, cache)
+    # full: committed tokens only, no cache
+    committed = prefix[:, valid[0]]
+    full_ids = torch.cat([committed, ids], 1)
+    full_pos = torch.cat([torch.arange(L)[None], pos], 1)
+    full_mask = masks.step_mask(torch.zeros(1, 0, dtype=torch.bool), K, R)
+    big = torch.zeros(1, L + 3 * K, L + 3 * K, dtype=torch.bool)
+    big[:, :L, :L] = masks.causal_mask(L)
+    big[:, L:, :L] = True
+    big[:, L:, L:] = full_mask
+    full = lm.forward(full_ids, full_pos, big, None)
+    torch.testing.assert_close(step[0], full[0, L:], rtol=1e-9, atol=1e-9)
+
+
+def test_crop_is_as_if_never_seen():
+    _, lm = converted("qwen2")
+    torch.manual_seed(1)
+    a, rejected, b = torch.randint(2, 96, (1, 6)), torch.randint(2, 96, (1, 3)), torch.randint(2, 96, (1, 2))
+    cache = DynamicCache()
+    lm.forward(a, torch.arange(6)[None], masks.causal_mask(6), None, cache)
+    lm.forward(rejected, torch.arange(6, 9)[None], torch.ones(1, 3, 9, dtype=torch.bool) & _causal_tail(6, 3), None,
+               cache)
+    engine._crop(cache, 3)
+    after = lm.forward(b, torch.arange(6, 8)[None], _causal_tail(6, 2), None, cache)
+    fresh = lm.forward(torch.cat([a, b], 1), torch.arange(8)[None], masks.causal_mask(8), None)
+    torch.testing.assert_close(after[0], fresh[0, 6:], rtol=1e-9, atol=1e-9)
+
+
+def _causal_tail(past, q):
+    m = torch.ones(1, q, past + q, dtype=torch.bool)
+    m[0, :, past:] = masks.causal_mask(q)[0]
+    return m
+
+
+def test_compaction_keeps_results(drafter):
+    """Squeezing holes out of the cache changes nothing."""
+    prompts = random_prompts(4, seed=5) + [drafter.pattern[:4]]
+    cfg = drafter.decode_config(max_new_tokens=30, draft_len=4, proposals=2)
+    g = torch.Generator()
+    with torch.inference_mode():
+        state, _ = engine.prefill(drafter, prompts, 4, cfg, g)
+        for _ in range(3):
+            engine.step(drafter, state, 2, cfg, g)
+        assert not state.cache_valid.all()  # ragged: holes exist
+        twin = copy.deepcopy(state)
+        engine.compact_cache(twin)
+        assert twin.cache_valid.shape[1] < state.cache_valid.shape[1]
+        for _ in range(3):
+            r1, t1 = engine.step(drafter, state, 2, cfg, g)
+            r2, t2 = engine.step(drafter, twin, 2, cfg, g)
+            assert torch.equal(r1, r2) and torch.equal(t1, t2)
+
+
+def test_eos_and_stop_strings():
+    base, lm = converted("llama")
+    p = random_prompts(1, seed=7)[0]
+    free = lm.generate([p], max_new_tokens=NEW, eos_token_id=())[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == NEW
+    eos = free.token_ids[5]
+    stopped = lm.generate([p], max_new_tokens=NEW, eos_token_id=[eos], draft_len=4)[0]
+    assert stopped.token_ids == free.token_ids[:free.token_ids.index(eos) + 1]
+    assert stopped.finish_reason == "eos"
+    word = free.text.split()[6]
+    cut = lm.generate([p], max_new_tokens=NEW, eos_token_id=(), stop=[word], draft_len=4)[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(word)]
+
+
+def test_stream_yields_the_generated_text(drafter):
+    p = drafter.pattern[:3]
+    whole = drafter.generate([p], max_new_tokens=30, draft_len=4, proposals=2)[0]
+    pieces = list(drafter.stream(p, max_new_tokens=30, draft_len=4, proposals=2))
+    assert "".join(pieces) == whole.text and len(pieces) > 1
+
+
+def test_mask_token_is_never_emitted():
+    """Even a model that loves the mask token never emits it."""
+    _, lm = converted("llama")
+    with torch.no_grad():
+        lm.model.lm_head.bias = None
+        lm.model.lm_head.weight[lm.mask_token_id] *= 0
+        lm.model.lm_head.weight[lm.mask_token_id] += 50 * lm.model.lm_head.weight[2:10].mean(0)
+    for sampler in ("greedy", "lossless", "mix"):
+        extra = {"mix_weight": 0.5} if sampler == "mix" else {}
+        for g in lm.generate(random_prompts(3, seed=8), max_new_tokens=16, draft_len=4, sampler=sampler, seed=0,
+                             **extra):
+            assert lm.mask_token_id not in g.token_ids
+
+
+def test_ar_loop_is_one_token_per_forward():
+    _, lm = converted("gpt2")
+    g = lm.generate(random_prompts(1, seed=9), max_new_tokens=12, ar=True, eos_token_id=())[0]
+    assert g.stats.forwards == 12 and g.stats.tpf == 1.0
