@@ -70,7 +70,9 @@ def resolve_base(name_or_path: str) -> Path:
             f"model name (known: {known})"
         )
     if not (path / "config.json").is_file():
-        raise ValueError(
+        from .config import ConfigError  # a ValueError a user can act on
+
+        raise ConfigError(
             f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)"
         )
     return path

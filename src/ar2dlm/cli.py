@@ -45,7 +45,7 @@ def read_prompts(path: str) -> list:
 
 
 def cmd_generate(args) -> int:
-    from .decode.engine import _Output, stream
+    from .decode.engine import _Output, check_request, stream
     from .model import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar)
@@ -54,7 +54,10 @@ def cmd_generate(args) -> int:
                                               "temperature", "top_k", "top_p", "seed", "ar")}
     settings["stop"] = tuple(args.stop or ())
     cfg = lm.decode_config(**settings)
+    if args.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
     ids = lm.encode(prompts, chat=args.chat)
+    check_request(lm, ids, cfg)  # every prompt is checked before any text is printed
     if args.json:
         for start in range(0, len(ids), args.batch_size):
             chunk = ids[start:start + args.batch_size]

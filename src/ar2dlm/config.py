@@ -75,10 +75,19 @@ class DiffusionConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); re-run `ar2dlm convert`") from e
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        _check(isinstance(raw, dict), f"{path} must hold a JSON object of settings; re-run `ar2dlm convert`")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
         _check(not unknown, f"{path}: unknown settings {unknown}")
-        return cls(**raw)
+        for name, value in raw.items():
+            want = type(getattr(cls(), name))
+            ok = isinstance(value, want) or (want is float and isinstance(value, int))
+            _check(ok and not (want is not bool and isinstance(value, bool)),
+                   f"{path}: setting {name!r} must be a {want.__name__}, got {value!r}")
+        try:
+            return cls(**raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,26 @@ def load_base(base: str | Path, dtype="auto"):
         raise ConfigError(f"{path} is not a causal-LM checkpoint (model_type {config.model_type!r}): {e}") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot load the weights ({e}); is the checkpoint complete?") from e
+    if not is_causal(model):
+        raise ConfigError(f"{path} ({config.model_type}) is not a causal LM: its early logits depend on later "
+                          f"tokens (bidirectional attention); ar2dlm converts decoder-only causal LMs")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load a tokenizer ({e})") from e
     return model, tokenizer
+
+
+@torch.no_grad()
+def is_causal(model) -> bool:
+    """Probe: two inputs that differ only in their last token give the same earlier logits."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab, (1, 6), generator=g)
+    b = a.clone()
+    b[0, -1] = (a[0, -1] + 1) % vocab
+    la, lb = model(input_ids=a).logits[0, :-1], model(input_ids=b).logits[0, :-1]
+    return torch.allclose(la.float(), lb.float(), rtol=1e-4, atol=1e-4)
 
 
 def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool = False) -> int:

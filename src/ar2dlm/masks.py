@@ -79,13 +79,13 @@ def prefill_mask(prompt_lens: torch.Tensor, padded_len: int, draft_len: int) -> 
     """Prefill layout [prompt (causal, right-padded) | P_0: K slots] -> [b, Lp+K, Lp+K].
 
     Row i's prompt occupies slots 0..len_i-1; slots len_i..Lp-1 are holes no
-    one attends to (their rows see only themselves). P_0 slots see the whole
+    one attends to (their own outputs are ignored). P_0 slots see the whole
     prompt and each other: they draft positions len_i..len_i+K-1.
 
     len = 2, Lp = 3, K = 2:   keys: p0 p1 h | s0 s1
                               p0     1  .  . | .  .
                               p1     1  1  . | .  .
-                              h      .  .  1 | .  .
+                              h      1  1  . | .  .
                               s0     1  1  . | 1  1
                               s1     1  1  . | 1  1
     """

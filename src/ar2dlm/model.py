@@ -102,7 +102,7 @@ class DiffusionLM:
             if isinstance(defaults.get(key), (list, str, int)):
                 v = defaults[key]
                 defaults[key] = tuple([v] if isinstance(v, (str, int)) else v)
-        if "draft_len" in overrides and "proposals" not in overrides and self.settings is not None:
+        if overrides.get("draft_len") is not None and overrides.get("proposals") is None and self.settings is not None:
             defaults["proposals"] = min(defaults["proposals"], defaults["draft_len"])
         config = DecodeConfig(**defaults)
         if not config.ar and self.settings is None:
@@ -118,6 +118,9 @@ class DiffusionLM:
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 if chat:
+                    if not getattr(self.tokenizer, "chat_template", None):
+                        raise ConfigError("--chat: this tokenizer has no chat template; drop --chat and give the "
+                                          "prompt text as the model expects it")
                     toks = self.tokenizer.apply_chat_template(
                         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
                         return_dict=False)

@@ -252,7 +252,7 @@ def stream(lm, prompt: list[int], cfg: DecodeConfig, out: "_Output | None" = Non
     out = out or _Output(lm, cfg)
     shown = ""
     for _row, _tokens in events(lm, [prompt], cfg, [out]):
-        text = out.text()
+        text = _hold_back(out.text(), cfg.stop) if not out.finish_reason else out.text()
         if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
             yield text[len(shown):]
             shown = text
@@ -278,16 +278,18 @@ class _Output:
             self.tokens.append(tok)
             if tok in self.eos:
                 self.finish_reason = "eos"
+            elif self.cfg.stop and self.text() != self._decoded:
+                self.finish_reason = "stop"  # the token that completed a stop string is the last one
             elif len(self.tokens) >= self.cfg.max_new_tokens:
                 self.finish_reason = "length"
             if self.finish_reason:
                 break
-        if self.cfg.stop and not self.finish_reason:
-            text = self.lm.tokenizer.decode(self.tokens, skip_special_tokens=True)
-            if _cut_stop(text, self.cfg.stop) != text:
-                self.finish_reason = "stop"
         self.stats.new_tokens = len(self.tokens)
         return taken
+
+    @property
+    def _decoded(self) -> str:
+        return self.lm.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
     def text(self) -> str:
         return _cut_stop(self.lm.tokenizer.decode(self.tokens, skip_special_tokens=True), self.cfg.stop)
@@ -342,6 +344,14 @@ def _crop(cache: DynamicCache, n: int) -> None:
     """Drop the last n cache slots (crop(-n); crop(0) would mean 'drop nothing' only for n > 0)."""
     if n > 0:
         cache.crop(-n)
+
+
+def _hold_back(text: str, stops) -> str:
+    """Text safe to show while decoding goes on: without a tail that could begin a stop string."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return text[:-n]
+    return text
 
 
 def _cut_stop(text: str, stops) -> str:

@@ -75,6 +75,8 @@ def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: 
          otherwise (all accepted, or no draft there): t ~ p_r (the bonus token).
     """
     b, K, _ = p.shape
+    if K == 1:  # nothing drafted (AR step): t ~ p_1
+        return torch.ones(b, dtype=torch.long, device=p.device), torch.multinomial(p[:, 0], 1, generator=generator)[:, 0]
     d = draft[:, 1:, None]  # [b, K-1, 1]
     p_d = p[:, :-1].gather(2, d)[..., 0]  # [b, K-1]
     q_d = q[:, 1:].gather(2, d)[..., 0]
@@ -112,10 +114,10 @@ def verify(cfg: DecodeConfig, p_logits: torch.Tensor, draft: torch.Tensor, draft
     """Dispatch on the sampler. p_logits, draft_logits: [b, K, V]; draft: [b, K]; n_draft: [b]."""
     if cfg.greedy:
         return greedy(p_logits, draft, n_draft, mask_token_id)
-    if cfg.sampler == "mix":
+    if cfg.sampler == "mix" and draft.shape[1] > 1:
         p_logits = mix_logits(p_logits, draft_logits, n_draft, cfg.mix_weight)
     p = process_logits(p_logits, cfg, mask_token_id)
-    q = process_logits(draft_logits, cfg, mask_token_id)
+    q = process_logits(draft_logits, cfg, mask_token_id) if draft.shape[1] > 1 else p[:, :0]
     return speculative(p, q, draft, n_draft, generator)
 
 
