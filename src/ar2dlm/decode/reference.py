@@ -59,7 +59,7 @@ def tidar_greedy(lm, prompt: list[int], max_new_tokens: int, draft_len: int,
         t = _argmax(logits[L - 1], M)
         draft = [t] + [_argmax(logits[L + j], M) for j in range(1, K)]
         out.append(t)
-        while len(out) < max_new_tokens and out[-1] not in eos:
+        while len(out) < max_new_tokens and not eos.intersection(out):
             L = len(committed)
             ids = committed + draft + [M] * (K * K)
             pos = list(range(L)) + [L + j for j in range(K)] + [L + r + s for r in range(1, K + 1) for s in range(K)]

@@ -1,0 +1,37 @@
+"""The bundled SmolLM2-135M-Instruct after conversion: engine == reference decoder == HF generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ar2dlm import convert
+from ar2dlm.bundled import resolve_base
+from ar2dlm.decode.reference import tidar_greedy
+from ar2dlm.model import DiffusionLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    out = convert("smollm2-135m", tmp_path_factory.mktemp("smol") / "tidar", block_size=8)
+    return DiffusionLM.from_pretrained(out)
+
+
+def test_engine_equals_reference_and_hf_generate(smol):
+    base = AutoModelForCausalLM.from_pretrained(resolve_base("smollm2-135m")).eval()
+    prompts = ["Write a Python function that reverses a string.", "What is the capital of France?"]
+    ids = smol.encode(prompts, chat=True)
+    eos = set(smol.tokenizer.convert_tokens_to_ids(["<|im_end|>"]))
+    for p in ids:
+        hf = base.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24, eos_token_id=list(eos),
+                           pad_token_id=0)[0, len(p):].tolist()
+        ref, ref_forwards = tidar_greedy(smol, p, 24, 4, eos)
+        g = smol.generate([p], max_new_tokens=24, draft_len=4, proposals=4, eos_token_id=list(eos))[0]
+        assert g.token_ids == ref == hf
+        assert g.stats.forwards == ref_forwards
+    batch = smol.generate(ids, max_new_tokens=24, draft_len=8, proposals=3, eos_token_id=list(eos))
+    alone = [smol.generate([p], max_new_tokens=24, ar=True, eos_token_id=list(eos))[0] for p in ids]
+    assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
