@@ -80,6 +80,63 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args, overrides: list[str]) -> int:
+    from .train import main_train
+
+    return main_train(args.config, overrides, args.resume)
+
+
+def cmd_distill(args) -> int:
+    from .distill import distill
+    from .model import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(args.model, allow_ar=True)
+    if args.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
+    out = distill(lm, args.prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                  sampler=args.sampler, temperature=args.temperature, seed=args.seed, limit=args.limit)
+    print(out)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .model import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(args.adapter)
+    kind = lm.settings.adapter
+    if kind != "lora":
+        raise ConfigError(f"{args.adapter} holds a {kind or 'merged'!r} model; only an ungated LoRA can be merged. "
+                          "The drafting adapter acts on mask-slot rows only, so merging it into the weights "
+                          "would change the AR path: ship the adapter folder instead")
+    import dataclasses
+
+    merged = lm.model.merge_and_unload()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty")
+    merged.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    dataclasses.replace(lm.settings, adapter="").save(out)
+    print(out)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def cmd_prompts(args) -> int:
+    from .prompts import write_prompt_sets
+
+    for split, path in write_prompt_sets(args.out).items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
                                 "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
@@ -123,12 +180,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together with --json")
     g.add_argument("--json", action="store_true", help="one JSON line per prompt instead of streamed text")
     g.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("train", help="train a drafting model from a YAML recipe (accelerate-ready)",
+                       description="Train with the TiDAR objective. Any config field can be overridden as "
+                       "--section.field VALUE (e.g. --optim.lr 1e-4 --schedule.max_steps 200). Multi-process: "
+                       "accelerate launch --config_file recipes/accelerate/ddp.yaml -m ar2dlm train --config ...")
+    t.add_argument("--config", required=True, help="recipe YAML (a serialized TrainConfig), e.g. recipes/*.yaml")
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = sub.add_parser("distill", help="write the model's own AR continuations of prompts as training data",
+                       description="Greedy (or sampled) AR continuations of every prompt, batched, resumable: "
+                       "writes OUT/distilled.jsonl with token ids (prompt_ids, completion_ids).")
+    s.add_argument("model", help="checkpoint directory or bundled name (AR decoding; conversion not needed)")
+    s.add_argument("--prompts", required=True, help="JSONL: {\"prompt\": text, \"id\"?, \"chat\"?} per line")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--sampler", choices=["greedy", "lossless"], default="greedy",
+                   help="greedy continuations, or sampled ones (lossless = the AR distribution)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    s.set_defaults(fn=cmd_distill)
+
+    m = sub.add_parser("merge", help="merge an ungated LoRA adapter into a full converted checkpoint")
+    m.add_argument("adapter", help="adapter folder (a run's final/)")
+    m.add_argument("out", help="output directory")
+    m.set_defaults(fn=cmd_merge)
+
+    pl = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
+    pl.add_argument("run_dir")
+    pl.set_defaults(fn=cmd_plot)
+
+    pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
+    pr.add_argument("out", help="output folder")
+    pr.set_defaults(fn=cmd_prompts)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        build_parser().parse_args(argv)  # the usual "unrecognized arguments" error
     try:
+        if getattr(args, "takes_overrides", False):
+            return args.fn(args, extra)
         return args.fn(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"ar2dlm {args.verb}: error: {e}", file=sys.stderr)

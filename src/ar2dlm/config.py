@@ -49,8 +49,11 @@ class DiffusionConfig:
     """Default draft length K for decoding (0 = block_size)."""
     proposals: int = 0
     """Default number of proposals |R| per forward (0 = min(3, draft_len))."""
+    adapter: str = ""
+    """"" (weights are complete) | drafting (gated LoRA in this folder, applied on mask slots only) | lora."""
 
     def __post_init__(self):
+        _check(self.adapter in ("", "drafting", "lora"), f"adapter must be '', drafting or lora, got {self.adapter!r}")
         _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(self.loss_weight >= 0, f"loss_weight must be >= 0, got {self.loss_weight}")
         _check(self.masking in MASKING_SCHEMES,
@@ -139,3 +142,282 @@ class DecodeConfig:
     def greedy(self) -> bool:
         """Temperature 0 means argmax whatever the sampler; greedy is exact AR greedy."""
         return self.sampler == "greedy" or self.temperature == 0.0
+
+
+# ============================================================================ training
+ADAPTER_KINDS = ("drafting", "lora", "full")
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "datasets", "distilled")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = "smollm2-135m"
+    """Converted checkpoint, or a base (HF dir / bundled name) converted on the fly with objective.block_size."""
+    precision: str = "bf16"
+    """bf16 (autocast; ~1.5x faster on CPUs with avx512_bf16) or fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    rope_theta: float = 0.0
+    """Context extension: new RoPE base written into the saved config (0 = keep)."""
+    rope_scaling_factor: float = 0.0
+    """Context extension: linear RoPE scaling factor written into the saved config (0 = none)."""
+    max_position_embeddings: int = 0
+    """Context extension: new context length written into the saved config (0 = keep)."""
+
+    def __post_init__(self):
+        _check(self.precision in ("bf16", "fp32"), f"model.precision must be bf16 or fp32, got {self.precision!r}")
+        _check(self.rope_theta >= 0 and self.rope_scaling_factor >= 0 and self.max_position_embeddings >= 0,
+               "model.rope_theta, model.rope_scaling_factor and model.max_position_embeddings must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: tuple[str, ...] = ()
+    """Files, folders or globs: .txt/.md (text), .jsonl, .parquet, datasets folders, distilled.jsonl."""
+    format: str = "auto"
+    """auto (by extension / folder contents) | text | jsonl | parquet | datasets | distilled."""
+    field: str = "text"
+    """JSONL / Parquet / datasets column holding the text."""
+    chat: bool = False
+    """SFT: rows hold chat `messages`; loss only on assistant tokens (both halves)."""
+    seq_len: int = 512
+    """Clean tokens per packed row (S); the model sees 2S."""
+    heldout_fraction: float = 0.02
+    """Share of documents held out for evaluation."""
+    heldout: tuple[str, ...] = ()
+    """Explicit held-out sources (overrides heldout_fraction)."""
+    max_docs: int = 0
+    """Use at most this many documents (0 = all)."""
+
+    def __post_init__(self):
+        _check(self.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _check(0 <= self.heldout_fraction < 1, f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    block_size: int = 16
+    """B: tokens per drafted block."""
+    masking: str = "full"
+    """full (TiDAR) | uniform | position_dependent (Efficient-DLM)."""
+    half_life_ratio: float = 0.1
+    """lambda of position-dependent masking."""
+    loss_weight: float = 1.0
+    """alpha of the AR loss (ungated kinds only; the drafting adapter leaves the AR path untouched)."""
+    random_offset: bool = True
+    """Start blocks at a random offset per row (inference blocks start anywhere)."""
+
+    def __post_init__(self):
+        DiffusionConfig(block_size=self.block_size, masking=self.masking, half_life_ratio=self.half_life_ratio,
+                        loss_weight=self.loss_weight)
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    kind: str = "drafting"
+    """drafting (LoRA on mask-slot rows only: AR path exact) | lora (ungated) | full (all weights)."""
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: float = 64.0
+    """LoRA alpha (scale alpha / r)."""
+    dropout: float = 0.0
+    """LoRA dropout (ungated kind only)."""
+    targets: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt, or all-linear."""
+    mask_row: bool = True
+    """Train the mask token's embedding row."""
+
+    def __post_init__(self):
+        _check(self.kind in ADAPTER_KINDS, f"adapter.kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
+        _check(self.rank >= 1, f"adapter.rank must be >= 1, got {self.rank}")
+        _check(0 <= self.dropout < 1, f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.kind != "drafting" or self.dropout == 0, "adapter.dropout must be 0 for the drafting adapter")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 5e-4
+    """Peak learning rate (LoRA / all weights)."""
+    mask_row_lr: float = 1e-3
+    """Learning rate of the mask token's embedding row."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    batch_size: int = 4
+    """Rows per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+
+    def __post_init__(self):
+        _check(self.lr > 0 and self.mask_row_lr >= 0, "optim.lr must be > 0 and optim.mask_row_lr >= 0")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "optim.batch_size and optim.grad_accum must be >= 1")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    max_steps: int = 1000
+    """Optimiser steps."""
+    warmup_fraction: float = 0.01
+    """Linear warm-up over this share of max_steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio (the floor)."""
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, f"schedule.max_steps must be >= 1, got {self.max_steps}")
+        _check(0 <= self.warmup_fraction < 1, "schedule.warmup_fraction must be in [0, 1)")
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 100
+    """Save a checkpoint every N steps (and on SIGINT/SIGTERM and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    every_minutes: float = 10.0
+    """Also save when this many minutes passed since the last save (0 = off)."""
+
+    def __post_init__(self):
+        _check(self.every_steps >= 1 and self.keep_last >= 1, "checkpoint.every_steps and keep_last must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 100
+    """Evaluate held-out losses and estimated TPF every N steps (0 = only at the end)."""
+    max_rows: int = 32
+    """Held-out rows per evaluation."""
+    log_every: int = 10
+    """Append a training record to metrics.jsonl every N steps."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; `recipes/*.yaml` are serialized TrainConfigs."""
+
+    run_dir: str = "runs/default"
+    """Output folder: checkpoints/, final/, metrics.jsonl, config.yaml."""
+    stage: str = "midtrain"
+    """midtrain | context_extension | sft | distill (a label; the sections define the behaviour)."""
+    seed: int = 0
+    """Seed of weights init (adapters), data order, masking and offsets."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self):
+        _check(self.stage in ("midtrain", "context_extension", "sft", "distill"),
+               f"stage must be midtrain, context_extension, sft or distill, got {self.stage!r}")
+
+    # -------------------------------------------------------------- YAML + CLI
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> "TrainConfig":
+        return _build(cls, raw, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+        import yaml
+
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        _check(isinstance(raw, dict), f"{path}: expected a mapping of sections")
+        apply_overrides(raw, overrides)
+        return cls.from_dict(raw, str(path))
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def apply_overrides(raw: dict, overrides) -> None:
+    """`--section.field value` pairs (strings) into the raw dict; values parsed as YAML scalars."""
+    import yaml
+
+    items = list(overrides)
+    _check(len(items) % 2 == 0, f"overrides come in pairs --section.field VALUE, got {items}")
+    for key, value in zip(items[::2], items[1::2]):
+        _check(key.startswith("--"), f"expected --section.field, got {key!r}")
+        parts = key[2:].replace("-", "_").split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), f"{key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+
+
+def _plain(x):
+    if isinstance(x, tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _build(cls, raw, where: str):
+    _check(isinstance(raw, dict), f"{where}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    hints = __import__("typing").get_type_hints(cls)
+    for name, value in raw.items():
+        hint = hints[name]
+        label = f"{where}: {name}" if where.endswith(".yaml") or where == "config" else f"{where}.{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, name)
+        else:
+            kwargs[name] = _coerce(value, hint, label)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _coerce(value, hint, label):
+    origin = getattr(hint, "__origin__", None)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        _check(isinstance(value, list), f"{label} must be a list, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        _check(isinstance(value, bool), f"{label} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{label} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{label} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), f"{label} must be a string, got {value!r}")
+        return value
+    return value

@@ -43,6 +43,7 @@ class DiffusionLM:
         self.tokenizer = tokenizer
         self.settings = settings
         self.slot_gate = SlotGate()
+        self.wrapped = None  # the module that runs the forward when it differs from self.model (DDP in training)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -52,7 +53,7 @@ class DiffusionLM:
         from .bundled import resolve_base
 
         path = Path(path) if Path(path).exists() else resolve_base(str(path))
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ConfigError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         settings = None
         if (path / SETTINGS_FILE).exists():
@@ -61,12 +62,38 @@ class DiffusionLM:
             raise ConfigError(
                 f"{path} has no {SETTINGS_FILE}: it is an unconverted AR model. Convert it with "
                 f"`ar2dlm convert {path} OUT_DIR`, or decode it as plain AR with `--ar`.")
+        if settings is not None and settings.adapter:
+            return cls._from_adapter(path, settings, dtype, attn_implementation)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"could not load a causal LM from {path}: {e}") from e
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, settings)
+
+    @classmethod
+    def _from_adapter(cls, path: Path, settings: DiffusionConfig, dtype, attn_implementation) -> "DiffusionLM":
+        """An adapter folder: its base (settings.base_model) + the mask token + the LoRA."""
+        from . import adapter
+        from .bundled import resolve_base
+        from .convert import add_mask_token
+
+        if not (path / "adapter_config.json").exists():
+            raise ConfigError(f"{path}: ar2dlm.json says adapter={settings.adapter!r} but adapter_config.json is missing")
+        base = path / settings.base_model if (path / settings.base_model / "config.json").exists() else \
+            resolve_base(settings.base_model)  # a base shipped inside the folder, or named
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        if (base / SETTINGS_FILE).exists():  # the adapter was trained on an already converted checkpoint
+            mask_id = DiffusionConfig.load(base).mask_token_id
+        else:
+            mask_id = add_mask_token(model, tokenizer, settings.mask_token)
+        if mask_id != settings.mask_token_id:
+            raise ConfigError(f"{path}: the mask token of base {settings.base_model} would be id {mask_id}, the "
+                              f"adapter expects {settings.mask_token_id}: wrong base model?")
+        lm = cls(model, AutoTokenizer.from_pretrained(path), settings)
+        adapter.load(lm, path)
+        return lm
 
     # ------------------------------------------------------------------ forward
     @property
@@ -78,16 +105,18 @@ class DiffusionLM:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mask_slots: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
+                mask_slots: torch.Tensor | None = None, past_key_values=None, **kwargs) -> torch.Tensor:
         """Logits [b, q, vocab] of the stock forward.
 
         input_ids, position_ids: [b, q]; attention_mask: bool [b, q, k] over
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
+        kwargs go to the HF forward (e.g. logits_to_keep).
         """
         with self.slot_gate.rows(mask_slots):
-            out = self.model(input_ids=input_ids, position_ids=position_ids,
-                             attention_mask=masks.for_model(attention_mask, self.model),
-                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+            out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
+                                               attention_mask=masks.for_model(attention_mask, self.model),
+                                               past_key_values=past_key_values,
+                                               use_cache=past_key_values is not None, **kwargs)
         return out.logits
 
     # ------------------------------------------------------------------ decoding

@@ -1,0 +1,90 @@
+"""Self-distillation: the model's own AR continuations of prompts, as training data.
+
+The drafter learns to predict what the AR head will say next, which is
+exactly what verification accepts; so the cheapest good data is the AR
+model's own greedy (or sampled) output. Output is JSONL, one record per
+prompt, with the token ids themselves (no re-tokenisation drift):
+
+    {"id": ..., "source": ..., "prompt_ids": [...], "completion_ids": [...], "text": ...}
+
+Runs are resumable: records already in the output file are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import ConfigError
+
+
+def read_prompt_records(path: str | Path) -> list[dict]:
+    """Prompt records of a JSONL file: {"prompt": text, "id"?, "chat"?, "source"?} or a bare string."""
+    from .cli import read_prompts
+
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": json.loads(line)}
+        records.append({"id": str(item.get("id", f"line-{n}")), "prompt": item["prompt"],
+                        "chat": bool(item.get("chat", False)), "source": item.get("source", "")})
+    read_prompts(path)  # validates every line with line numbers
+    return records
+
+
+def distill(lm, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: int = 128, batch_size: int = 8,
+            sampler: str = "greedy", temperature: float = 1.0, seed: int = 0, limit: int | None = None) -> Path:
+    """Write `out_dir/distilled.jsonl` with the AR continuation of every prompt (resumable)."""
+    from .decode.engine import generate
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "distilled.jsonl"
+    records = read_prompt_records(prompts_file)[:limit]
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by an interruption: that prompt is redone
+        _drop_partial_last_line(out)
+    todo = [r for r in records if r["id"] not in done]
+    print(f"distill: {len(records)} prompts, {len(done)} done, {len(todo)} to go -> {out}", file=sys.stderr)
+    # similar lengths together: less padding in a batch
+    todo.sort(key=lambda r: len(r["prompt"]))
+    cfg = lm.decode_config(ar=True, max_new_tokens=max_new_tokens, sampler=sampler,
+                           temperature=temperature if sampler != "greedy" else 1.0, seed=seed)
+    bar = tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True)
+    new_tokens, start_time = 0, time.perf_counter()
+    with out.open("a") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            ids = [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in chunk]
+            ctx = lm.context_len or 10**9
+            ids = [p[-(ctx - max_new_tokens):] for p in ids]
+            for r, p, g in zip(chunk, ids, generate(lm, ids, cfg)):
+                f.write(json.dumps({"id": r["id"], "source": r["source"], "chat": r["chat"], "prompt_ids": p,
+                                    "completion_ids": g.token_ids, "text": g.text}) + "\n")
+                new_tokens += len(g.token_ids)
+            f.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - start_time):.0f}")
+    bar.close()
+    return out
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
+def check_prompts_file(path: str | Path) -> None:
+    if not Path(path).exists():
+        raise ConfigError(f"prompts file {path} does not exist")
