@@ -197,19 +197,31 @@ def _tokenize_chat(messages, tokenizer, key: str) -> Document:
 
 # ---------------------------------------------------------------------------- packing
 def pack(docs: list[Document], seq_len: int, pad_id: int = 0) -> Rows:
-    """Concatenate documents into rows of seq_len; a long document continues in the next row."""
-    tokens, doc_ids, loss = [], [], []
+    """Pack documents into rows of seq_len without splitting one that fits in a row.
+
+    A document that does not fit in the current row's free space starts a new
+    row (the rest is padding); only a document longer than seq_len is split,
+    into seq_len chunks. Splitting would cut a document from its context, and
+    its tail would no longer be what the AR model saw.
+    """
+    rows: list[list[tuple[int, int, bool]]] = [[]]
     for d, doc in enumerate(docs):
-        tokens += doc.ids
-        doc_ids += [d] * len(doc.ids)
-        loss += doc.loss
-    n = -(-len(tokens) // seq_len)
-    pad = n * seq_len - len(tokens)
-    tokens += [pad_id] * pad
-    doc_ids += [-1] * pad  # padding is its own document, never a target
-    loss += [False] * pad
-    shape = (n, seq_len)
-    return Rows(torch.tensor(tokens).view(shape), torch.tensor(doc_ids).view(shape), torch.tensor(loss).view(shape))
+        cells = [(t, d, l) for t, l in zip(doc.ids, doc.loss)]
+        if len(cells) > seq_len - len(rows[-1]) and rows[-1]:
+            rows.append([])
+        while len(cells) > seq_len:
+            rows[-1] += cells[:seq_len]
+            rows.append([])
+            cells = cells[seq_len:]
+        rows[-1] += cells
+    if not rows[-1]:
+        rows.pop()
+    pad = (pad_id, -1, False)  # padding is its own document, never a target
+    rows = [r + [pad] * (seq_len - len(r)) for r in rows]
+    tokens = torch.tensor([[c[0] for c in r] for r in rows], dtype=torch.long).view(-1, seq_len)
+    doc_ids = torch.tensor([[c[1] for c in r] for r in rows], dtype=torch.long).view(-1, seq_len)
+    loss = torch.tensor([[c[2] for c in r] for r in rows], dtype=torch.bool).view(-1, seq_len)
+    return Rows(tokens, doc_ids, loss)
 
 
 def is_heldout(key: str, fraction: float) -> bool:

@@ -249,6 +249,7 @@ def evaluate(run: Run) -> dict[str, float]:
     lm, rows, cfg = run.lm, run.heldout_rows, run.cfg
     if len(rows) == 0:
         return {}
+    wrapped, lm.wrapped = lm.wrapped, None  # no collectives: processes may evaluate alone
     lm.model.eval()
     full = dataclasses.replace(lm.settings, masking="full")
     ar_sum = diff_sum = 0.0
@@ -275,6 +276,7 @@ def evaluate(run: Run) -> dict[str, float]:
         if count:
             tpf_sum, blocks = tpf_sum + tpf * count, blocks + count
     lm.model.train()
+    lm.wrapped = wrapped
     return {"eval_ar_loss": ar_sum / max(ar_n, 1), "eval_diff_loss": diff_sum / max(diff_n, 1),
             "est_tpf": tpf_sum / blocks if blocks else float("nan"), "eval_blocks": blocks,
             "ar_agreement": agree / max(agree_n, 1)}
@@ -435,6 +437,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
     finally:
         stop.restore()
         bar.close()
+    acc.wait_for_everyone()
+    run.lm.wrapped = None
     if stop.requested:
         save_checkpoint(run)
         acc.print(f"\nstopped at step {run.step}: checkpoint saved; continue with --resume")
