@@ -119,6 +119,31 @@ def test_distill_matches_ar_greedy_and_resumes(corpus, distilled, tmp_path):
     assert all(by_id[r["id"]] == r["completion_ids"] for r in again)
 
 
+def test_drafting_loss_selected_slots_equal_all_slots_and_doubled_forward(corpus, distilled):
+    """Running only the slots targets can see gives the loss of every slot, and of the doubled forward."""
+    cfg = config(corpus, "select", "drafting", data={"train": [str(distilled)], "seq_len": 48})
+    run = T.setup(cfg)
+    with torch.no_grad():
+        for p in run.lm.model.parameters():  # a non-zero adapter
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    batch, loss_mask = T.make_batch(run, list(range(4)))
+    assert (~loss_mask).any() and loss_mask.any()  # prompts carry no targets
+    with torch.no_grad():
+        sel, sel_logits, idx = T.drafting_loss(run.lm, batch, select=True)
+        every, all_logits, _ = T.drafting_loss(run.lm, batch, select=False)
+        _, _, doubled = objective.loss(run.lm, batch)
+    assert idx.shape[1] < loss_mask.shape[1]  # fewer slots ran
+    torch.testing.assert_close(sel, every)
+    torch.testing.assert_close(every, doubled)
+    S = loss_mask.shape[1]
+    target = batch.labels[:, S:] != -100
+    for row in range(4):
+        for j, i in enumerate(idx[row].tolist()):
+            if target[row, i]:
+                torch.testing.assert_close(sel_logits[row, j], all_logits[row, i])
+
+
 def test_drafting_adapter_keeps_the_ar_path_exact(corpus, distilled):
     cfg = config(corpus, "gated", "drafting", schedule={"max_steps": 200},
                  data={"train": [str(distilled)], "seq_len": 48, "heldout_fraction": 0.15}, eval={"every_steps": 100})

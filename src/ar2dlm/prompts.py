@@ -128,18 +128,19 @@ def write_prompt_sets(out_dir, sources=SOURCES) -> dict[str, Path]:
     for source in sources:
         if source not in SOURCES:
             raise ValueError(f"unknown prompt source {source!r}; choose from {', '.join(SOURCES)}")
+    sets = {split: [] for split in SPLITS}
+    for source in sources:  # load everything first: a missing source writes nothing
+        for split in SPLITS:
+            records = load_prompts(source, split)
+            sets[split] += records
+            print(f"prompts: {source:<6} {split:<5} {len(records):4d}", file=sys.stderr)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split in SPLITS:
-        path = out_dir / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8") as f:
-            for source in sources:
-                records = load_prompts(source, split)
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                print(f"prompts: {source:<6} {split:<5} {len(records):4d}", file=sys.stderr)
-        paths[split] = path
+    for split, records in sets.items():
+        paths[split] = out_dir / f"{split}.jsonl"
+        with paths[split].open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     return paths
 
 

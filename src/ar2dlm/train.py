@@ -177,17 +177,46 @@ def _to(batch: objective.TrainingBatch, device) -> objective.TrainingBatch:
 
 
 # ---------------------------------------------------------------------------- forward
-def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch):
+def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool = True):
     """Gated adapter: the clean half only fills the KV cache (base weights, no grad, no logits);
-    the slot half attends to it. Returns (diff_loss, slot_logits [b, S, V])."""
+    the slot half attends to it. Returns (diff_loss, slot_logits [b, T, V], slot indices [b, T]).
+
+    select=True runs only the slots a target slot can see (its own block):
+    slots over prompt tokens without targets cost nothing, and the loss is
+    exactly that of running every slot.
+    """
     S = batch.input_ids.shape[1] // 2
     cache = DynamicCache()
     with torch.no_grad(), _adapter_off(lm):
         lm.forward(batch.input_ids[:, :S], batch.position_ids[:, :S], batch.attention_mask[:, :S, :S],
                    batch.mask_slots[:, :S], cache, logits_to_keep=1)
-    logits = lm.forward(batch.input_ids[:, S:], batch.position_ids[:, S:], batch.attention_mask[:, S:, :],
-                        batch.mask_slots[:, S:], cache)
-    return objective._mean_ce(logits, batch.labels[:, S:]), logits
+    ids, pos, mask, labels = (batch.input_ids[:, S:], batch.position_ids[:, S:], batch.attention_mask[:, S:],
+                              batch.labels[:, S:])
+    idx = torch.arange(S, device=ids.device).expand(ids.shape[0], S)
+    if select:
+        ids, pos, mask, labels, idx = _select_slots(ids, pos, mask, labels, S)
+    logits = lm.forward(ids, pos, mask, torch.ones_like(ids, dtype=torch.bool), cache)
+    return objective._mean_ce(logits, labels), logits, idx
+
+
+def _select_slots(ids, pos, mask, labels, S):
+    """Keep target slots and the slots they attend to; pad rows to the longest with inert slots.
+
+    ids, pos, labels: [b, S]; mask: [b, S, 2S] (slot rows over clean | slot keys).
+    Returns the same over T kept slots (mask [b, T, S + T]) and their indices [b, T].
+    """
+    target = labels != objective.IGNORE  # [b, S]
+    keep = target | (target[:, :, None] & mask[:, :, S:]).any(1)  # [b, S]
+    T = max(int(keep.sum(1).max()), 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :T]  # kept first, in order
+    real = keep.gather(1, order)  # [b, T]; False = padding
+    g = lambda x: x.gather(1, order)  # noqa: E731
+    rows = mask.gather(1, order[:, :, None].expand(-1, -1, mask.shape[2]))  # [b, T, 2S]
+    slot_cols = rows[:, :, S:].gather(2, order[:, None, :].expand(-1, T, -1)) & real[:, None, :]  # [b, T, T]
+    slot_cols |= torch.eye(T, dtype=torch.bool, device=ids.device) & ~real[:, :, None]  # padding sees itself
+    new_mask = torch.cat([rows[:, :, :S] & real[:, :, None], slot_cols], 2)
+    new_labels = torch.where(real, g(labels), objective.IGNORE)
+    return g(ids), g(pos), new_mask, new_labels, order
 
 
 class _adapter_off:
@@ -209,7 +238,7 @@ def micro_batch(run: Run, batch: objective.TrainingBatch) -> dict[str, torch.Ten
     batch = _to(batch, run.accelerator.device)
     with _autocast(run):
         if cfg.adapter.kind == "drafting":
-            diff, _ = drafting_loss(lm, batch)
+            diff, _, _ = drafting_loss(lm, batch)
             return {"loss": diff, "diff_loss": diff}
         loss, ar, diff = objective.loss(lm, batch, cfg.objective.loss_weight)
         return {"loss": loss, "ar_loss": ar, "diff_loss": diff}
