@@ -318,3 +318,14 @@ def test_estimated_tpf_counts_leading_matches():
     tpf, blocks = T.estimated_tpf(logits, tokens, torch.ones(1, 8, dtype=torch.bool),
                                   torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2]]), 4)
     assert blocks == 1 and tpf == 2
+
+
+def test_plot_writes_pngs(corpus):
+    from ar2dlm.cli import main
+
+    cfg = config(corpus, "plotted", "drafting", schedule={"max_steps": 4}, eval={"every_steps": 2})
+    T.train(cfg)
+    assert main(["plot", cfg.run_dir]) == 0
+    for name in ("loss.png", "eval.png"):
+        png = Path(cfg.run_dir) / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

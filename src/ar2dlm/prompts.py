@@ -7,7 +7,7 @@ Nothing is downloaded at run time; the four sources are:
 
 ``chat``
     ~250 short user requests written for this project, shipped as
-    ``ar2dlm/data/chat_instructions.jsonl`` (ids ``chat-000`` ...).
+    ``ar2dlm/assets/chat_instructions.jsonl`` (ids ``chat-000`` ...).
     Split: an id whose number is divisible by 5 is ``bench``, the rest ``train``.
 
 ``code``
@@ -84,7 +84,7 @@ __all__ = ["BENCH_PLAYS", "SOURCES", "SPLITS", "humaneval_path", "load_prompts",
 SOURCES = ("chat", "code", "prose", "stdlib")
 SPLITS = ("train", "bench")
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "assets"
 CHAT_FILE = DATA_DIR / "chat_instructions.jsonl"
 
 HUMANEVAL_BENCH_TASKS = 40  # HumanEval/0 .. HumanEval/39
