@@ -122,7 +122,8 @@ def setup(cfg: TrainConfig) -> Run:
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     lm.model.train()
-    lm.wrapped = accelerator.prepare_model(lm.model) if accelerator.num_processes > 1 else None
+    if accelerator.num_processes > 1:  # DDP / FSDP / DeepSpeed wrap the model (and shard the optimiser)
+        lm.wrapped, optimizer = accelerator.prepare(lm.model, optimizer)
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -445,7 +446,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
                 for k, v in out.items():
                     logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
             if cfg.optim.grad_clip > 0:
-                params = [p for g in run.optimizer.param_groups for p in g["params"]]
+                params = [p for p in lm_module(run).parameters() if p.requires_grad]
                 logs["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.optim.grad_clip))
             run.optimizer.step()
             run.scheduler.step()
