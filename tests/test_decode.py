@@ -197,3 +197,39 @@ def test_ar_loop_is_one_token_per_forward():
     _, lm = converted("gpt2")
     g = lm.generate(random_prompts(1, seed=9), max_new_tokens=12, ar=True, eos_token_id=())[0]
     assert g.stats.forwards == 12 and g.stats.tpf == 1.0
+
+
+def test_adaptive_drafting_keeps_greedy_exact_and_adapts(drafter):
+    """Adaptive drafting changes K step to step; tokens stay AR greedy's. It drafts long on the pattern the
+    drafter knows and falls back to short drafts / AR steps where drafts fail."""
+    from ar2dlm.decode.policy import AdaptiveDraft, CostModel
+
+    prompts = [drafter.pattern[:3]] + random_prompts(6, seed=21)
+    suppress = [drafter.mask_token_id]
+    for p in prompts:
+        g = drafter.generate([p], max_new_tokens=40, draft_len=8, proposals=2, adaptive=True)[0]
+        assert g.token_ids == hf_greedy(drafter.model, p, 40, suppress)
+    batch = drafter.generate(prompts, max_new_tokens=40, draft_len=8, proposals=2, adaptive=True)
+    assert [g.token_ids for g in batch] == [hf_greedy(drafter.model, p, 40, suppress) for p in prompts]
+    # the controller: high acceptance -> long drafts; none -> plain AR steps; recovers after
+    ctl = AdaptiveDraft(16, 3, CostModel({1: 1.0, 64: 2.0}))
+    for _ in range(20):
+        ctl.update([8], [8])
+    assert ctl.choose()[0] >= 8
+    choices = []
+    for _ in range(60):  # every draft rejected: mostly plain AR steps, with an occasional cheap probe
+        choices.append(ctl.choose()[0])
+        ctl.update([1], [choices[-1]])
+    assert choices[-40:].count(1) >= 30 and max(choices[-40:]) <= 2
+    for _ in range(40):  # acceptance returns: drafts grow again
+        K = ctl.choose()[0]
+        ctl.update([K], [K])
+    assert ctl.choose()[0] >= 8
+
+
+def test_cost_model_interpolates():
+    from ar2dlm.decode.policy import CostModel
+
+    c = CostModel({1: 1.0, 9: 2.0, 17: 4.0})
+    assert c(1) == 1.0 and c(5) == 1.5 and c(13) == 3.0 and c(25) == 6.0
+    assert CostModel()(1) == 1.0 and CostModel()(21) > 1.5

@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
     lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "draft_len", "proposals", "sampler", "mix_weight",
-                                              "temperature", "top_k", "top_p", "seed", "ar")}
+                                              "temperature", "top_k", "top_p", "seed", "ar", "adaptive")}
     settings["stop"] = tuple(args.stop or ())
     cfg = lm.decode_config(**settings)
     if args.batch_size < 1:
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-len", type=int, default=None, help="K, tokens per draft (default: the model's)")
     g.add_argument("--proposals", type=int, default=None, help="|R|, proposals per forward, 1..K")
     g.add_argument("--ar", action="store_true", help="plain AR decoding on the same model and cache")
+    g.add_argument("--adaptive", action="store_true",
+                   help="shorten the draft (down to plain AR steps) while acceptance is low; grow it back after")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")

@@ -51,6 +51,8 @@ class DiffusionConfig:
     """Default number of proposals |R| per forward (0 = min(3, draft_len))."""
     adapter: str = ""
     """"" (weights are complete) | drafting (gated LoRA in this folder, applied on mask slots only) | lora."""
+    forward_cost: dict = field(default_factory=dict)
+    """Measured cost of a forward by token slots per row, relative to 1 slot (`ar2dlm tune`); {} = default."""
 
     def __post_init__(self):
         _check(self.adapter in ("", "drafting", "lora"), f"adapter must be '', drafting or lora, got {self.adapter!r}")
@@ -122,7 +124,8 @@ class DecodeConfig:
     ar: bool = False
     """Plain autoregressive decoding on the same model and cache (one token per forward)."""
     adaptive: bool = False
-    """Reserved for adaptive drafting (shorter drafts when acceptance is low)."""
+    """Adaptive drafting: per step, the draft length (up to draft_len, down to plain AR steps) with the best
+    expected tokens per unit of forward cost, from the acceptance seen so far."""
 
     def __post_init__(self):
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from .. import masks
 from ..config import ConfigError, DecodeConfig
 from . import verify as V
+from .policy import AdaptiveDraft, CostModel, choose_proposals
 
 
 @dataclass
@@ -96,35 +97,24 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
         draft_logits = logits[:, Lp:]  # [b, K, V]; P_0 slot j drafts position L+j
         n_draft = torch.full((b,), K, device=device)
     else:
-        draft_logits = logits[:, :0]
+        draft_logits = logits.new_zeros(b, 1, logits.shape[-1])  # index 0 is never read
         n_draft = torch.ones(b, dtype=torch.long, device=device)
     draft = _next_draft(t, draft_logits, cfg, lm.mask_token_id, gen)
     state = State(cache, valid, lens.clone(), draft, draft_logits, n_draft, torch.arange(b, device=device))
     return state, t
 
 
-def choose_proposals(state: State, n: int, cfg: DecodeConfig, mask_token_id) -> torch.Tensor:
-    """The n most likely acceptance lengths r, from the draft confidences -> [b, n] sorted.
+def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen, draft_len: int | None = None):
+    """One forward: verify the draft and pre-draft the next block. Returns (r [b], t [b]).
 
-    c_j = q(d_j+1) is the chance the draft survives position j; with
-    independent positions P(r) = c_1 .. c_{r-1} (1 - c_r), c_K = 0.
+    draft_len changes K for this step (adaptive drafting); the draft is cut or padded to it.
     """
-    b, K = state.draft.shape
-    if n >= K:
-        return torch.arange(1, K + 1, device=state.draft.device).expand(b, K)
-    q = V.process_logits(state.draft_logits[:, 1:], cfg if not cfg.greedy else _T1, mask_token_id)
-    c = q.gather(2, state.draft[:, 1:, None])[..., 0] * V.draft_valid(state.n_draft, K)  # [b, K-1]
-    ones = torch.ones(b, 1, device=c.device)
-    p_r = torch.cat([ones, c.cumprod(-1)], 1) * torch.cat([1 - c, ones], 1)  # [b, K]
-    return (p_r.topk(n, dim=-1).indices + 1).sort(-1).values
-
-
-def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen):
-    """One forward: verify the draft and pre-draft the next block. Returns (r [b], t [b], logits)."""
+    if draft_len is not None and draft_len != state.draft.shape[1]:
+        resize_draft(state, draft_len)
     b, K = state.draft.shape
     device = state.draft.device
-    R = choose_proposals(state, n_proposals, cfg, lm.mask_token_id) if n_proposals else \
-        torch.zeros(b, 0, dtype=torch.long, device=device)  # [b, n]
+    R = choose_proposals(state.draft, state.draft_logits, state.n_draft, n_proposals, lm.mask_token_id) \
+        if n_proposals else torch.zeros(b, 0, dtype=torch.long, device=device)  # [b, n]
     n = R.shape[1]
     k = torch.arange(K, device=device)
     ids = torch.cat([state.draft, torch.full((b, n * K), _mask_id(lm), device=device)], 1)  # [b, K+nK]
@@ -138,6 +128,19 @@ def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen):
     state.draft_logits, state.n_draft = _proposal_for(logits[:, K:], R, r, K)
     state.draft = _next_draft(t, state.draft_logits, cfg, lm.mask_token_id, gen)
     return r, t
+
+
+def resize_draft(state: State, K: int) -> None:
+    """Cut the draft to K tokens, or pad it (padding is never a real draft: n_draft stays)."""
+    b, old = state.draft.shape
+    if K < old:
+        state.draft, state.draft_logits = state.draft[:, :K], state.draft_logits[:, :K]
+        state.n_draft = state.n_draft.clamp(max=K)
+        return
+    V = state.draft_logits.shape[-1]
+    state.draft = torch.cat([state.draft, state.draft.new_zeros(b, K - old)], 1)
+    pad = state.draft_logits.new_zeros(b, K - state.draft_logits.shape[1], V)
+    state.draft_logits = torch.cat([state.draft_logits, pad], 1)
 
 
 def commit(state: State, r: torch.Tensor, appended: int) -> None:
@@ -160,7 +163,7 @@ def _proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor, 
     b = r.shape[0]
     n = R.shape[1]
     if n == 0:
-        return block_logits[:, :0], torch.ones(b, dtype=torch.long, device=r.device)
+        return block_logits.new_zeros(b, K, block_logits.shape[-1]), torch.ones(b, dtype=torch.long, device=r.device)
     Vsz = block_logits.shape[-1]
     blocks = block_logits.view(b, n, K, Vsz)
     idx = (R <= r[:, None]).sum(1) - 1  # [b] index of r' in R, -1 = none
@@ -179,6 +182,13 @@ def _next_draft(t, draft_logits, cfg, mask_token_id, gen) -> torch.Tensor:
     if draft_logits.shape[1] <= 1:
         return t[:, None]
     return torch.cat([t[:, None], V.draw(draft_logits[:, 1:], cfg, mask_token_id, gen)], 1)
+
+
+def _controller(lm, cfg: DecodeConfig, K: int) -> AdaptiveDraft | None:
+    if not cfg.adaptive or K == 1:
+        return None
+    table = getattr(lm.settings, "forward_cost", None) if lm.settings is not None else None
+    return AdaptiveDraft(K, cfg.proposals, CostModel(table))
 
 
 def compact_cache(state: State) -> None:
@@ -207,6 +217,7 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["_Output"
     check_request(lm, prompts, cfg)
     K = 1 if cfg.ar else cfg.draft_len
     n_proposals = 0 if K == 1 else cfg.proposals
+    adaptive, draft_len = _controller(lm, cfg, K), K
     gen = torch.Generator(device=lm.model.device)
     gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item()))
     start = time.perf_counter()
@@ -230,8 +241,13 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["_Output"
                 select_rows(state, torch.tensor(keep, device=state.rows.device))
             if state.cache_valid.shape[1] > 2 * int(state.length.max()) + 64:
                 compact_cache(state)
-            draft = state.draft
-            r, t = step(lm, state, n_proposals, cfg, gen)
+            if adaptive is not None:
+                draft_len, n_proposals = adaptive.choose()
+                n_before = state.n_draft.clamp(max=draft_len).tolist()
+            draft = state.draft[:, :draft_len] if adaptive is not None else state.draft
+            r, t = step(lm, state, n_proposals, cfg, gen, draft_len if adaptive is not None else None)
+            if adaptive is not None:
+                adaptive.update(r.tolist(), n_before)
             # committed this step: the accepted drafts d_2..d_r, then t
             emitted = torch.cat([draft[:, 1:], t[:, None]], 1).scatter(1, (r - 1)[:, None], t[:, None])
             news = [e[:n] for e, n in zip(emitted.tolist(), r.tolist())]
@@ -299,9 +315,6 @@ class _Output:
 
 
 # ---------------------------------------------------------------------------- helpers
-_T1 = DecodeConfig(sampler="lossless", draft_len=1, proposals=1)  # plain softmax for confidences
-
-
 def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
     """Errors a user can fix, before any compute."""
     if not cfg.ar and lm.mask_token_id is None:

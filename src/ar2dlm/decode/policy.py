@@ -1,0 +1,101 @@
+"""Drafting policy: which acceptance lengths to pre-draft, and (adaptive) how long to draft.
+
+Both are choices, not correctness: any draft length and any proposal set give
+the same greedy tokens; they only change how many tokens a forward commits
+and what the forward costs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import verify as V
+
+_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def choose_proposals(draft: torch.Tensor, draft_logits: torch.Tensor, n_draft: torch.Tensor, n: int,
+                     mask_token_id) -> torch.Tensor:
+    """The n most likely acceptance lengths r from the draft confidences -> [b, n], sorted.
+
+    c_j = q(d_{j+1}) is the chance the draft survives position j; with
+    independent positions P(r) = c_1 .. c_{r-1} (1 - c_r), c_K = 0.
+    """
+    b, K = draft.shape
+    if n >= K:
+        return torch.arange(1, K + 1, device=draft.device).expand(b, K)
+    q = torch.softmax(V.exclude_mask_token(draft_logits[:, 1:].float(), mask_token_id), -1)
+    c = q.gather(2, draft[:, 1:, None])[..., 0] * V.draft_valid(n_draft, K)  # [b, K-1]
+    ones = torch.ones(b, 1, device=c.device)
+    p_r = torch.cat([ones, c.cumprod(-1)], 1) * torch.cat([1 - c, ones], 1)  # [b, K]
+    return (p_r.topk(n, dim=-1).indices + 1).sort(-1).values
+
+
+class CostModel:
+    """Relative cost of a forward with n token slots per row (1 slot = 1.0).
+
+    From `ar2dlm tune` measurements ({n: cost}, interpolated linearly), or a
+    default: a CPU-like 4.5% more per extra slot.
+    """
+
+    def __init__(self, table: dict[int, float] | None = None):
+        self.points = sorted((int(k), float(v)) for k, v in (table or {}).items())
+
+    def __call__(self, n: int) -> float:
+        if len(self.points) < 2:
+            return 1.0 + 0.045 * (n - 1)
+        xs = [p[0] for p in self.points]
+        if n <= xs[0]:
+            return self.points[0][1]
+        for (x0, y0), (x1, y1) in zip(self.points, self.points[1:]):
+            if n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = self.points[-2:]
+        return y1 + (y1 - y0) / (x1 - x0) * (n - x1)
+
+
+class AdaptiveDraft:
+    """Picks (draft_len, proposals) per step to maximise expected tokens per unit of forward cost.
+
+    Keeps a_j = P(d_{j+1} accepted | the drafts before it were), an
+    exponential average over the accept/reject outcomes observed at each
+    position (pooled over the batch). Expected tokens of a step with draft
+    length K: 1 + sum_{j<K} a_1..a_j. When drafting does not pay, K = 1 (plain
+    AR steps); unobserved positions drift back to the prior, so drafting is
+    tried again later and resumes when acceptance returns.
+    """
+
+    def __init__(self, max_len: int, proposals: int, cost: CostModel, prior: float = 0.5, decay: float = 0.7,
+                 drift: float = 0.02):
+        self.max_len, self.proposals, self.cost = max_len, proposals, cost
+        self.prior, self.decay, self.drift = prior, decay, drift
+        self.a = [prior] * max(max_len - 1, 0)
+
+    def choose(self) -> tuple[int, int]:
+        best, best_score = (1, 0), 1.0 / self.cost(1)
+        for K in _LADDER:
+            if K < 2 or K > self.max_len:
+                continue
+            expected, run = 1.0, 1.0
+            for j in range(K - 1):
+                run *= self.a[j]
+                expected += run
+            n = min(self.proposals, K)
+            score = expected / self.cost(K + n * K)
+            if score > best_score:
+                best, best_score = (K, n), score
+        return best
+
+    def update(self, r: list[int], n_draft: list[int]) -> None:
+        """Observe one step: drafts d_2..d_r accepted, d_{r+1} rejected if it was real."""
+        seen = [[] for _ in self.a]
+        for ri, ni in zip(r, n_draft):
+            for j in range(min(ri, ni) - 1):
+                seen[j].append(1.0)
+            if ri < ni:
+                seen[ri - 1].append(0.0)
+        for j, obs in enumerate(seen):
+            if obs:
+                self.a[j] = self.decay * self.a[j] + (1 - self.decay) * sum(obs) / len(obs)
+            else:
+                self.a[j] += self.drift * (self.prior - self.a[j])
