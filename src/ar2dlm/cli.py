@@ -137,6 +137,47 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+def _list(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def cmd_bench(args) -> int:
+    import time as _time
+
+    from . import bench as B
+    from .model import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(args.model)
+    lm.name = args.model
+    K = lm.settings.draft_len or lm.settings.block_size
+    R = lm.settings.proposals or min(3, K)
+    quick = args.quick
+    opts = {
+        "sets": args.sets or ["code", "prose", "chat"],
+        "n_prompts": args.n_prompts or (3 if quick else 10),
+        "batch_sizes": args.batch_sizes or ([1] if quick else [1, 4]),
+        "runs": args.runs or (2 if quick else 3),
+        "max_new_tokens": args.max_new_tokens or (48 if quick else 128),
+        "draft_lens": args.draft_lens or ([K] if quick else sorted({4, 8, K})),
+        "proposals": args.proposals or ([R] if quick else sorted({1, R})),
+        "mix_weights": args.mix_weights if args.mix_weights is not None else ([0.5, 1.0] if quick
+                                                                              else [0.25, 0.5, 0.75, 1.0]),
+        "samplers": args.samplers or ["greedy", "lossless"],
+        "hf": not args.no_hf,
+    }
+    report = B.bench(lm, seed=args.seed, log=lambda *a, **k: print(*a, **k), **opts)
+    report["settings"] = opts
+    out = Path(args.out or f"runs/bench-{_time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    report["plots"] = [str(p) for p in B.plots(report, out)]
+    print(B.table(report))
+    print(f"(median tokens/s of {opts['runs']} runs after a warm-up; speedup = ratio to the same-stack AR loop "
+          f"measured in the same run; {report['threads']} threads) -> {out}")
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
                                 "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
@@ -214,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=cmd_plot)
+
+    b = sub.add_parser("bench", help="tokens/s and TPF against the same-stack AR loop and HF generate",
+                       description="Measure, in one process and interleaved run by run, the same-stack AR loop, "
+                       "HF generate, HF prompt-lookup decoding and ar2dlm's samplers over draft lengths and "
+                       "proposal counts, on bench prompts never used in training. Prints a table; the last "
+                       "stdout line is JSON; plots and bench.json go to --out.")
+    b.add_argument("model", help="converted checkpoint or adapter folder")
+    b.add_argument("--quick", action="store_true", help="a small preset (a few minutes on 2 CPU cores)")
+    b.add_argument("--sets", type=_list(str), help="prompt sets: code,prose,chat or JSONL files")
+    b.add_argument("--n-prompts", type=int, help="prompts per set")
+    b.add_argument("--batch-sizes", type=_list(int), help="e.g. 1,4")
+    b.add_argument("--runs", type=int, help="timed runs per configuration (median), after one warm-up")
+    b.add_argument("--max-new-tokens", type=int)
+    b.add_argument("--draft-lens", type=_list(int), help="K values, e.g. 4,8,16")
+    b.add_argument("--proposals", type=_list(int), help="|R| values, e.g. 1,3")
+    b.add_argument("--mix-weights", type=_list(float), help="mix sampler weights, e.g. 0.25,0.5,1 ('' = none)")
+    b.add_argument("--samplers", type=_list(str), help="greedy,lossless")
+    b.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", help="folder for bench.json and plots (default runs/bench-TIME)")
+    b.set_defaults(fn=cmd_bench)
 
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
     pr.add_argument("out", help="output folder")

@@ -111,11 +111,14 @@ def mix_logits(p_logits: torch.Tensor, draft_logits: torch.Tensor, n_draft: torc
 
 def verify(cfg: DecodeConfig, p_logits: torch.Tensor, draft: torch.Tensor, draft_logits: torch.Tensor,
            n_draft: torch.Tensor, mask_token_id: int | None, generator: torch.Generator | None):
-    """Dispatch on the sampler. p_logits, draft_logits: [b, K, V]; draft: [b, K]; n_draft: [b]."""
-    if cfg.greedy:
-        return greedy(p_logits, draft, n_draft, mask_token_id)
+    """Dispatch on the sampler. p_logits, draft_logits: [b, K, V]; draft: [b, K]; n_draft: [b].
+
+    mix at temperature 0 is greedy against the mixed logits.
+    """
     if cfg.sampler == "mix" and draft.shape[1] > 1:
         p_logits = mix_logits(p_logits, draft_logits, n_draft, cfg.mix_weight)
+    if cfg.greedy:
+        return greedy(p_logits, draft, n_draft, mask_token_id)
     p = process_logits(p_logits, cfg, mask_token_id)
     q = process_logits(draft_logits, cfg, mask_token_id) if draft.shape[1] > 1 else p[:, :0]
     return speculative(p, q, draft, n_draft, generator)

@@ -1,0 +1,294 @@
+"""`ar2dlm bench MODEL`: decoding speed, measured in one process against same-stack baselines.
+
+Every configuration decodes the same prompts; runs are interleaved (run 1 of
+every configuration, then run 2, ...) after one warm-up run, so a busy moment
+of the machine hits all of them alike. Reported per prompt set and batch
+size: tokens per forward (TPF), mean accepted length and its histogram,
+tokens/s (median of the runs) and the ratio to the same-stack AR loop (same
+model, same KV cache, one token per forward). Baselines: HF `generate`
+(greedy) and HF assisted generation with prompt lookup (batch 1). For the mix
+sampler, drift from AR: the AR model's mean NLL of the tokens it generated
+(vs the lossless sampler's, which are AR samples) and, at temperature 0, the
+share of prompts whose output equals AR greedy.
+
+The last line of stdout is one JSON document with everything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .decode.engine import generate
+
+PROMPT_SETS = {"code": "code", "prose": "prose", "chat": "chat"}  # name -> prompts.py source
+
+
+@dataclass
+class Spec:
+    """One configuration to time."""
+
+    name: str
+    kind: str  # ar | hf | hf_pld | ar2dlm
+    settings: dict = field(default_factory=dict)
+
+
+def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True) -> list[Spec]:
+    out = [Spec("ar", "ar", {"ar": True})]
+    if hf:
+        out += [Spec("hf_generate", "hf"), Spec("hf_prompt_lookup", "hf_pld")]
+    for K in draft_lens:
+        for n in proposals:
+            if n > K:
+                continue
+            base = {"draft_len": K, "proposals": n}
+            tag = f"K{K}_R{n}"
+            if "greedy" in samplers:
+                out.append(Spec(f"greedy_{tag}", "ar2dlm", {**base, "sampler": "greedy"}))
+            if "lossless" in samplers:
+                out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless"}))
+            for w in mix_weights:
+                out.append(Spec(f"mix{w:g}_{tag}", "ar2dlm", {**base, "sampler": "mix", "mix_weight": w}))
+    return out
+
+
+def load_prompt_set(lm, name: str, n: int) -> list[list[int]]:
+    """The first n bench prompts of a named set, or of a JSONL file (name = its path)."""
+    from .prompts import load_prompts
+
+    if Path(name).suffix == ".jsonl":
+        from .distill import read_prompt_records
+
+        return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in read_prompt_records(name)[:n]]
+    if name not in PROMPT_SETS:
+        raise ConfigError(f"unknown prompt set {name!r}; choose from {', '.join(PROMPT_SETS)}")
+    records = load_prompts(PROMPT_SETS[name], "bench")[:n]
+    return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in records]
+
+
+def _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, lookup: bool):
+    """HF generate (greedy) on the same weights; left-padded batches. Returns (token lists, seconds)."""
+    model = lm.model
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    outs = []
+    start = time.perf_counter()
+    ctx = model.disable_adapter() if lm.settings is not None and lm.settings.adapter == "drafting" else _null()
+    with torch.inference_mode(), ctx:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            L = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk])
+            att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
+            kwargs = {"prompt_lookup_num_tokens": 10} if lookup else {}
+            bad = [[lm.mask_token_id]] if lm.mask_token_id is not None else None
+            gen = model.generate(input_ids=ids, attention_mask=att, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos or None, pad_token_id=pad, bad_words_ids=bad, **kwargs)
+            for row in gen[:, L:].tolist():
+                cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+                outs.append(row[:cut])
+    return outs, time.perf_counter() - start
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_once(lm, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed: int, eos) -> dict:
+    if spec.kind in ("hf", "hf_pld"):
+        if spec.kind == "hf_pld" and batch_size > 1:
+            return {}
+        toks, seconds = _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, spec.kind == "hf_pld")
+        return {"tokens": toks, "seconds": seconds, "new": sum(map(len, toks))}
+    cfg = lm.decode_config(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tuple(eos), **spec.settings)
+    toks, forwards, hist, steps = [], 0, {}, 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        for g in generate(lm, prompts[i:i + batch_size], cfg):
+            toks.append(g.token_ids)
+            forwards += g.stats.forwards
+            for r, c in g.stats.accepted.items():
+                hist[r] = hist.get(r, 0) + c
+                steps += c
+    seconds = time.perf_counter() - start
+    new = sum(map(len, toks))
+    return {"tokens": toks, "seconds": seconds, "new": new, "forwards": forwards, "hist": hist}
+
+
+@torch.inference_mode()
+def nll_of(lm, prompts, outputs) -> float:
+    """Mean NLL (nats/token) the AR model assigns to generated tokens, teacher-forced."""
+    total, n = 0.0, 0
+    model = lm.model
+    ctx = model.disable_adapter() if lm.settings is not None and lm.settings.adapter == "drafting" else _null()
+    with ctx:
+        for p, o in zip(prompts, outputs):
+            if not o:
+                continue
+            ids = torch.tensor([p + o])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1:-1].float(), -1)
+            if lm.mask_token_id is not None and lm.mask_token_id < logp.shape[-1]:
+                logp = torch.log_softmax(logp.index_fill(-1, torch.tensor([lm.mask_token_id]), float("-inf")), -1)
+            total -= float(logp.gather(1, torch.tensor(o)[:, None]).sum())
+            n += len(o)
+    return total / max(n, 1)
+
+
+def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
+          draft_lens: list[int], proposals: list[int], mix_weights: list[float], samplers: list[str],
+          seed: int = 0, hf: bool = True, log=print) -> dict:
+    eos = _eos(lm)
+    specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf)
+    report = {"model": str(getattr(lm, "name", "")), "max_new_tokens": max_new_tokens, "runs": runs,
+              "threads": torch.get_num_threads(), "results": []}
+    for name in sets:
+        prompts = load_prompt_set(lm, name, n_prompts)
+        for bs in batch_sizes:
+            per = {s.name: [] for s in specs}
+            for run in range(runs + 1):  # run 0 is the warm-up
+                order = specs[run % len(specs):] + specs[:run % len(specs)]  # rotate: no fixed position bias
+                for spec in order:
+                    res = run_once(lm, spec, prompts, bs, max_new_tokens, seed, eos)
+                    if res and run > 0:
+                        per[spec.name].append(res)
+                log(f"bench {name} batch {bs}: run {run}/{runs} done", file=sys.stderr)
+            report["results"] += summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos)
+    return report
+
+
+def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> list[dict]:
+    rows = []
+    ar_runs = per["ar"]
+    ar_speed = statistics.median(r["new"] / r["seconds"] for r in ar_runs)
+    ar_tokens = ar_runs[0]["tokens"]
+    lossless_nll = None
+    for spec in specs:
+        runs = per[spec.name]
+        if not runs:
+            continue
+        speed = statistics.median(r["new"] / r["seconds"] for r in runs)
+        row = {"prompt_set": name, "batch_size": bs, "config": spec.name, "kind": spec.kind, **spec.settings,
+               "tokens_per_s": round(speed, 2), "speedup_vs_ar": round(speed / ar_speed, 3),
+               "new_tokens": runs[0]["new"]}
+        if "forwards" in runs[0]:
+            hist = runs[0]["hist"]
+            steps = sum(hist.values())
+            row["tpf"] = round(runs[0]["new"] / max(runs[0]["forwards"], 1), 3)
+            row["mean_accepted"] = round(sum(r * c for r, c in hist.items()) / max(steps, 1), 3)
+            row["accepted_hist"] = {str(k): v for k, v in sorted(hist.items())}
+        if spec.settings.get("sampler") == "greedy":
+            row["equals_ar"] = runs[0]["tokens"] == ar_tokens
+        if spec.settings.get("sampler") in ("lossless", "mix"):
+            row["nll"] = round(nll_of(lm, prompts, runs[0]["tokens"]), 4)
+            if spec.settings["sampler"] == "lossless" and lossless_nll is None:
+                lossless_nll = row["nll"]
+        if spec.settings.get("sampler") == "mix":
+            cfg = lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=tuple(eos), temperature=0.0,
+                                   **spec.settings)
+            greedy_mix = [g.token_ids for g in generate(lm, prompts, cfg)]
+            row["greedy_exact_match"] = round(sum(a == b for a, b in zip(greedy_mix, ar_tokens)) / len(prompts), 3)
+        rows.append(row)
+    for row in rows:
+        if "nll" in row and lossless_nll is not None:
+            row["nll_vs_lossless"] = round(row["nll"] - lossless_nll, 4)
+    return rows
+
+
+def _eos(lm) -> list[int]:
+    from .decode.engine import _eos_ids
+
+    return _eos_ids(lm, lm.decode_config(ar=True))
+
+
+def table(report: dict) -> str:
+    cols = ["prompt_set", "batch_size", "config", "tpf", "mean_accepted", "tokens_per_s", "speedup_vs_ar",
+            "equals_ar", "nll_vs_lossless", "greedy_exact_match"]
+    lines = [" | ".join(cols)]
+    for r in report["results"]:
+        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
+    width = [max(len(l.split(" | ")[i]) for l in lines) for i in range(len(cols))]
+    out = []
+    for j, l in enumerate(lines):
+        cells = l.split(" | ")
+        out.append("  ".join(c.ljust(w) for c, w in zip(cells, width)))
+        if j == 0:
+            out.append("  ".join("-" * w for w in width))
+    return "\n".join(out)
+
+
+def rows_k(rows, name):
+    """The draft length whose mix results are plotted: the first greedy configuration's."""
+    return next((r["draft_len"] for r in rows if r["prompt_set"] == name and "draft_len" in r), None)
+
+
+def plots(report: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = report["results"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax2 = ax.twinx()
+    for name in sorted({r["prompt_set"] for r in rows}):
+        mix = sorted(((r["mix_weight"], r) for r in rows if r["prompt_set"] == name and r.get("sampler") == "mix"
+                      and r["batch_size"] == 1 and r["draft_len"] == rows_k(rows, name)), key=lambda x: x[0])
+        if mix:
+            ws = [w for w, _ in mix]
+            ax.plot(ws, [r["speedup_vs_ar"] for _, r in mix], marker="o", label=f"{name} speedup")
+            ax2.plot(ws, [r.get("nll_vs_lossless", 0) for _, r in mix], ls="--", marker="x", label=f"{name} drift")
+    ax.set_xlabel("mix weight w")
+    ax.set_ylabel("speedup vs AR loop")
+    ax2.set_ylabel("NLL drift vs lossless (nats/token)")
+    ax.legend(loc="upper left")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    paths.append(out_dir / "speedup_vs_mix_weight.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in sorted({r["prompt_set"] for r in rows}):
+        best = {}
+        for r in rows:
+            if r["prompt_set"] == name and r.get("sampler") == "greedy" and r["batch_size"] == 1:
+                best[r["draft_len"]] = max(best.get(r["draft_len"], 0), r["tpf"])
+        pts = sorted(best.items())
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xlabel("draft length K")
+    ax.set_ylabel("tokens per forward (greedy)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "tpf_vs_draft_len.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in sorted({r["prompt_set"] for r in rows}):
+        greedy = [r for r in rows if r["prompt_set"] == name and r.get("sampler") == "greedy" and r["batch_size"] == 1]
+        if greedy:
+            h = greedy[0]["accepted_hist"]
+            total = sum(h.values())
+            ks = sorted(int(k) for k in h)
+            ax.plot(ks, [h[str(k)] / total for k in ks], marker="o", label=f"{name} ({greedy[0]['config']})")
+    ax.set_xlabel("tokens committed per step (r)")
+    ax.set_ylabel("share of steps")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "accepted_hist.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,39 @@
+"""`ar2dlm bench` runs end to end on a tiny model: table, plots, JSON with every configuration."""
+
+from __future__ import annotations
+
+import json
+
+from ar2dlm.cli import main
+
+
+def test_bench_reports_every_configuration(converted_dirs, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) for i in range(2, 6)) + "\n")
+    out = tmp_path / "bench"
+    code = main(["bench", str(converted_dirs["llama"]), "--sets", str(prompts), "--n-prompts", "3",
+                 "--batch-sizes", "1,2", "--runs", "1", "--max-new-tokens", "12", "--draft-lens", "2,4",
+                 "--proposals", "1,2", "--mix-weights", "0.5,1", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(stdout[-1])
+    rows = report["results"]
+    configs = {(r["batch_size"], r["config"]) for r in rows}
+    for bs in (1, 2):
+        assert (bs, "ar") in configs and (bs, "hf_generate") in configs
+        for K in (2, 4):
+            for n in (1, 2):
+                for s in ("greedy", "lossless", "mix0.5", "mix1"):
+                    assert (bs, f"{s}_K{K}_R{n}") in configs
+    assert (1, "hf_prompt_lookup") in configs and (2, "hf_prompt_lookup") not in configs  # HF: batch 1 only
+    for r in rows:
+        assert r["tokens_per_s"] > 0
+        if r["config"] == "ar":
+            assert r["speedup_vs_ar"] == 1.0 and r["tpf"] == 1.0
+        if r.get("sampler") == "greedy":
+            assert r["equals_ar"] is True and r["tpf"] >= 1.0 and sum(r["accepted_hist"].values()) > 0
+        if r.get("sampler") == "mix":
+            assert 0.0 <= r["greedy_exact_match"] <= 1.0 and "nll_vs_lossless" in r
+    assert any("tpf" in line and "speedup_vs_ar" in line for line in stdout)  # the table
+    for name in ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png", "bench.json"):
+        assert (out / name).stat().st_size > 0
