@@ -37,3 +37,29 @@ def test_bench_reports_every_configuration(converted_dirs, tmp_path, capsys):
     assert any("tpf" in line and "speedup_vs_ar" in line for line in stdout)  # the table
     for name in ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png", "bench.json"):
         assert (out / name).stat().st_size > 0
+
+
+def test_tune_writes_defaults(drafter, tmp_path, capsys):
+    """tune on a drafter that is often accepted picks a drafting setting and writes it to ar2dlm.json."""
+    from ar2dlm.config import DiffusionConfig
+    from ar2dlm.model import DiffusionLM
+    from ar2dlm.tune import predicted_tpf
+
+    out = tmp_path / "drafter"
+    drafter.model.save_pretrained(out)
+    drafter.tokenizer.save_pretrained(out)
+    drafter.settings.save(out)
+    prompts = tmp_path / "p.jsonl"
+    words = " ".join(f"w{t}" for t in drafter.pattern[:3])
+    prompts.write_text("\n".join(json.dumps({"prompt": words}) for _ in range(2)) + "\n")
+    assert main(["tune", str(out), "--sets", str(prompts), "--n-prompts", "2", "--max-draft-len", "8",
+                 "--max-new-tokens", "24"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = DiffusionConfig.load(out)
+    assert (saved.draft_len, saved.proposals) == (result["best"]["draft_len"], result["best"]["proposals"])
+    assert saved.forward_cost and saved.forward_cost["1"] == 1.0
+    assert result["best"]["predicted_tpf"] > 1.5  # the drafter is accepted, and tune saw it
+    lm = DiffusionLM.from_pretrained(out)
+    assert lm.decode_config().draft_len == saved.draft_len
+    # the predictor: certain acceptance with every proposal -> K tokens per step; none -> 1
+    assert abs(predicted_tpf([1.0] * 7, 8, 8) - 8) < 1e-9 and abs(predicted_tpf([0.0] * 7, 8, 3) - 1) < 1e-9

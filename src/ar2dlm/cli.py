@@ -178,6 +178,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from . import bench as B
+    from . import tune as T
+    from .model import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(args.model)
+    prompts = [p for s in (args.sets or ["code", "prose", "chat"]) for p in B.load_prompt_set(lm, s, args.n_prompts)]
+    result = T.tune(lm, prompts, max_len=args.max_draft_len, max_new_tokens=args.max_new_tokens)
+    for c in result["candidates"]:
+        print(f"K={c['draft_len']:>2} |R|={c['proposals']}: predicted TPF {c['predicted_tpf']:.2f}, "
+              f"predicted speedup {c['predicted_speedup']:.2f}x, measured {c['measured_speedup']:.2f}x "
+              f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f})")
+    best = result["best"]
+    if not args.dry_run:
+        T.write_defaults(Path(args.model), result)
+        print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} and the forward-cost table "
+              f"to {Path(args.model) / 'ar2dlm.json'}")
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
                                 "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
@@ -276,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="folder for bench.json and plots (default runs/bench-TIME)")
     b.set_defaults(fn=cmd_bench)
+
+    tu = sub.add_parser("tune", help="choose draft_len and proposals for this machine; write them as defaults",
+                        description="Measure the forward cost by number of token slots and the acceptance on a "
+                        "prompt set, predict tokens/s for draft length x proposals, time the best predictions "
+                        "against the AR loop, and write the fastest into the model's ar2dlm.json.")
+    tu.add_argument("model", help="converted checkpoint or adapter folder (its ar2dlm.json is updated)")
+    tu.add_argument("--sets", type=_list(str), help="prompt sets: code,prose,chat or JSONL files")
+    tu.add_argument("--n-prompts", type=int, default=3, help="prompts per set")
+    tu.add_argument("--max-draft-len", type=int, default=16)
+    tu.add_argument("--max-new-tokens", type=int, default=64)
+    tu.add_argument("--dry-run", action="store_true", help="print, do not write ar2dlm.json")
+    tu.set_defaults(fn=cmd_tune)
 
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
     pr.add_argument("out", help="output folder")

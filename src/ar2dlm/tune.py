@@ -1,0 +1,150 @@
+"""`ar2dlm tune MODEL`: pick draft_len and proposals for this machine.
+
+1. Forward cost: time one decode-step forward over a cached prompt for n
+   token slots per row (n = K + |R| K), relative to n = 1 (AR). On a GPU the
+   curve is flat up to ~100 slots; on a laptop CPU it doubles by ~20.
+2. Acceptance: greedy-decode a prompt set with the longest draft and every
+   proposal, and estimate a_j = P(draft j+1 accepted | drafts up to j were).
+3. Predict tokens per forward for each (K, |R|) with the proposal policy's
+   coverage, divide by the forward cost, and time the few best predictions
+   (and the AR loop) on the same prompts; the fastest measured wins.
+4. Write draft_len, proposals and the cost table into ar2dlm.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from . import masks
+from .decode.engine import generate
+from .decode.policy import CostModel
+
+SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
+
+
+@torch.inference_mode()
+def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1) -> dict[int, float]:
+    """Median wall time of a step forward with n slots over a cached context, relative to n = 1."""
+    ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, context))
+    cache = DynamicCache()
+    lm.forward(ids, torch.arange(context).expand(batch, -1), masks.causal_mask(context, batch), None, cache)
+    times = {}
+    for n in slots:
+        samples = []
+        for _ in range(reps + 1):
+            step_ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, n))
+            mask = torch.ones(batch, n, context + n, dtype=torch.bool)
+            t = time.perf_counter()
+            lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask,
+                       torch.zeros(batch, n, dtype=torch.bool), cache)
+            samples.append(time.perf_counter() - t)
+            cache.crop(-n)
+        times[n] = statistics.median(samples[1:])
+    return {n: round(times[n] / times[1], 4) for n in slots}
+
+
+def acceptance(lm, prompts: list[list[int]], max_len: int, max_new_tokens: int, eos) -> list[float]:
+    """a_j, j = 1..max_len-1, from greedy decoding with every proposal (censored at the first rejection)."""
+    acc, seen = [0.0] * (max_len - 1), [0] * (max_len - 1)
+    for g in generate(lm, prompts, lm.decode_config(draft_len=max_len, proposals=max_len, sampler="greedy",
+                                                     max_new_tokens=max_new_tokens, eos_token_id=tuple(eos))):
+        for r, count in g.stats.accepted.items():
+            for j in range(min(r, max_len - 1)):  # drafts 2..r accepted; r+1 rejected if it existed
+                if j < r - 1:
+                    acc[j] += count
+                    seen[j] += count
+                elif r < max_len:
+                    seen[j] += count
+    return [acc[j] / seen[j] if seen[j] else 0.0 for j in range(max_len - 1)]
+
+
+def predicted_tpf(a: list[float], K: int, n: int) -> float:
+    """Expected tokens per step with draft length K and n proposals.
+
+    P(r) = a_1..a_{r-1} (1 - a_r) for r < K, a_1..a_{K-1} for r = K. The
+    policy pre-drafts the n most likely r; when r is not among them, the next
+    draft comes from the largest r' < r that is (K - (r - r') tokens), or is
+    just [t]. The steady state is the expected length of the step after one
+    drawn from P(r): enough to rank settings before timing the best ones.
+    """
+    def expected(k):
+        e, run = 1.0, 1.0
+        for j in range(k - 1):
+            run *= a[j]
+            e += run
+        return e
+
+    p = []
+    run = 1.0
+    for r in range(1, K + 1):
+        p.append(run * ((1 - a[r - 1]) if r < K else 1.0))
+        if r < K:
+            run *= a[r - 1]
+    chosen = sorted(sorted(range(1, K + 1), key=lambda r: -p[r - 1])[:n])
+    # tokens of the next step: the full draft if r was pre-drafted, a shorter one (or none) if not
+    return sum(p[r - 1] * (expected(K - (r - max(x for x in chosen if x <= r)))
+                           if any(x <= r for x in chosen) else 1.0) for r in range(1, K + 1))
+
+
+def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 64, top: int = 3,
+         grid_k=(2, 3, 4, 6, 8, 12, 16), grid_n=(1, 2, 3, 4, 5), log=print) -> dict:
+    from .bench import _eos
+
+    eos = _eos(lm)
+    log("tune: measuring forward cost by token slots ...", file=sys.stderr)
+    cost_table = forward_cost(lm, [s for s in SLOTS if s <= max_len * (1 + max(grid_n))])
+    cost = CostModel(cost_table)
+    log("tune: measuring acceptance ...", file=sys.stderr)
+    a = acceptance(lm, prompts, max_len, max_new_tokens, eos)
+    preds = []
+    for K in grid_k:
+        if K > max_len:
+            continue
+        for n in grid_n:
+            if n > K:
+                continue
+            tpf = predicted_tpf(a, K, n)
+            preds.append({"draft_len": K, "proposals": n, "predicted_tpf": round(tpf, 3),
+                          "predicted_speedup": round(tpf / cost(K + n * K), 3)})
+    preds.sort(key=lambda x: -x["predicted_speedup"])
+    candidates = preds[:top]
+    log(f"tune: timing the {len(candidates)} best predictions and the AR loop ...", file=sys.stderr)
+    measured = measure(lm, prompts, [{"ar": True}] + [{"draft_len": c["draft_len"], "proposals": c["proposals"]}
+                                                     for c in candidates], max_new_tokens, eos)
+    ar_speed = measured[0]
+    for c, speed in zip(candidates, measured[1:]):
+        c["measured_tokens_per_s"] = round(speed, 2)
+        c["measured_speedup"] = round(speed / ar_speed, 3)
+    best = max(candidates, key=lambda c: c["measured_tokens_per_s"])
+    return {"acceptance": [round(x, 4) for x in a], "forward_cost": cost_table, "predictions": preds,
+            "candidates": candidates, "best": best, "ar_tokens_per_s": round(ar_speed, 2)}
+
+
+def measure(lm, prompts, settings: list[dict], max_new_tokens: int, eos, runs: int = 3) -> list[float]:
+    """Median tokens/s of each setting over interleaved runs (after a warm-up)."""
+    speeds = [[] for _ in settings]
+    for run in range(runs + 1):
+        for i, s in enumerate(settings):
+            cfg = lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=tuple(eos), **s)
+            t = time.perf_counter()
+            new = sum(len(g.token_ids) for p in prompts for g in generate(lm, [p], cfg))
+            if run:
+                speeds[i].append(new / (time.perf_counter() - t))
+    return [statistics.median(s) for s in speeds]
+
+
+def write_defaults(model_dir: str | Path, result: dict) -> None:
+    from .config import DiffusionConfig
+
+    settings = DiffusionConfig.load(model_dir)
+    best = result["best"]
+    settings = dataclasses.replace(settings, draft_len=best["draft_len"], proposals=best["proposals"],
+                                   forward_cost={str(k): v for k, v in result["forward_cost"].items()})
+    settings.save(model_dir)
