@@ -79,8 +79,7 @@ def _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, lookup: bool):
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     outs = []
     start = time.perf_counter()
-    ctx = model.disable_adapter() if lm.settings is not None and lm.settings.adapter == "drafting" else _null()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), lm.base_weights():
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             L = max(map(len, chunk))
@@ -94,14 +93,6 @@ def _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, lookup: bool):
                 cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
                 outs.append(row[:cut])
     return outs, time.perf_counter() - start
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_once(lm, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed: int, eos) -> dict:
@@ -130,8 +121,7 @@ def nll_of(lm, prompts, outputs) -> float:
     """Mean NLL (nats/token) the AR model assigns to generated tokens, teacher-forced."""
     total, n = 0.0, 0
     model = lm.model
-    ctx = model.disable_adapter() if lm.settings is not None and lm.settings.adapter == "drafting" else _null()
-    with ctx:
+    with lm.base_weights():
         for p, o in zip(prompts, outputs):
             if not o:
                 continue
@@ -226,6 +216,15 @@ def table(report: dict) -> str:
     return "\n".join(out)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def rows_k(rows, name):
     """The draft length whose mix results are plotted: the first greedy configuration's."""
     return next((r["draft_len"] for r in rows if r["prompt_set"] == name and "draft_len" in r), None)
@@ -256,10 +255,7 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
     ax2.set_ylabel("NLL drift vs lossless (nats/token)")
     ax.legend(loc="upper left")
     ax2.legend(loc="lower right")
-    fig.tight_layout()
-    paths.append(out_dir / "speedup_vs_mix_weight.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "speedup_vs_mix_weight.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in sorted({r["prompt_set"] for r in rows}):
         best = {}
@@ -272,10 +268,7 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("draft length K")
     ax.set_ylabel("tokens per forward (greedy)")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "tpf_vs_draft_len.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "tpf_vs_draft_len.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in sorted({r["prompt_set"] for r in rows}):
         greedy = [r for r in rows if r["prompt_set"] == name and r.get("sampler") == "greedy" and r["batch_size"] == 1]
@@ -287,8 +280,5 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("tokens committed per step (r)")
     ax.set_ylabel("share of steps")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "accepted_hist.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "accepted_hist.png"))
     return paths

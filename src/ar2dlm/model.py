@@ -119,6 +119,16 @@ class DiffusionLM:
                                                use_cache=past_key_values is not None, **kwargs)
         return out.logits
 
+    def base_weights(self):
+        """Context: run the bare base layers when that gives the same AR outputs (a drafting adapter).
+
+        The gated adapter never touches clean rows, so AR decoding and HF
+        generate are unchanged without it; this only drops its idle cost.
+        """
+        if self.settings is not None and self.settings.adapter == "drafting":
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ decoding
     def decode_config(self, **overrides) -> DecodeConfig:
         """DecodeConfig from the checkpoint's defaults (ar2dlm.json) and these overrides."""

@@ -17,6 +17,7 @@ micro-batch see the rows of 1 process x 2 micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -220,17 +221,9 @@ def _select_slots(ids, pos, mask, labels, S):
     return g(ids), g(pos), new_mask, new_labels, order
 
 
-class _adapter_off:
+def _adapter_off(lm):
     """peft's disable_adapter() when there is one (the clean rows run base weights either way)."""
-
-    def __init__(self, lm):
-        self.ctx = lm.model.disable_adapter() if hasattr(lm.model, "disable_adapter") else None
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else False
+    return lm.model.disable_adapter() if hasattr(lm.model, "disable_adapter") else contextlib.nullcontext()
 
 
 def micro_batch(run: Run, batch: objective.TrainingBatch) -> dict[str, torch.Tensor]:
@@ -439,7 +432,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
             for micro in range(cfg.optim.grad_accum):
                 batch, _ = make_batch(run, rows_for(run, run.step, micro))
                 sync = micro == cfg.optim.grad_accum - 1
-                ctx = acc.no_sync(lm_module(run)) if not sync and acc.num_processes > 1 else _null()
+                ctx = acc.no_sync(lm_module(run)) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
                     out = micro_batch(run, batch)
                     acc.backward(out["loss"] / cfg.optim.grad_accum)
@@ -491,14 +484,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
 
 def lm_module(run: Run):
     return run.lm.wrapped or run.lm.model
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _mean_across(acc, value: float) -> float:

@@ -17,6 +17,7 @@ batch. With K = 1 and no proposals the same code is the plain AR loop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -221,7 +222,7 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["_Output"
     gen = torch.Generator(device=lm.model.device)
     gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item()))
     start = time.perf_counter()
-    with torch.inference_mode(), _base_weights_if_ar(lm, cfg):
+    with torch.inference_mode(), (lm.base_weights() if cfg.ar else contextlib.nullcontext()):
         state, t = prefill(lm, prompts, K, cfg, gen)
         news = [[x] for x in t.tolist()]
         while True:
@@ -341,19 +342,6 @@ def _eos_ids(lm, cfg: DecodeConfig) -> list[int]:
     if eos is None:
         return []
     return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _base_weights_if_ar(lm, cfg: DecodeConfig):
-    """Plain AR decoding of a drafting-adapter model runs the bare base layers.
-
-    The gated adapter never touches clean rows, so the tokens are the same; this
-    only drops the adapter's idle cost, so the AR baseline is the plain model's speed.
-    """
-    import contextlib
-
-    if cfg.ar and lm.settings is not None and lm.settings.adapter == "drafting":
-        return lm.model.disable_adapter()
-    return contextlib.nullcontext()
 
 
 def _mask_id(lm) -> int:
