@@ -45,7 +45,7 @@ def read_prompts(path: str) -> list:
 
 
 def cmd_generate(args) -> int:
-    from .decode.engine import _Output, check_request, stream
+    from .decode.engine import Request, check_request, stream
     from .model import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar)
@@ -67,7 +67,7 @@ def cmd_generate(args) -> int:
                                   "finish_reason": g.finish_reason, "stats": g.stats.as_dict()}), flush=True)
         return 0
     for i, prompt_ids in enumerate(ids):
-        out = _Output(lm, cfg)
+        out = Request(lm, cfg)
         for piece in stream(lm, prompt_ids, cfg, out):
             sys.stdout.write(piece)
             sys.stdout.flush()

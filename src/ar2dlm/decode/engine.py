@@ -213,7 +213,7 @@ def select_rows(state: State, keep: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- loop
-def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["_Output"]) -> Iterator[tuple[int, list[int]]]:
+def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["Request"]) -> Iterator[tuple[int, list[int]]]:
     """Decode every prompt, yielding (request, tokens) as tokens are committed; results land in `outs`."""
     check_request(lm, prompts, cfg)
     K = 1 if cfg.ar else cfg.draft_len
@@ -258,15 +258,15 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["_Output"
 
 def generate(lm, prompts: list[list[int]], cfg: DecodeConfig) -> list[Generation]:
     """Decode a batch; one Generation per prompt, in order."""
-    outs = [_Output(lm, cfg) for _ in prompts]
+    outs = [Request(lm, cfg) for _ in prompts]
     for _ in events(lm, prompts, cfg, outs):
         pass
     return [o.result() for o in outs]
 
 
-def stream(lm, prompt: list[int], cfg: DecodeConfig, out: "_Output | None" = None) -> Iterator[str]:
+def stream(lm, prompt: list[int], cfg: DecodeConfig, out: "Request | None" = None) -> Iterator[str]:
     """Yield text deltas as tokens are committed (one prompt). Pass `out` to read the stats after."""
-    out = out or _Output(lm, cfg)
+    out = out or Request(lm, cfg)
     shown = ""
     for _row, _tokens in events(lm, [prompt], cfg, [out]):
         text = _hold_back(out.text(), cfg.stop) if not out.finish_reason else out.text()
@@ -278,7 +278,7 @@ def stream(lm, prompt: list[int], cfg: DecodeConfig, out: "_Output | None" = Non
         yield text[len(shown):]
 
 
-class _Output:
+class Request:
     """Accumulates one request's committed tokens and decides when it is finished."""
 
     def __init__(self, lm, cfg: DecodeConfig):
