@@ -321,9 +321,14 @@ def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
     if not cfg.ar and lm.mask_token_id is None:
         raise ConfigError("this model has no mask token (not converted): use ar=True / --ar, or `ar2dlm convert` it")
     ctx = lm.context_len
+    window = getattr(lm.model.config, "sliding_window", None)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ConfigError(f"prompt {i} is empty: give at least one token")
+        if window and len(p) + cfg.max_new_tokens > window:
+            # our masks are full attention; past the window they would not match the model's own
+            raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens={cfg.max_new_tokens} exceed the "
+                              f"model's sliding attention window ({window}); ar2dlm decodes within the window only")
         if ctx is not None and len(p) + cfg.max_new_tokens > ctx:
             raise ConfigError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} that "
                               f"exceeds the model's context of {ctx} tokens: shorten the prompt or lower "
