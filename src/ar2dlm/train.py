@@ -426,6 +426,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
     bar = tqdm(total=cfg.schedule.max_steps, initial=run.step, desc=f"train[{cfg.adapter.kind}]",
                disable=not acc.is_main_process, dynamic_ncols=True)
     last_save, t0 = time.time(), time.time() - run.elapsed
+    if run.step == 0 and cfg.eval.every_steps:  # the curve starts at the untrained drafter
+        _append(acc, metrics, {"step": 0, "tokens": 0, "elapsed": 0.0, **evaluate(run)})
     try:
         while run.step < cfg.schedule.max_steps and not stop.requested:
             logs = {}
