@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 from ar2dlm import ConfigError, DiffusionConfig, DiffusionLM, convert, masks
 from ar2dlm.config import SETTINGS_FILE
 from ar2dlm.convert import add_mask_token
-from conftest import ARCHS, CORE_ARCHS, VOCAB, make_tokenizer, save_base, tiny_model
+from conftest import ARCHS, CORE_ARCHS, VOCAB, make_tokenizer, tiny_model
 
 CONVERT_ARCHS = CORE_ARCHS + ["mistral", "qwen3"]
 assert set(CONVERT_ARCHS) <= set(ARCHS)

@@ -16,7 +16,6 @@ The last line of stdout is one JSON document with everything.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import ConfigError
 
 
 def read_prompt_records(path: str | Path) -> list[dict]:
     """Prompt records of a JSONL file: {"prompt": text, "id"?, "chat"?, "source"?} or a bare string."""
     from .cli import read_prompts
 
+    read_prompts(path)  # validates every line first; errors name the line
     records = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -33,7 +33,6 @@ def read_prompt_records(path: str | Path) -> list[dict]:
         item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": json.loads(line)}
         records.append({"id": str(item.get("id", f"line-{n}")), "prompt": item["prompt"],
                         "chat": bool(item.get("chat", False)), "source": item.get("source", "")})
-    read_prompts(path)  # validates every line with line numbers
     return records
 
 
@@ -84,7 +83,3 @@ def _drop_partial_last_line(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         path.write_bytes(data[:data.rfind(b"\n") + 1])
 
-
-def check_prompts_file(path: str | Path) -> None:
-    if not Path(path).exists():
-        raise ConfigError(f"prompts file {path} does not exist")

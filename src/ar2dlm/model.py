@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import masks
 from .config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
+
+if TYPE_CHECKING:
+    from .decode.engine import Generation
 
 
 class SlotGate:

@@ -53,7 +53,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         minutes = [r["elapsed"] / 60 for r in evals]
         a1.plot(minutes, [r["est_tpf"] for r in evals], marker="o")
         a1.set_xlabel("training minutes")
-        a1.set_ylabel(f"estimated TPF (held-out)")
+        a1.set_ylabel("estimated TPF (held-out)")
         a1.set_title("estimated tokens per forward")
         for key in ("eval_ar_loss", "eval_diff_loss"):
             a2.plot([r["tokens"] for r in evals], [r[key] for r in evals], marker="o", label=key)

@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from . import adapter as adapters
 from . import data as data_mod
-from . import masks, objective
+from . import objective
 from .config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
 from .model import DiffusionLM
 
