@@ -63,9 +63,9 @@ def load_prompt_set(lm, name: str, n: int) -> list[list[int]]:
     from .prompts import load_prompts
 
     if Path(name).suffix == ".jsonl":
-        from .distill import read_prompt_records
+        from .data import read_prompt_file
 
-        return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in read_prompt_records(name)[:n]]
+        return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in read_prompt_file(name)[:n]]
     if name not in PROMPT_SETS:
         raise ConfigError(f"unknown prompt set {name!r}; choose from {', '.join(PROMPT_SETS)}")
     records = load_prompts(PROMPT_SETS[name], "bench")[:n]

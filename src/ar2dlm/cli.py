@@ -19,37 +19,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def read_prompts(path: str) -> list:
-    """Prompts of a JSONL file: each line a JSON string, or an object with "prompt" (text or token ids)."""
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"prompts file {path} does not exist")
-    prompts = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
-        if isinstance(item, dict):
-            item = item.get("prompt")
-        ok = isinstance(item, str) or (isinstance(item, list) and item and all(isinstance(t, int) for t in item))
-        if not ok:
-            raise ConfigError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" "
-                              f"(text or a list of token ids)")
-        prompts.append(item)
-    if not prompts:
-        raise ConfigError(f"{path} holds no prompts")
-    return prompts
-
-
 def cmd_generate(args) -> int:
+    from .data import read_prompt_file
     from .decode.engine import Request, check_request, stream
     from .model import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompt_file(args.prompts)]
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "draft_len", "proposals", "sampler", "mix_weight",
                                               "temperature", "top_k", "top_p", "seed", "ar", "adaptive")}
     settings["stop"] = tuple(args.stop or ())

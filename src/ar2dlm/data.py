@@ -98,27 +98,53 @@ def read_records(path: Path, fmt: str, section: DataSection) -> Iterator[tuple[s
     raise ConfigError(f"data: unknown format {fmt!r} for {path}")
 
 
-def _read_jsonl(path: Path, fmt: str, section: DataSection):
+def iter_jsonl(path: str | Path, label: str = "") -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSONL file (.gz too); a bad line is named."""
     import gzip
 
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{label}{path} does not exist")
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"data: {path}, line {n}: not valid JSON ({e.msg})") from e
-            where = f"{path}, line {n}"
-            if fmt == "distilled":
-                ok = isinstance(row, dict) and isinstance(row.get("prompt_ids"), list) and \
-                    isinstance(row.get("completion_ids"), list)
-                if not ok:
-                    raise ConfigError(f"data: {where}: a distilled record needs prompt_ids and completion_ids")
-                yield f"{path}:{row.get('id', n)}", row
-            else:
-                yield f"{path}:{n}", _pick(row, section, where)
+                raise ConfigError(f"{label}{path}, line {n}: not valid JSON ({e.msg})") from e
+
+
+def read_prompt_file(path: str | Path) -> list[dict]:
+    """Prompts of a JSONL file, one per line: a JSON string, or {"prompt": text or token ids, "id"?, "chat"?,
+    "source"?} -> [{"id", "prompt", "chat", "source"}]. A malformed line is named."""
+    records = []
+    for n, item in iter_jsonl(path, "prompts file "):
+        row = item if isinstance(item, dict) else {"prompt": item}
+        prompt = row.get("prompt")
+        ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt))
+        if not ok:
+            raise ConfigError(f"{path}, line {n}: expected a JSON string or an object with a \"prompt\" "
+                              f"(text or a list of token ids)")
+        records.append({"id": str(row.get("id", f"line-{n}")), "prompt": prompt, "chat": bool(row.get("chat", False)),
+                        "source": row.get("source", "")})
+    if not records:
+        raise ConfigError(f"{path} holds no prompts")
+    return records
+
+
+def _read_jsonl(path: Path, fmt: str, section: DataSection):
+    for n, row in iter_jsonl(path, "data: "):
+        where = f"{path}, line {n}"
+        if fmt == "distilled":
+            ok = isinstance(row, dict) and isinstance(row.get("prompt_ids"), list) and \
+                isinstance(row.get("completion_ids"), list)
+            if not ok:
+                raise ConfigError(f"data: {where}: a distilled record needs prompt_ids and completion_ids")
+            yield f"{path}:{row.get('id', n)}", row
+        else:
+            yield f"{path}:{n}", _pick(row, section, where)
 
 
 def _pick(row, section: DataSection, where: str):

@@ -19,21 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .data import read_prompt_file
 
-
-def read_prompt_records(path: str | Path) -> list[dict]:
-    """Prompt records of a JSONL file: {"prompt": text, "id"?, "chat"?, "source"?} or a bare string."""
-    from .cli import read_prompts
-
-    read_prompts(path)  # validates every line first; errors name the line
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": json.loads(line)}
-        records.append({"id": str(item.get("id", f"line-{n}")), "prompt": item["prompt"],
-                        "chat": bool(item.get("chat", False)), "source": item.get("source", "")})
-    return records
 
 
 def distill(lm, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: int = 128, batch_size: int = 8,
@@ -44,7 +31,7 @@ def distill(lm, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "distilled.jsonl"
-    records = read_prompt_records(prompts_file)[:limit]
+    records = read_prompt_file(prompts_file)[:limit]
     done = set()
     if out.exists():
         for line in out.read_text().splitlines():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .config import ConfigError
@@ -13,12 +12,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ConfigError(f"{path} does not exist: is {run_dir} a training run folder?")
+    from .data import iter_jsonl
+
     train, evals = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+    for _, rec in iter_jsonl(path):
         (evals if "est_tpf" in rec else train).append(rec)
     return train, evals
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -158,8 +159,7 @@ def make_batch(run: Run, global_rows: list[int]) -> tuple[objective.TrainingBatc
     parts, loss_masks = [], []
     for k in global_rows:
         epoch, i = divmod(k, N)
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        r = int(perm[i])
+        r = int(_epoch_order(cfg.seed, epoch, N)[i])
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * k + 1)
         B = cfg.objective.block_size
         offset = int(torch.randint(0, B, (1,), generator=g)) if cfg.objective.random_offset else 0
@@ -167,6 +167,12 @@ def make_batch(run: Run, global_rows: list[int]) -> tuple[objective.TrainingBatc
                                            rows.loss_mask[r:r + 1], offset, g))
         loss_masks.append(rows.loss_mask[r:r + 1])
     return _cat(parts), torch.cat(loss_masks)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The row order of one epoch (drawn once, not once per row)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def _cat(parts: list[objective.TrainingBatch]) -> objective.TrainingBatch:
