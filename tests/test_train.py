@@ -142,8 +142,13 @@ def test_drafting_loss_selected_slots_equal_all_slots_and_doubled_forward(corpus
 
 
 def test_drafting_adapter_keeps_the_ar_path_exact(corpus, distilled):
+    # an explicit held-out file: the same split on every machine (hashed keys include the temp path)
+    lines = distilled.read_text().splitlines(keepends=True)
+    (corpus / "train.distilled.jsonl").write_text("".join(lines[:45]))
+    (corpus / "heldout.distilled.jsonl").write_text("".join(lines[45:]))
     cfg = config(corpus, "gated", "drafting", schedule={"max_steps": 200},
-                 data={"train": [str(distilled)], "seq_len": 48, "heldout_fraction": 0.15}, eval={"every_steps": 100})
+                 data={"train": [str(corpus / "train.distilled.jsonl")], "heldout": [str(corpus / "heldout.distilled.jsonl")],
+                       "seq_len": 48}, eval={"every_steps": 100})
     untrained = T.evaluate(T.setup(dataclasses.replace(cfg, run_dir=cfg.run_dir + "-untrained")))
     run = T.train(cfg)
     trained = [m for m in metrics(cfg.run_dir) if "est_tpf" in m][-1]
