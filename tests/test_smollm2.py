@@ -35,3 +35,28 @@ def test_engine_equals_reference_and_hf_generate(smol):
     batch = smol.generate(ids, max_new_tokens=24, draft_len=8, proposals=3, eos_token_id=list(eos))
     alone = [smol.generate([p], max_new_tokens=24, ar=True, eos_token_id=list(eos))[0] for p in ids]
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+
+
+def test_shipped_drafter_is_exact_and_drafts(smol):
+    """`smollm2-135m` loads the drafter shipped in the package: greedy == reference == base HF generate,
+    and it drafts far better than the untrained conversion on held-out (bench) code prompts."""
+    from ar2dlm.bundled import ar2dlm_home
+    from ar2dlm.prompts import load_prompts
+
+    lm = DiffusionLM.from_pretrained("smollm2-135m")
+    assert lm.settings.adapter == "drafting" and lm.source.parent == ar2dlm_home()
+    base = AutoModelForCausalLM.from_pretrained(resolve_base("smollm2-135m")).eval()
+    eos = sorted(set(lm.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])))
+    tpf = {"shipped": [], "untrained": []}
+    for record in load_prompts("code", "bench")[:2]:
+        p = lm.encode([record["prompt"]])[0]
+        hf = base.generate(torch.tensor([p]), do_sample=False, max_new_tokens=48, eos_token_id=eos,
+                           pad_token_id=0)[0, len(p):].tolist()
+        ref, ref_forwards = tidar_greedy(lm, p, 48, 8, set(eos))
+        g = lm.generate([p], max_new_tokens=48, draft_len=8, proposals=8, eos_token_id=eos)[0]
+        assert g.token_ids == ref == hf and g.stats.forwards == ref_forwards
+        tpf["shipped"].append(g.stats.tpf)
+        u = smol.generate([p], max_new_tokens=48, draft_len=8, proposals=8, eos_token_id=eos)[0]
+        assert u.token_ids == hf
+        tpf["untrained"].append(u.stats.tpf)
+    assert min(tpf["shipped"]) > max(tpf["untrained"]) + 0.5, tpf

@@ -15,6 +15,10 @@ fine-tuning ("full") adapt every row and train with the AR + diffusion loss.
 
 from __future__ import annotations
 
+import contextlib
+import types
+import warnings
+
 import torch
 from torch import nn
 
@@ -61,14 +65,25 @@ def attach(lm, section: AdapterSection) -> None:
             p.requires_grad_(True)
         return
     cfg = lora_config(section, lm.mask_token_id, embedding_name(lm.model))
-    lm.model = get_peft_model(lm.model, cfg)
+    with _quiet_peft():
+        lm.model = get_peft_model(lm.model, cfg)
     if section.kind == "drafting":
         install_gates(lm)
+    install_token_rows(lm)
     lm.settings = _with_adapter(lm.settings, section.kind)
 
 
 def install_gates(lm) -> int:
-    """Replace every LoRA dropout by a RowGate bound to lm.slot_gate; returns how many."""
+    """Gate every LoRA layer on lm.slot_gate; returns how many.
+
+    Each LoRA dropout becomes a RowGate (the definition: peft's own forward
+    then computes B A (x * gate)), and each LoRA linear gets `gated_forward`,
+    the same function in fewer ops: two small
+    matmuls (the scale and the add folded into one addmm) per layer instead of
+    peft's generic path.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
     n = 0
     for module in lm.model.modules():
         drop = getattr(module, "lora_dropout", None)
@@ -76,18 +91,98 @@ def install_gates(lm) -> int:
             for name in list(drop.keys()):
                 drop[name] = RowGate(lm.slot_gate)
                 n += 1
+            if type(module) is LoraLinear and not module.lora_variant and module.base_layer.bias is None:
+                module.forward = types.MethodType(gated_forward, module)
+                module._ar2dlm_slot_gate = lm.slot_gate
     if n == 0:
         raise ConfigError("no LoRA layers found to gate")
     return n
+
+
+def gated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA Linear forward with the row gate, in three ops: y = W x + s B (gate * (A x)).
+
+    The gate is a [rows, 1] column of 0/1 (one per forward, cached on the
+    SlotGate); multiplying A x by it equals multiplying x by it, as RowGate does.
+    """
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    gate = self._ar2dlm_slot_gate.column(x)
+    if gate is None:
+        return result
+    flat = x.reshape(-1, x.shape[-1])
+    out = result.reshape(-1, result.shape[-1])
+    for name in self.active_adapters:
+        if name not in self.lora_A.keys():
+            continue
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        h = torch.nn.functional.linear(flat.to(A.dtype), A) * gate.to(A.dtype)
+        out = torch.addmm(out, h.to(out.dtype), B.t().to(out.dtype), alpha=self.scaling[name])
+    return out.view_as(result)
 
 
 def load(lm, adapter_dir) -> None:
     """Load a saved adapter (folder with adapter_config.json) onto lm (a converted base)."""
     from peft import PeftModel
 
-    lm.model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
+    with _quiet_peft():
+        lm.model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
     if lm.settings.adapter == "drafting":
         install_gates(lm)
+    install_token_rows(lm)
+
+
+def install_token_rows(lm) -> int:
+    """Give every peft trainable-token layer (the mask row) `token_rows_forward`; returns how many."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    n = 0
+    for module in lm.model.modules():
+        if type(module) is TrainableTokensLayer:
+            module.forward = types.MethodType(token_rows_forward, module)
+            n += 1
+    return n
+
+
+def token_rows_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's trainable-token forward without its per-forward copy of the whole vocabulary matrix.
+
+    peft builds W' = W with the trained rows replaced (a full [vocab, d] copy,
+    twice per forward with tied embeddings: ~50 ms on a CPU for SmolLM2) and
+    runs the layer with W'. The same result: run the base layer, then replace
+    what the trained rows produce: the embedding of those token ids, or the
+    logit columns of those tokens (a tied LM head).
+    """
+    active = [a for a in self.active_adapters if a in self.trainable_tokens_delta]
+    if self.disable_adapters or not active or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    out = base(x, *args, **kwargs)
+    for name in active:
+        index = torch.tensor(self.token_indices[name], device=out.device)
+        delta = self.trainable_tokens_delta[name]
+        if isinstance(base, nn.Embedding):
+            hit = x[..., None] == index  # [..., n]
+            if bool(hit.any()):
+                rows = torch.nn.functional.embedding(hit.float().argmax(-1), delta.to(out.dtype))
+                scale = self._get_embed_scale()
+                if scale is not None:
+                    rows = rows * scale.to(rows.dtype)
+                out = torch.where(hit.any(-1, keepdim=True), rows, out)
+        elif isinstance(base, nn.Linear):  # a tied LM head: the trained rows are output columns
+            out = out.index_copy(-1, index, torch.nn.functional.linear(x, delta.to(x.dtype)))
+        else:
+            return type(self).forward(self, x, *args, **kwargs)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Silence peft's call of a transformers API deprecated in this version (a FutureWarning per attach)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _with_adapter(settings, kind):
@@ -107,3 +202,50 @@ def trainable_groups(model, section: AdapterSection, lr: float, mask_row_lr: flo
     if row:
         groups.append({"params": row, "lr": mask_row_lr, "name": "mask_row", "weight_decay": 0.0})
     return groups
+
+
+def export(src, out, dtype: str = "bfloat16") -> "Path":
+    """Copy an adapter folder into OUT with its weights cast to `dtype`, without tokenizer files.
+
+    The tokenizer is rebuilt on load from the base model (plus the mask token,
+    whose id is checked against ar2dlm.json), so OUT holds only
+    adapter_config.json, adapter_model.safetensors and ar2dlm.json.
+    """
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from .config import DiffusionConfig
+
+    src, out = Path(src), Path(out)
+    weights = src / "adapter_model.safetensors"
+    if not (src / "adapter_config.json").is_file() or not weights.is_file():
+        raise ConfigError(f"{src} is not an adapter folder (needs adapter_config.json and "
+                          f"adapter_model.safetensors, as written to a run's final/)")
+    settings = DiffusionConfig.load(src)
+    if not settings.adapter:
+        raise ConfigError(f"{src}: ar2dlm.json has no adapter kind; export takes a drafting or lora adapter folder")
+    target = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+    if target is None:
+        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    if out.exists() and any(p for p in out.iterdir() if p.name != ".gitkeep"):
+        raise ConfigError(f"{out} exists and is not empty; choose a new output directory")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = json.loads((src / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        settings.save(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

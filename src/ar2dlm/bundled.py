@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["BUNDLED", "ar2dlm_home", "resolve_base"]
+__all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "resolve_base", "resolve_model"]
 
 BUNDLED: dict[str, dict[str, str]] = {
     "smollm2-135m": {
@@ -40,6 +40,9 @@ BUNDLED: dict[str, dict[str, str]] = {
         "version": "0.1.2",
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "cache_subdir": "base/smollm2-135m-instruct",
+        # the trained drafting adapter shipped in the package (src/ar2dlm/assets/)
+        "drafter": "smollm2-135m-drafter",
+        "drafter_subdir": "smollm2-135m",
     },
 }
 
@@ -76,6 +79,64 @@ def resolve_base(name_or_path: str) -> Path:
             f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)"
         )
     return path
+
+
+def drafter_asset(name: str) -> Path | None:
+    """The drafting-adapter folder shipped in the package for a bundled name (None if there is none)."""
+    sub = BUNDLED.get(name, {}).get("drafter")
+    if not sub:
+        return None
+    folder = Path(__file__).parent / "assets" / sub
+    return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A directory to load as a DiffusionLM: a path as given, or a bundled name's trained drafter.
+
+    The bundled name resolves to ``$AR2DLM_HOME/<name>``: a copy of the
+    drafting adapter shipped in the package (LoRA + mask-token row +
+    ``ar2dlm.json``) on top of the bundled base. It is a copy so that
+    ``ar2dlm tune`` can write this machine's defaults into its ``ar2dlm.json``;
+    a newer shipped adapter replaces the copy (and its tuned defaults).
+    """
+    if name_or_path not in BUNDLED or Path(name_or_path).exists():
+        return resolve_base(name_or_path)
+    asset = drafter_asset(name_or_path)
+    if asset is None:  # no drafter shipped: the base (callers decide whether an AR model will do)
+        return resolve_base(name_or_path)
+    final = ar2dlm_home() / BUNDLED[name_or_path]["drafter_subdir"]
+    stamp = _fingerprint(asset)
+    if (final / ".shipped").is_file() and (final / ".shipped").read_text() == stamp:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final.parent / f".{final.name}.lock"):
+        if (final / ".shipped").is_file() and (final / ".shipped").read_text() == stamp:
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)
+        try:
+            for f in asset.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / ".shipped").write_text(stamp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _fingerprint(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _find_gguf(name: str) -> Path:

@@ -56,6 +56,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    from .model import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(args.model)
+    settings = {k: getattr(args, k) for k in ("draft_len", "proposals", "sampler", "adaptive")}
+    rows = run_demo(lm, max_new_tokens=args.max_new_tokens, **settings)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def cmd_train(args, overrides: list[str]) -> int:
     from .train import main_train
 
@@ -63,10 +75,13 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 
 def cmd_distill(args) -> int:
+    from .bundled import BUNDLED, resolve_base
     from .distill import distill
     from .model import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(args.model, allow_ar=True)
+    # the teacher is the AR model: a bundled name means its base, not the shipped drafter
+    model = resolve_base(args.model) if args.model in BUNDLED else args.model
+    lm = DiffusionLM.from_pretrained(model, allow_ar=True)
     if args.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
     out = distill(lm, args.prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -94,6 +109,15 @@ def cmd_merge(args) -> int:
     lm.tokenizer.save_pretrained(out)
     dataclasses.replace(lm.settings, adapter="").save(out)
     print(out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .adapter import export
+
+    out = export(args.adapter, args.out, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"{out} ({size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -168,9 +192,9 @@ def cmd_tune(args) -> int:
               f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f})")
     best = result["best"]
     if not args.dry_run:
-        T.write_defaults(Path(args.model), result)
+        T.write_defaults(lm.source, result)
         print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} and the forward-cost table "
-              f"to {Path(args.model) / 'ar2dlm.json'}")
+              f"to {lm.source / 'ar2dlm.json'}")
     print(json.dumps(result))
     return 0
 
@@ -198,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="decode prompts with TiDAR (or plain AR with --ar) and print stats",
                        description="Stream the model's answer to each prompt, then print tokens, forward passes, "
                        "tokens per forward (TPF), speed and the accepted-length histogram.")
-    g.add_argument("model", help="converted checkpoint directory (or any HF causal LM with --ar)")
+    g.add_argument("model", help="converted checkpoint, adapter folder, or bundled name smollm2-135m "
+                   "(or any HF causal LM with --ar)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt text")
     src.add_argument("--prompts", help="JSONL file: one JSON string or {\"prompt\": ...} per line")
@@ -220,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together with --json")
     g.add_argument("--json", action="store_true", help="one JSON line per prompt instead of streamed text")
     g.set_defaults(fn=cmd_generate)
+
+    de = sub.add_parser("demo", help="stream a chat, a code and a prose answer; TPF and speedup over AR for each",
+                        description="Decode three bench prompts (chat, code, prose) with MODEL, streaming the text, "
+                        "then decode each with the same-stack AR loop in the same run and print tokens per "
+                        "forward, both speeds, the speedup and whether the text equals AR's.")
+    de.add_argument("model", nargs="?", default="smollm2-135m",
+                    help="converted checkpoint, adapter folder or bundled name (default: smollm2-135m)")
+    de.add_argument("--max-new-tokens", type=int, default=96)
+    de.add_argument("--draft-len", type=int, default=None, help="K (default: the model's tuned default)")
+    de.add_argument("--proposals", type=int, default=None, help="|R| (default: the model's tuned default)")
+    de.add_argument("--sampler", choices=SAMPLERS, default="greedy")
+    de.add_argument("--adaptive", action="store_true", help="adaptive draft length")
+    de.add_argument("--json", action="store_true", help="also print the per-prompt numbers as one JSON line")
+    de.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="train a drafting model from a YAML recipe (accelerate-ready)",
                        description="Train with the TiDAR objective. Any config field can be overridden as "
@@ -249,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output directory")
     m.set_defaults(fn=cmd_merge)
 
+    ex = sub.add_parser("export", help="a compact copy of an adapter folder (weights in bf16, no tokenizer)",
+                        description="Copy ADAPTER (a run's final/) into OUT with its weights cast to --dtype and "
+                        "without tokenizer files (rebuilt from the base model on load). This is how the bundled "
+                        "smollm2-135m drafter is made.")
+    ex.add_argument("adapter", help="adapter folder (a run's final/)")
+    ex.add_argument("out", help="output directory (must not exist or be empty)")
+    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ex.set_defaults(fn=cmd_export)
+
     pl = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=cmd_plot)
@@ -258,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "HF generate, HF prompt-lookup decoding and ar2dlm's samplers over draft lengths and "
                        "proposal counts, on bench prompts never used in training. Prints a table; the last "
                        "stdout line is JSON; plots and bench.json go to --out.")
-    b.add_argument("model", help="converted checkpoint or adapter folder")
+    b.add_argument("model", help="converted checkpoint, adapter folder or bundled name (smollm2-135m)")
     b.add_argument("--quick", action="store_true", help="a small preset (a few minutes on 2 CPU cores)")
     b.add_argument("--sets", type=_list(str), help="prompt sets: code,prose,chat or JSONL files")
     b.add_argument("--n-prompts", type=int, help="prompts per set")
@@ -278,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Measure the forward cost by number of token slots and the acceptance on a "
                         "prompt set, predict tokens/s for draft length x proposals, time the best predictions "
                         "against the AR loop, and write the fastest into the model's ar2dlm.json.")
-    tu.add_argument("model", help="converted checkpoint or adapter folder (its ar2dlm.json is updated)")
+    tu.add_argument("model", help="converted checkpoint, adapter folder or bundled name (its ar2dlm.json is "
+                    "updated; for smollm2-135m the copy in $AR2DLM_HOME)")
     tu.add_argument("--sets", type=_list(str), help="prompt sets: code,prose,chat or JSONL files")
     tu.add_argument("--n-prompts", type=int, default=3, help="prompts per set")
     tu.add_argument("--max-draft-len", type=int, default=16)

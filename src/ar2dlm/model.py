@@ -28,14 +28,28 @@ class SlotGate:
 
     def __init__(self):
         self.mask_slots: torch.Tensor | None = None
+        self._column: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def rows(self, mask_slots: torch.Tensor | None):
-        previous, self.mask_slots = self.mask_slots, mask_slots
+        previous = self.mask_slots, self._column
+        self.mask_slots, self._column = mask_slots, None
         try:
             yield
         finally:
-            self.mask_slots = previous
+            self.mask_slots, self._column = previous
+
+    def column(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The gate as a [rows, 1] 0/1 column for x [..., d] flattened to [rows, d]; None when no row is a slot.
+
+        Computed once per forward (every adapted layer asks).
+        """
+        rows = self.mask_slots
+        if rows is None or rows.numel() != x.shape[:-1].numel():
+            return None
+        if self._column is None:
+            self._column = rows.reshape(-1, 1).to(x.dtype) if bool(rows.any()) else False
+        return self._column if self._column is not False else None
 
 
 class DiffusionLM:
@@ -46,16 +60,20 @@ class DiffusionLM:
         self.tokenizer = tokenizer
         self.settings = settings
         self.slot_gate = SlotGate()
+        self.source: Path | None = None  # the directory it was loaded from
         self.wrapped = None  # the module that runs the forward when it differs from self.model (DDP in training)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         attn_implementation: str = "sdpa", allow_ar: bool = False) -> "DiffusionLM":
-        """Load a converted checkpoint. `allow_ar=True` also accepts an unconverted AR model."""
-        from .bundled import resolve_base
+        """Load a converted checkpoint, or a bundled name (its shipped drafter).
 
-        path = Path(path) if Path(path).exists() else resolve_base(str(path))
+        `allow_ar=True` also accepts an unconverted AR model.
+        """
+        from .bundled import resolve_model
+
+        path = Path(path) if Path(path).exists() else resolve_model(str(path))
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ConfigError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         settings = None
@@ -66,13 +84,17 @@ class DiffusionLM:
                 f"{path} has no {SETTINGS_FILE}: it is an unconverted AR model. Convert it with "
                 f"`ar2dlm convert {path} OUT_DIR`, or decode it as plain AR with `--ar`.")
         if settings is not None and settings.adapter:
-            return cls._from_adapter(path, settings, dtype, attn_implementation)
+            lm = cls._from_adapter(path, settings, dtype, attn_implementation)
+            lm.source = path
+            return lm
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"could not load a causal LM from {path}: {e}") from e
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, settings)
+        lm = cls(model, tokenizer, settings)
+        lm.source = path
+        return lm
 
     @classmethod
     def _from_adapter(cls, path: Path, settings: DiffusionConfig, dtype, attn_implementation) -> "DiffusionLM":
@@ -94,7 +116,9 @@ class DiffusionLM:
         if mask_id != settings.mask_token_id:
             raise ConfigError(f"{path}: the mask token of base {settings.base_model} would be id {mask_id}, the "
                               f"adapter expects {settings.mask_token_id}: wrong base model?")
-        lm = cls(model, AutoTokenizer.from_pretrained(path), settings)
+        if (path / "tokenizer_config.json").exists():  # else the base's, with the mask token just added
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        lm = cls(model, tokenizer, settings)
         adapter.load(lm, path)
         return lm
 
