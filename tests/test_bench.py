@@ -13,7 +13,8 @@ def test_bench_reports_every_configuration(converted_dirs, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", str(converted_dirs["llama"]), "--sets", str(prompts), "--n-prompts", "3",
                  "--batch-sizes", "1,2", "--runs", "1", "--max-new-tokens", "12", "--draft-lens", "2,4",
-                 "--proposals", "1,2", "--mix-weights", "0.5,1", "--out", str(out)])
+                 "--proposals", "1,2", "--mix-weights", "0.5,1", "--samplers", "greedy,lossless,adaptive",
+                 "--out", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out.strip().splitlines()
     report = json.loads(stdout[-1])
@@ -23,7 +24,7 @@ def test_bench_reports_every_configuration(converted_dirs, tmp_path, capsys):
         assert (bs, "ar") in configs and (bs, "hf_generate") in configs
         for K in (2, 4):
             for n in (1, 2):
-                for s in ("greedy", "lossless", "mix0.5", "mix1"):
+                for s in ("greedy", "lossless", "adaptive", "mix0.5", "mix1"):
                     assert (bs, f"{s}_K{K}_R{n}") in configs
     assert (1, "hf_prompt_lookup") in configs and (2, "hf_prompt_lookup") not in configs  # HF: batch 1 only
     for r in rows:
@@ -53,8 +54,13 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
     words = " ".join(f"w{t}" for t in drafter.pattern[:3])
     prompts.write_text("\n".join(json.dumps({"prompt": words}) for _ in range(2)) + "\n")
     assert main(["tune", str(out), "--sets", str(prompts), "--n-prompts", "2", "--max-draft-len", "8",
-                 "--max-new-tokens", "24"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                 "--max-new-tokens", "24", "--grid"]) == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(stdout[-1])
+    grid = result["grid_search"]  # --grid: every setting timed on the same prompts, the choice among them
+    assert {(r["draft_len"], r["proposals"]) for r in grid["grid"]} >= {(4, 1), (8, 3)}
+    assert abs(grid["chosen"]["tokens_per_s"] / grid["best"]["tokens_per_s"] - grid["chosen_vs_best"]) < 1e-2
+    assert 0 < grid["chosen_vs_best"] <= 1 and any("of the grid's best" in line for line in stdout)
     saved = DiffusionConfig.load(out)
     assert (saved.draft_len, saved.proposals) == (result["best"]["draft_len"], result["best"]["proposals"])
     assert saved.forward_cost and saved.forward_cost["1"] == 1.0

@@ -40,6 +40,10 @@ class Spec:
 
 
 def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True) -> list[Spec]:
+    unknown = sorted(set(samplers) - {"greedy", "lossless", "adaptive"})
+    if unknown:
+        raise ConfigError(f"unknown bench sampler(s) {unknown}: choose from greedy, lossless, adaptive "
+                          f"(mix is set with --mix-weights)")
     out = [Spec("ar", "ar", {"ar": True})]
     if hf:
         out += [Spec("hf_generate", "hf"), Spec("hf_prompt_lookup", "hf_pld")]
@@ -53,6 +57,8 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True)
                 out.append(Spec(f"greedy_{tag}", "ar2dlm", {**base, "sampler": "greedy"}))
             if "lossless" in samplers:
                 out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless"}))
+            if "adaptive" in samplers:  # greedy with adaptive draft length (up to K, down to AR steps)
+                out.append(Spec(f"adaptive_{tag}", "ar2dlm", {**base, "sampler": "greedy", "adaptive": True}))
             for w in mix_weights:
                 out.append(Spec(f"mix{w:g}_{tag}", "ar2dlm", {**base, "sampler": "mix", "mix_weight": w}))
     return out

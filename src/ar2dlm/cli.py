@@ -24,7 +24,7 @@ def cmd_generate(args) -> int:
     from .decode.engine import Request, check_request, stream
     from .model import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar)
+    lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar, dtype=_dtype(args))
     prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompt_file(args.prompts)]
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "draft_len", "proposals", "sampler", "mix_weight",
                                               "temperature", "top_k", "top_p", "seed", "ar", "adaptive")}
@@ -60,7 +60,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     from .model import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(args.model)
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     settings = {k: getattr(args, k) for k in ("draft_len", "proposals", "sampler", "adaptive")}
     rows = run_demo(lm, max_new_tokens=args.max_new_tokens, **settings)
     if args.json:
@@ -137,6 +137,18 @@ def cmd_prompts(args) -> int:
     return 0
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights and activations (default float32). bfloat16 is much faster on CPUs with AVX512-BF16 and "
+              "on GPUs, for AR and ar2dlm alike; greedy ar2dlm then matches the AR loop only up to bf16 rounding, "
+              "which differs between a one-row and a many-row forward")
+
+
+def _dtype(args):
+    import torch
+
+    return getattr(torch, getattr(args, "dtype", None) or "float32")
+
+
 def _list(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
@@ -147,7 +159,7 @@ def cmd_bench(args) -> int:
     from . import bench as B
     from .model import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(args.model)
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     lm.name = args.model
     K = lm.settings.draft_len or lm.settings.block_size
     R = lm.settings.proposals or min(3, K)
@@ -162,7 +174,7 @@ def cmd_bench(args) -> int:
         "proposals": args.proposals or ([R] if quick else sorted({1, R})),
         "mix_weights": args.mix_weights if args.mix_weights is not None else ([0.5, 1.0] if quick
                                                                               else [0.25, 0.5, 0.75, 1.0]),
-        "samplers": args.samplers or ["greedy", "lossless"],
+        "samplers": args.samplers or ["greedy", "lossless", "adaptive"],
         "hf": not args.no_hf,
     }
     report = B.bench(lm, seed=args.seed, log=lambda *a, **k: print(*a, **k), **opts)
@@ -183,7 +195,7 @@ def cmd_tune(args) -> int:
     from . import tune as T
     from .model import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(args.model)
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     prompts = [p for s in (args.sets or ["code", "prose", "chat"]) for p in B.load_prompt_set(lm, s, args.n_prompts)]
     result = T.tune(lm, prompts, max_len=args.max_draft_len, max_new_tokens=args.max_new_tokens)
     for c in result["candidates"]:
@@ -191,6 +203,15 @@ def cmd_tune(args) -> int:
               f"predicted speedup {c['predicted_speedup']:.2f}x, measured {c['measured_speedup']:.2f}x "
               f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f})")
     best = result["best"]
+    if args.grid:
+        result["grid_search"] = T.grid_search(lm, prompts, best, max_new_tokens=args.max_new_tokens)
+        gs = result["grid_search"]
+        for r in gs["grid"]:
+            print(f"grid K={r['draft_len']:>2} |R|={r['proposals']}: {r['tokens_per_s']:.1f} tok/s, "
+                  f"{r['speedup']:.2f}x AR")
+        print(f"tune's choice K={best['draft_len']} |R|={best['proposals']}: {gs['chosen']['tokens_per_s']:.1f} "
+              f"tok/s = {gs['chosen_vs_best']:.2f} of the grid's best (K={gs['best']['draft_len']} "
+              f"|R|={gs['best']['proposals']}, {gs['best']['tokens_per_s']:.1f} tok/s; AR {gs['ar_tokens_per_s']:.1f})")
     if not args.dry_run:
         T.write_defaults(lm.source, result)
         print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} and the forward-cost table "
@@ -244,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together with --json")
     g.add_argument("--json", action="store_true", help="one JSON line per prompt instead of streamed text")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     g.set_defaults(fn=cmd_generate)
 
     de = sub.add_parser("demo", help="stream a chat, a code and a prose answer; TPF and speedup over AR for each",
@@ -258,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--sampler", choices=SAMPLERS, default="greedy")
     de.add_argument("--adaptive", action="store_true", help="adaptive draft length")
     de.add_argument("--json", action="store_true", help="also print the per-prompt numbers as one JSON line")
+    de.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     de.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="train a drafting model from a YAML recipe (accelerate-ready)",
@@ -316,10 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--draft-lens", type=_list(int), help="K values, e.g. 4,8,16")
     b.add_argument("--proposals", type=_list(int), help="|R| values, e.g. 1,3")
     b.add_argument("--mix-weights", type=_list(float), help="mix sampler weights, e.g. 0.25,0.5,1 ('' = none)")
-    b.add_argument("--samplers", type=_list(str), help="greedy,lossless")
+    b.add_argument("--samplers", type=_list(str),
+                   help="greedy,lossless,adaptive (adaptive = greedy with adaptive draft length); default all three")
     b.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="folder for bench.json and plots (default runs/bench-TIME)")
+    b.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     b.set_defaults(fn=cmd_bench)
 
     tu = sub.add_parser("tune", help="choose draft_len and proposals for this machine; write them as defaults",
@@ -333,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--max-draft-len", type=int, default=16)
     tu.add_argument("--max-new-tokens", type=int, default=64)
     tu.add_argument("--dry-run", action="store_true", help="print, do not write ar2dlm.json")
+    tu.add_argument("--grid", action="store_true",
+                    help="also time every draft length x proposals of a grid on the same prompts and report how "
+                    "close the choice is to the fastest (slow: minutes per setting on a CPU)")
+    tu.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     tu.set_defaults(fn=cmd_tune)
 
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")

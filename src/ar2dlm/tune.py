@@ -41,9 +41,11 @@ def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int 
         for _ in range(reps + 1):
             step_ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, n))
             mask = torch.ones(batch, n, context + n, dtype=torch.bool)
+            # a decode step: the first row is a clean draft token, the rest are mask slots (a drafting
+            # adapter runs on those); n = 1 is an AR step, no slots
+            gate = (torch.arange(n) >= 1).expand(batch, -1) if n > 1 else None
             t = time.perf_counter()
-            lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask,
-                       torch.zeros(batch, n, dtype=torch.bool), cache)
+            lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
             samples.append(time.perf_counter() - t)
             cache.crop(-n)
         times[n] = statistics.median(samples[1:])
@@ -138,6 +140,26 @@ def measure(lm, prompts, settings: list[dict], max_new_tokens: int, eos, runs: i
             if run:
                 speeds[i].append(new / (time.perf_counter() - t))
     return [statistics.median(s) for s in speeds]
+
+
+def grid_search(lm, prompts, choice: dict, grid_k=(2, 3, 4, 6, 8), grid_n=(1, 2, 3), max_new_tokens: int = 64,
+                runs: int = 2, log=print) -> dict:
+    """Time every (K, |R|) of the grid and the AR loop on the same prompts (interleaved runs after a warm-up);
+    report where `choice` (tune's pick) lands against the fastest."""
+    from .bench import _eos
+
+    grid = [{"draft_len": K, "proposals": n} for K in grid_k for n in grid_n if n <= K]
+    if not any(g == {"draft_len": choice["draft_len"], "proposals": choice["proposals"]} for g in grid):
+        grid.append({"draft_len": choice["draft_len"], "proposals": choice["proposals"]})
+    log(f"tune --grid: timing {len(grid)} settings and the AR loop ...", file=sys.stderr)
+    speeds = measure(lm, prompts, [{"ar": True}] + grid, max_new_tokens, _eos(lm), runs=runs)
+    ar, rows = speeds[0], []
+    for g, v in zip(grid, speeds[1:]):
+        rows.append({**g, "tokens_per_s": round(v, 2), "speedup": round(v / ar, 3)})
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    chosen = next(r for r in rows if (r["draft_len"], r["proposals"]) == (choice["draft_len"], choice["proposals"]))
+    return {"grid": rows, "best": best, "chosen": chosen, "ar_tokens_per_s": round(ar, 2),
+            "chosen_vs_best": round(chosen["tokens_per_s"] / best["tokens_per_s"], 3)}
 
 
 def write_defaults(model_dir: str | Path, result: dict) -> None:
