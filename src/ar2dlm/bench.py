@@ -1,8 +1,8 @@
 """`ar2dlm bench MODEL`: decoding speed, measured in one process against same-stack baselines.
 
 Every configuration decodes the same prompts; runs are interleaved (run 1 of
-every configuration, then run 2, ...) after one warm-up run, so a busy moment
-of the machine hits all of them alike. Reported per prompt set and batch
+every configuration, then run 2, ...) so a busy moment of the machine hits
+all of them alike; one untimed warm-up run of every configuration comes first. Reported per prompt set and batch
 size: tokens per forward (TPF), mean accepted length and its histogram,
 tokens/s (median of the runs) and the ratio to the same-stack AR loop (same
 model, same KV cache, one token per forward). Baselines: HF `generate`
@@ -146,17 +146,20 @@ def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int
     specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf)
     report = {"model": str(getattr(lm, "name", "")), "max_new_tokens": max_new_tokens, "runs": runs,
               "threads": torch.get_num_threads(), "results": []}
+    first = True
     for name in sets:
         prompts = load_prompt_set(lm, name, n_prompts)
         for bs in batch_sizes:
             per = {s.name: [] for s in specs}
-            for run in range(runs + 1):  # run 0 is the warm-up
+            # run 0 warms the process up (allocator, kernel caches): once, on the first prompt set
+            for run in range(0 if first else 1, runs + 1):
                 order = specs[run % len(specs):] + specs[:run % len(specs)]  # rotate: no fixed position bias
                 for spec in order:
                     res = run_once(lm, spec, prompts, bs, max_new_tokens, seed, eos)
                     if res and run > 0:
                         per[spec.name].append(res)
                 log(f"bench {name} batch {bs}: run {run}/{runs} done", file=sys.stderr)
+            first = False
             report["results"] += summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos)
     return report
 

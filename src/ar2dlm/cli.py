@@ -166,10 +166,10 @@ def cmd_bench(args) -> int:
     quick = args.quick
     opts = {
         "sets": args.sets or ["code", "prose", "chat"],
-        "n_prompts": args.n_prompts or (3 if quick else 10),
+        "n_prompts": args.n_prompts or (2 if quick else 10),
         "batch_sizes": args.batch_sizes or ([1] if quick else [1, 4]),
         "runs": args.runs or (2 if quick else 3),
-        "max_new_tokens": args.max_new_tokens or (48 if quick else 128),
+        "max_new_tokens": args.max_new_tokens or (40 if quick else 128),
         "draft_lens": args.draft_lens or ([K] if quick else sorted({4, 8, K})),
         "proposals": args.proposals or ([R] if quick else sorted({1, R})),
         "mix_weights": args.mix_weights if args.mix_weights is not None else ([0.5, 1.0] if quick
