@@ -28,12 +28,13 @@ class SlotGate:
 
     def __init__(self):
         self.mask_slots: torch.Tensor | None = None
-        self._column: torch.Tensor | None = None
+        self._column: torch.Tensor | None = None  # [rows, 1]; None when no row is a slot
 
     @contextlib.contextmanager
     def rows(self, mask_slots: torch.Tensor | None):
         previous = self.mask_slots, self._column
-        self.mask_slots, self._column = mask_slots, None
+        self.mask_slots = mask_slots
+        self._column = mask_slots.reshape(-1, 1) if mask_slots is not None and bool(mask_slots.any()) else None
         try:
             yield
         finally:
@@ -42,14 +43,14 @@ class SlotGate:
     def column(self, x: torch.Tensor) -> torch.Tensor | None:
         """The gate as a [rows, 1] 0/1 column for x [..., d] flattened to [rows, d]; None when no row is a slot.
 
-        Computed once per forward (every adapted layer asks).
+        Cast to x's dtype once per forward (every adapted layer asks).
         """
-        rows = self.mask_slots
-        if rows is None or rows.numel() != x.shape[:-1].numel():
+        column = self._column
+        if column is None or column.shape[0] != x.shape[:-1].numel():
             return None
-        if self._column is None:
-            self._column = rows.reshape(-1, 1).to(x.dtype) if bool(rows.any()) else False
-        return self._column if self._column is not False else None
+        if column.dtype != x.dtype:
+            column = self._column = column.to(x.dtype)
+        return column
 
 
 class DiffusionLM:
