@@ -177,3 +177,29 @@ def test_fast_adapter_forwards_equal_peft(final):
             (fast, gf), (ref, gr) = both(head, h, slots)
             torch.testing.assert_close(fast, ref)
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gf, gr))
+
+
+def test_gated_adapter_in_the_transposed_layout_equals_peft(final, monkeypatch):
+    """In inference the gated LoRA runs in kernels' transposed layout (forced here for every row count);
+    it equals peft's own forward with the RowGate, 1 row (padded) to 40 rows (stock path)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from ar2dlm import kernels
+
+    class Always(dict):
+        def get(self, key, default=None):
+            return True
+
+    monkeypatch.setattr(kernels, "_choice", Always())
+    monkeypatch.setattr(kernels, "_enabled", True)
+    lm = DiffusionLM.from_pretrained(final)
+    gated = [m for m in lm.model.modules() if type(m) is LoraLinear]
+    with torch.inference_mode():
+        for rows in (1, 3, 8, 40):
+            slots = torch.arange(rows)[None] % 3 != 0 if rows > 1 else torch.tensor([[True]])
+            for m in gated[:7]:
+                x = torch.randn(1, rows, m.in_features)
+                with lm.slot_gate.rows(slots):
+                    fast, ref = m.forward(x), type(m).forward(m, x)
+                torch.testing.assert_close(fast, ref)
+                assert fast.is_contiguous()

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import kernels
 from .config import AdapterSection, ConfigError
 
 
@@ -105,12 +106,15 @@ def gated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     The gate is a [rows, 1] column of 0/1 (one per forward, cached on the
     SlotGate); multiplying A x by it equals multiplying x by it, as RowGate does.
     """
-    result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or self.merged:
-        return result
+        return self.base_layer(x, *args, **kwargs)
     gate = self._ar2dlm_slot_gate.column(x)
     if gate is None:
-        return result
+        return self.base_layer(x, *args, **kwargs)
+    rows = kernels.fast_rows(x, self.base_layer.weight)
+    if rows:
+        return _gated_transposed(self, x, gate, rows)
+    result = self.base_layer(x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     out = result.reshape(-1, result.shape[-1])
     for name in self.active_adapters:
@@ -120,6 +124,24 @@ def gated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = torch.nn.functional.linear(flat.to(A.dtype), A) * gate.to(A.dtype)
         out = torch.addmm(out, h.to(out.dtype), B.t().to(out.dtype), alpha=self.scaling[name])
     return out.view_as(result)
+
+
+def _gated_transposed(self, x: torch.Tensor, gate: torch.Tensor, rows: int) -> torch.Tensor:
+    """gated_forward in the layout of `kernels.transposed`: W x^T [out, rows'], then += s B (gate * A x)^T in place.
+
+    h = x A^T is [rows', r] row-major, so B h^T multiplies by a column-major
+    operand: the fast form for MKL here, as for the base weight.
+    """
+    flat, yT = kernels.transposed(x, self.base_layer.weight, rows)
+    if rows == 1:
+        gate = gate.expand(2, -1)
+    for name in self.active_adapters:
+        if name not in self.lora_A.keys():
+            continue
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        h = (flat @ A.t().to(flat.dtype)) * gate
+        yT.addmm_(B.to(flat.dtype), h.t(), alpha=self.scaling[name])
+    return kernels.untranspose(yT, x, rows)
 
 
 def load(lm, adapter_dir) -> None:
@@ -171,7 +193,7 @@ def token_rows_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                     rows = rows * scale.to(rows.dtype)
                 out = torch.where(hit.any(-1, keepdim=True), rows, out)
         elif isinstance(base, nn.Linear):  # a tied LM head: the trained rows are output columns
-            out = out.index_copy(-1, index, torch.nn.functional.linear(x, delta.to(x.dtype)))
+            out = out.index_copy_(-1, index, torch.nn.functional.linear(x, delta.to(x.dtype)))
         else:
             return type(self).forward(self, x, *args, **kwargs)
     return out
