@@ -8,10 +8,10 @@ tokens/s (median of the runs) and the ratio to the same-stack AR loop (same
 model, same KV cache, one token per forward). Baselines: HF `generate`
 (greedy), the same with torch's stock linear kernels (`hf_generate_stock`:
 what runs without ar2dlm; see kernels.py) and HF assisted generation with
-prompt lookup (batch 1). For the mix
-sampler, drift from AR: the AR model's mean NLL of the tokens it generated
-(vs the lossless sampler's, which are AR samples) and, at temperature 0, the
-share of prompts whose output equals AR greedy.
+prompt lookup (batch 1). For the mix sampler, drift from AR: the AR model's
+mean NLL of the tokens it generated (vs the lossless sampler's, which are AR
+samples) and, at temperature 0, the share of prompts whose output equals AR
+greedy.
 
 The last line of stdout is one JSON document with everything.
 """
