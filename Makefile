@@ -50,6 +50,8 @@ drafter: $(STAMP)
 	$(AR2DLM) distill smollm2-135m --prompts runs/data/prompts/train.jsonl --out runs/data/distill-train \
 		--max-new-tokens 128 --batch-size 24
 	$(AR2DLM) train --config recipes/smollm2-135m-cpu.yaml $(if $(wildcard $(DRAFTER_RUN)/checkpoints),--resume)
+	@test -f $(DRAFTER_RUN)/final/adapter_model.safetensors || \
+		{ echo "training stopped before its last step: run make drafter again to resume it"; exit 1; }
 	rm -rf $(DRAFTER_OUT)
 	$(AR2DLM) export $(DRAFTER_RUN)/final $(DRAFTER_OUT)
 
