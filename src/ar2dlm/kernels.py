@@ -56,7 +56,7 @@ def _bucket(rows: int) -> int:
 
 
 def fast_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """The row count of x [..., in] if `transposed_linear` should run it, else 0."""
+    """The row count of x [..., in] if the transposed form (`transposed`) should run it, else 0."""
     if not _enabled or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
         return 0
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
