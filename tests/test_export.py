@@ -179,19 +179,11 @@ def test_fast_adapter_forwards_equal_peft(final):
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gf, gr))
 
 
-def test_gated_adapter_in_the_transposed_layout_equals_peft(final, monkeypatch):
+def test_gated_adapter_in_the_transposed_layout_equals_peft(final, forced_kernels):
     """In inference the gated LoRA runs in kernels' transposed layout (forced here for every row count);
     it equals peft's own forward with the RowGate, 1 row (padded) to 40 rows (stock path)."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from ar2dlm import kernels
-
-    class Always(dict):
-        def get(self, key, default=None):
-            return True
-
-    monkeypatch.setattr(kernels, "_choice", Always())
-    monkeypatch.setattr(kernels, "_enabled", True)
     lm = DiffusionLM.from_pretrained(final)
     gated = [m for m in lm.model.modules() if type(m) is LoraLinear]
     with torch.inference_mode():

@@ -14,20 +14,8 @@ from ar2dlm.model import DiffusionLM
 from conftest import EOS, make_tokenizer, tiny_model
 
 
-class _Always(dict):
-    def get(self, key, default=None):
-        return True
-
-
-@pytest.fixture
-def forced(monkeypatch):
-    """Every shape and row count takes the transposed form (whatever this machine measured)."""
-    monkeypatch.setattr(kernels, "_choice", _Always())
-    monkeypatch.setattr(kernels, "_enabled", True)
-
-
 @pytest.mark.parametrize("bias", [False, True])
-def test_transposed_linear_equals_stock(forced, bias):
+def test_transposed_linear_equals_stock(forced_kernels, bias):
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 80, bias=bias)
     layer.forward = kernels.linear_forward.__get__(layer)
@@ -41,7 +29,7 @@ def test_transposed_linear_equals_stock(forced, bias):
             torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
 
 
-def test_stock_outside_inference_and_when_switched_off(forced):
+def test_stock_outside_inference_and_when_switched_off(forced_kernels):
     w = torch.randn(8, 6, requires_grad=True)
     x = torch.randn(2, 6)
     assert kernels.fast_rows(x, w) == 0  # autograd records this product: F.linear
@@ -63,7 +51,7 @@ def test_calibration_leaves_the_global_random_stream_alone(monkeypatch):
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_greedy_decoding_with_transposed_kernels_equals_stock_hf_generate(forced):
+def test_greedy_decoding_with_transposed_kernels_equals_stock_hf_generate(forced_kernels):
     base = tiny_model("llama", 0, torch.float32)
     model = tiny_model("llama", 0, torch.float32)
     tok = make_tokenizer()
