@@ -7,14 +7,14 @@ import json
 from ar2dlm.cli import main
 
 
-def test_bench_reports_every_configuration(converted_dirs, tmp_path, capsys):
+def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) for i in range(2, 6)) + "\n")
     out = tmp_path / "bench"
     code = main(["bench", str(converted_dirs["llama"]), "--sets", str(prompts), "--n-prompts", "3",
                  "--batch-sizes", "1,2", "--runs", "1", "--max-new-tokens", "12", "--draft-lens", "2,4",
                  "--proposals", "1,2", "--mix-weights", "0.5,1", "--samplers", "greedy,lossless,adaptive",
-                 "--out", str(out)])
+                 "--reference", str(base_dirs["llama"]), "--out", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out.strip().splitlines()
     report = json.loads(stdout[-1])
@@ -26,6 +26,7 @@ def test_bench_reports_every_configuration(converted_dirs, tmp_path, capsys):
             for n in (1, 2):
                 for s in ("greedy", "lossless", "adaptive", "mix0.5", "mix1"):
                     assert (bs, f"{s}_K{K}_R{n}") in configs
+    assert [r["exact_match"] for r in report["reference"]] == [1.0]  # its own base: AR output unchanged
     assert (1, "hf_prompt_lookup") in configs and (2, "hf_prompt_lookup") not in configs  # HF: batch 1 only
     for r in rows:
         assert r["tokens_per_s"] > 0
@@ -69,3 +70,38 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
     assert lm.decode_config().draft_len == saved.draft_len
     # the predictor: certain acceptance with every proposal -> K tokens per step; none -> 1
     assert abs(predicted_tpf([1.0] * 7, 8, 8) - 8) < 1e-9 and abs(predicted_tpf([0.0] * 7, 8, 3) - 1) < 1e-9
+
+
+def test_bench_reference_drift(converted_dirs, base_dirs, tmp_path):
+    """--reference compares the model's AR greedy output with another model's, against HF generate as oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ar2dlm import bench as B
+    from ar2dlm.model import DiffusionLM
+
+    from conftest import EOS, save_base
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) for i in range(2, 6)) + "\n")
+    lm = DiffusionLM.from_pretrained(converted_dirs["llama"])
+    kw = dict(sets=[str(prompts)], n_prompts=4, batch_sizes=[1], runs=1, max_new_tokens=10, draft_lens=[2],
+              proposals=[1], mix_weights=[], samplers=["greedy"], hf=False, log=lambda *a, **k: None)
+
+    same = B.bench(lm, reference=DiffusionLM.from_pretrained(base_dirs["llama"], allow_ar=True), **kw)["reference"]
+    assert len(same) == 1 and same[0]["exact_match"] == 1.0 and same[0]["reference_nll_drift"] == 0.0
+    assert same[0]["mean_common_prefix"] == 10.0  # no EOS: every output is max_new_tokens long
+
+    other_dir = save_base("llama", tmp_path / "other", seed=1)
+    report = B.bench(lm, reference=DiffusionLM.from_pretrained(other_dir, allow_ar=True), **kw)
+    drift = report["reference"][0]
+    ids = [lm.encode([f"w{i} w{i + 3} w{i + 7}"])[0] for i in range(2, 6)]
+    ours, theirs = (
+        [m.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=10, eos_token_id=EOS)[0, len(p):]
+         .tolist() for p in ids]
+        for m in (AutoModelForCausalLM.from_pretrained(base_dirs["llama"]),
+                  AutoModelForCausalLM.from_pretrained(other_dir)))
+    assert ours != theirs  # the oracle sees two different models
+    assert drift["exact_match"] == sum(a == b for a, b in zip(ours, theirs)) / 4
+    assert drift["reference_nll"] > drift["reference_nll_own"]  # the reference's own greedy text is likelier to it
+    assert "vs reference" in B.table(report)

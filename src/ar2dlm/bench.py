@@ -11,7 +11,10 @@ what runs without ar2dlm; see kernels.py) and HF assisted generation with
 prompt lookup (batch 1). For the mix sampler, drift from AR: the AR model's
 mean NLL of the tokens it generated (vs the lossless sampler's, which are AR
 samples) and, at temperature 0, the share of prompts whose output equals AR
-greedy.
+greedy. With a reference model (`--reference`, e.g. the base an ungated
+conversion started from), how far the model's own greedy output moved from
+the reference's: the share of prompts with equal output, the mean length of
+the common prefix, and the reference's mean NLL of both outputs.
 
 The last line of stdout is one JSON document with everything.
 """
@@ -148,7 +151,7 @@ def nll_of(lm, prompts, outputs) -> float:
 
 def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
           draft_lens: list[int], proposals: list[int], mix_weights: list[float], samplers: list[str],
-          seed: int = 0, hf: bool = True, log=print) -> dict:
+          seed: int = 0, hf: bool = True, reference=None, log=print) -> dict:
     eos = _eos(lm)
     specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf)
     report = {"model": str(getattr(lm, "name", "")), "max_new_tokens": max_new_tokens, "runs": runs,
@@ -168,7 +171,26 @@ def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int
                 log(f"bench {name} batch {bs}: run {run}/{runs} done", file=sys.stderr)
             first = False
             report["results"] += summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos)
+            if reference is not None and bs == batch_sizes[0]:
+                report.setdefault("reference", []).append(
+                    reference_drift(reference, name, prompts, per["ar"][0]["tokens"], max_new_tokens, eos))
     return report
+
+
+def reference_drift(ref, name: str, prompts, tokens, max_new_tokens: int, eos) -> dict:
+    """How far greedy `tokens` (one list per prompt) are from the reference model's own greedy output."""
+    cfg = ref.decode_config(ar=True, max_new_tokens=max_new_tokens, eos_token_id=tuple(eos))
+    own = [g.token_ids for g in generate(ref, prompts, cfg)]
+
+    def prefix(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    nll, nll_own = nll_of(ref, prompts, tokens), nll_of(ref, prompts, own)
+    return {"prompt_set": name, "reference": str(getattr(ref, "name", "")),
+            "exact_match": round(sum(a == b for a, b in zip(tokens, own)) / len(prompts), 3),
+            "mean_common_prefix": round(sum(prefix(a, b) for a, b in zip(tokens, own)) / len(prompts), 1),
+            "reference_nll": round(nll, 4), "reference_nll_own": round(nll_own, 4),
+            "reference_nll_drift": round(nll - nll_own, 4)}
 
 
 def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> list[dict]:
@@ -228,6 +250,10 @@ def table(report: dict) -> str:
         out.append("  ".join(c.ljust(w) for c, w in zip(cells, width)))
         if j == 0:
             out.append("  ".join("-" * w for w in width))
+    for r in report.get("reference", []):
+        out.append(f"vs reference {r['reference']} ({r['prompt_set']}, AR greedy): exact match {r['exact_match']}, "
+                   f"common prefix {r['mean_common_prefix']} tokens, reference NLL {r['reference_nll']} "
+                   f"vs its own output's {r['reference_nll_own']} ({r['reference_nll_drift']:+} nats/token)")
     return "\n".join(out)
 
 

@@ -153,6 +153,11 @@ def _list(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
+def _plain_vocab(lm) -> dict:
+    """The tokenizer's vocabulary without the mask token (which only converted models have)."""
+    return {t: i for t, i in lm.tokenizer.get_vocab().items() if i != lm.mask_token_id}
+
+
 def cmd_bench(args) -> int:
     import time as _time
 
@@ -177,7 +182,14 @@ def cmd_bench(args) -> int:
         "samplers": args.samplers or ["greedy", "lossless", "adaptive"],
         "hf": not args.no_hf,
     }
-    report = B.bench(lm, seed=args.seed, log=lambda *a, **k: print(*a, **k), **opts)
+    reference = None
+    if args.reference:
+        reference = DiffusionLM.from_pretrained(args.reference, dtype=_dtype(args), allow_ar=True)
+        reference.name = args.reference
+        if _plain_vocab(reference) != _plain_vocab(lm):
+            raise ConfigError(f"--reference {args.reference} has another tokenizer than {args.model}: "
+                              "outputs can only be compared token by token with the same vocabulary")
+    report = B.bench(lm, seed=args.seed, reference=reference, log=lambda *a, **k: print(*a, **k), **opts)
     report["settings"] = opts
     out = Path(args.out or f"runs/bench-{_time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samplers", type=_list(str),
                    help="greedy,lossless,adaptive (adaptive = greedy with adaptive draft length); default all three")
     b.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    b.add_argument("--reference", help="a model to compare MODEL's greedy output with (e.g. the base of an ungated "
+                   "conversion): exact-match rate, common prefix, and the reference's NLL of both outputs")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="folder for bench.json and plots (default runs/bench-TIME)")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
