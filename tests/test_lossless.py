@@ -198,3 +198,31 @@ def test_mix_weight_raises_acceptance():
         tpf.append(sum(g.stats.new_tokens for g in gens) / sum(g.stats.forwards for g in gens))
     assert tpf[0] < tpf[1] < tpf[2], tpf
     assert tpf[2] > 3.0  # w = 1 verifies against q itself: (almost) everything is accepted
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_mix_weight_one_pre_drafts_full_acceptance(temperature):
+    """At w = 1 every draft is accepted, so with one proposal the policy pre-drafts r = K: K tokens per step."""
+    from test_decode import converted, random_prompts
+
+    _, lm = converted("llama")
+    K = 4
+    gens = lm.generate(random_prompts(3, seed=13), max_new_tokens=4 * K, sampler="mix", mix_weight=1.0, seed=0,
+                       draft_len=K, proposals=1, eos_token_id=(), temperature=temperature)
+    for g in gens:
+        assert g.stats.new_tokens == 4 * K and g.stats.accepted == {K: 4}, g.stats.accepted
+
+
+def test_choose_proposals_mix_weight():
+    """w = 0 keeps the draft-confidence ranking; w = 1 ranks full acceptance first; invalid drafts stay out."""
+    from ar2dlm.decode.policy import choose_proposals
+
+    K, V = 4, 10
+    draft = torch.tensor([[1, 2, 3, 4]])
+    logits = torch.full((1, K, V), -4.0)
+    logits[0, 1:, 0] = 4.0  # the drafter prefers token 0 over the drafted tokens: r = 1 is likeliest
+    n_draft = torch.tensor([K])
+    assert choose_proposals(draft, logits, n_draft, 1, None).tolist() == [[1]]
+    assert choose_proposals(draft, logits, n_draft, 1, None, mix_weight=0.0).tolist() == [[1]]
+    assert choose_proposals(draft, logits, n_draft, 1, None, mix_weight=1.0).tolist() == [[K]]
+    assert choose_proposals(draft, logits, torch.tensor([2]), 1, None, mix_weight=1.0).tolist() == [[2]]

@@ -114,7 +114,8 @@ def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen, draft_len: 
         resize_draft(state, draft_len)
     b, K = state.draft.shape
     device = state.draft.device
-    R = choose_proposals(state.draft, state.draft_logits, state.n_draft, n_proposals, lm.mask_token_id) \
+    w = cfg.mix_weight if cfg.sampler == "mix" else 0.0
+    R = choose_proposals(state.draft, state.draft_logits, state.n_draft, n_proposals, lm.mask_token_id, w) \
         if n_proposals else torch.zeros(b, 0, dtype=torch.long, device=device)  # [b, n]
     n = R.shape[1]
     k = torch.arange(K, device=device)

@@ -15,17 +15,19 @@ _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def choose_proposals(draft: torch.Tensor, draft_logits: torch.Tensor, n_draft: torch.Tensor, n: int,
-                     mask_token_id) -> torch.Tensor:
+                     mask_token_id, mix_weight: float = 0.0) -> torch.Tensor:
     """The n most likely acceptance lengths r from the draft confidences -> [b, n], sorted.
 
     c_j = q(d_{j+1}) is the chance the draft survives position j; with
-    independent positions P(r) = c_1 .. c_{r-1} (1 - c_r), c_K = 0.
+    independent positions P(r) = c_1 .. c_{r-1} (1 - c_r), c_K = 0. The mix
+    sampler verifies against p' ∝ p^(1-w) q^w, so a draft survives it more
+    often: c_j^(1-w) (all of them at w = 1, where p' = q).
     """
     b, K = draft.shape
     if n >= K:
         return torch.arange(1, K + 1, device=draft.device).expand(b, K)
     q = torch.softmax(V.exclude_mask_token(draft_logits[:, 1:].float(), mask_token_id), -1)
-    c = q.gather(2, draft[:, 1:, None])[..., 0] * V.draft_valid(n_draft, K)  # [b, K-1]
+    c = q.gather(2, draft[:, 1:, None])[..., 0].pow(1.0 - mix_weight) * V.draft_valid(n_draft, K)  # [b, K-1]
     ones = torch.ones(b, 1, device=c.device)
     p_r = torch.cat([ones, c.cumprod(-1)], 1) * torch.cat([1 - c, ones], 1)  # [b, K]
     return (p_r.topk(n, dim=-1).indices + 1).sort(-1).values
