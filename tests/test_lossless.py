@@ -226,3 +226,17 @@ def test_choose_proposals_mix_weight():
     assert choose_proposals(draft, logits, n_draft, 1, None, mix_weight=0.0).tolist() == [[1]]
     assert choose_proposals(draft, logits, n_draft, 1, None, mix_weight=1.0).tolist() == [[K]]
     assert choose_proposals(draft, logits, torch.tensor([2]), 1, None, mix_weight=1.0).tolist() == [[2]]
+
+
+def test_sample_draws_in_proportion_and_never_a_zero_weight():
+    """verify.sample (inverse CDF) against the weights it is given: chi-square, and zero weights stay undrawn."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.25, 0.05, 0.0])
+    rows = w.expand(6, 40_000, -1) * torch.arange(1.0, 7.0)[:, None, None]  # unnormalised, 6 scales; 4-row chunks
+    x = verify.sample(rows, g)
+    assert x.shape == (6, 40_000)
+    counts = torch.bincount(x.flatten(), minlength=7).double()
+    assert counts[w == 0].sum() == 0
+    keep = w > 0
+    assert chisquare(counts[keep].numpy(), (w[keep] / w.sum() * x.numel()).double().numpy()).pvalue > 1e-3
+    assert verify.sample(torch.tensor([[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]]), g).tolist() == [2, 0]

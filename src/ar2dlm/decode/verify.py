@@ -76,7 +76,7 @@ def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: 
     """
     b, K, _ = p.shape
     if K == 1:  # nothing drafted (AR step): t ~ p_1
-        return torch.ones(b, dtype=torch.long, device=p.device), torch.multinomial(p[:, 0], 1, generator=generator)[:, 0]
+        return torch.ones(b, dtype=torch.long, device=p.device), sample(p[:, 0], generator)
     d = draft[:, 1:, None]  # [b, K-1, 1]
     p_d = p[:, :-1].gather(2, d)[..., 0]  # [b, K-1]
     q_d = q[:, 1:].gather(2, d)[..., 0]
@@ -89,7 +89,7 @@ def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: 
     residual = (p_r - q_next).clamp_min(0)
     empty = residual.sum(-1, keepdim=True) <= 0  # p == q exactly: rejection had probability 0
     dist = torch.where(rejected & ~empty, residual, p_r)
-    t = torch.multinomial(dist / dist.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+    t = sample(dist, generator)
     return r, t
 
 
@@ -129,6 +129,25 @@ def draw(logits: torch.Tensor, cfg: DecodeConfig, mask_token_id: int | None,
     """Sample (or argmax, when greedy) one token per row of logits [..., V] -> [...]."""
     if cfg.greedy:
         return exclude_mask_token(logits, mask_token_id).argmax(-1)
-    probs = process_logits(logits, cfg, mask_token_id)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return sample(process_logits(logits, cfg, mask_token_id), generator)
+
+
+def sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of weights [..., V] (non-negative, each row with some mass), drawn ∝ weights.
+
+    Inverse CDF in float64: u ~ U[0, total), the first index whose cumulative
+    weight exceeds u. A zero-weight index is never drawn (its cumulative weight
+    equals its predecessor's). Over a 49k vocabulary on a CPU this costs ~0.03 ms
+    a row where torch.multinomial costs ~0.75 ms. Rows go 4 at a time: a larger
+    float64 buffer is a fresh mapping each call here, and its page faults cost
+    more than the sampling.
+    """
+    flat = weights.reshape(-1, weights.shape[-1])
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=torch.float64)
+    out = [torch.zeros(0, dtype=torch.long, device=flat.device)]
+    for i in range(0, flat.shape[0], 4):
+        cdf = flat[i:i + 4].cumsum(-1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        ui = torch.minimum(u[i:i + 4] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+        out.append(torch.searchsorted(cdf, ui, right=True)[:, 0])
+    return torch.cat(out).reshape(weights.shape[:-1])
