@@ -248,3 +248,19 @@ def test_sliding_window_models_decode_within_the_window():
     assert lm.generate([p], max_new_tokens=16, draft_len=4, proposals=2)[0].token_ids == hf_greedy(base, p, 16)
     with pytest.raises(ConfigError, match="sliding attention window"):
         lm.generate([p], max_new_tokens=30)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_prefill_keeps_only_the_logits_it_reads(K, monkeypatch):
+    """Prefill asks the LM head for each prompt's last position and the P_0 slots only: t and the P_0 draft
+    logits equal those of the full-logits forward (ragged batch)."""
+    _, lm = converted("llama")
+    prompts = random_prompts(5, seed=21, lo=2, hi=12)
+    cfg = lm.decode_config(draft_len=K, proposals=1)
+    state, t = engine.prefill(lm, prompts, K, cfg, None)
+    head = lm.model.get_output_embeddings()
+    monkeypatch.setattr(head, "lora_A", {}, raising=False)  # what a LoRA'd LM head looks like: every row
+    full_state, full_t = engine.prefill(lm, prompts, K, cfg, None)
+    assert torch.equal(t, full_t)
+    assert torch.allclose(state.draft_logits, full_state.draft_logits, atol=1e-12)
+    assert torch.equal(state.draft, full_state.draft)

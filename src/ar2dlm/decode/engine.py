@@ -90,12 +90,20 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
     ids = torch.cat([ids, torch.full((b, slots), _mask_id(lm), device=device)], 1)
     mask_slots = (torch.arange(Lp + slots, device=device) >= Lp).expand(b, -1)
     cache = DynamicCache()
-    logits = lm.forward(ids, _clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache)
-    t = V.draw(logits[torch.arange(b, device=device), lens - 1], cfg, lm.mask_token_id, gen)  # [b]
+    # logits only where they are read: each prompt's last token and the P_0 slots (the LM head over a
+    # whole prompt costs as much as several decode steps)
+    keep = torch.cat([lens - 1, torch.arange(Lp, Lp + slots, device=device)]).unique()  # sorted
+    column = torch.zeros(Lp + slots, dtype=torch.long, device=device)
+    column[keep] = torch.arange(len(keep), device=device)
+    if getattr(lm.model.get_output_embeddings(), "lora_A", None) is not None:  # a LoRA on the LM head is
+        keep, column = 0, torch.arange(Lp + slots, device=device)  # gated by row: it needs every row
+    logits = lm.forward(ids, _clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache,
+                        logits_to_keep=keep)
+    t = V.draw(logits[torch.arange(b, device=device), column[lens - 1]], cfg, lm.mask_token_id, gen)  # [b]
     _crop(cache, slots)
     valid = torch.arange(Lp, device=device)[None, :] < lens[:, None]  # [b, Lp]
     if slots:
-        draft_logits = logits[:, Lp:]  # [b, K, V]; P_0 slot j drafts position L+j
+        draft_logits = logits[:, column[Lp:]]  # [b, K, V]; P_0 slot j drafts position L+j
         n_draft = torch.full((b,), K, device=device)
     else:
         draft_logits = logits.new_zeros(b, 1, logits.shape[-1])  # index 0 is never read
