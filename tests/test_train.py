@@ -61,13 +61,13 @@ def test_steps_lower_losses_and_move_only_trainable_parameters(corpus, kind):
     batch, _ = T.make_batch(run, list(range(4)))
     params = dict(run.lm.model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    first = {k: float(v) for k, v in T.micro_batch(run, batch).items()}
+    first = {k: float(v.detach()) for k, v in T.micro_batch(run, batch).items()}
     for _ in range(8):
         out = T.micro_batch(run, batch)
         out["loss"].backward()
         run.optimizer.step()
         run.optimizer.zero_grad()
-    last = {k: float(v) for k, v in T.micro_batch(run, batch).items()}
+    last = {k: float(v.detach()) for k, v in T.micro_batch(run, batch).items()}
     assert last["diff_loss"] < first["diff_loss"]
     if kind != "drafting":
         assert last["ar_loss"] < first["ar_loss"]
