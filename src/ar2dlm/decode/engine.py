@@ -91,12 +91,13 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
     mask_slots = (torch.arange(Lp + slots, device=device) >= Lp).expand(b, -1)
     cache = DynamicCache()
     # logits only where they are read: each prompt's last token and the P_0 slots (the LM head over a
-    # whole prompt costs as much as several decode steps)
-    keep = torch.cat([lens - 1, torch.arange(Lp, Lp + slots, device=device)]).unique()  # sorted
-    column = torch.zeros(Lp + slots, dtype=torch.long, device=device)
-    column[keep] = torch.arange(len(keep), device=device)
-    if getattr(lm.model.get_output_embeddings(), "lora_A", None) is not None:  # a LoRA on the LM head is
-        keep, column = 0, torch.arange(Lp + slots, device=device)  # gated by row: it needs every row
+    # whole prompt costs as much as several decode steps); column[i] = where position i's logits land
+    if getattr(lm.model.get_output_embeddings(), "lora_A", None) is not None:
+        keep, column = 0, torch.arange(Lp + slots, device=device)  # a LoRA'd head is gated by row: all rows
+    else:
+        keep = torch.cat([lens - 1, torch.arange(Lp, Lp + slots, device=device)]).unique()  # sorted
+        column = torch.zeros(Lp + slots, dtype=torch.long, device=device)
+        column[keep] = torch.arange(len(keep), device=device)
     logits = lm.forward(ids, _clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache,
                         logits_to_keep=keep)
     t = V.draw(logits[torch.arange(b, device=device), column[lens - 1]], cfg, lm.mask_token_id, gen)  # [b]
