@@ -115,17 +115,3 @@ def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: i
 @pytest.fixture(scope="session")
 def drafter():
     return train_drafter()
-
-
-class _AlwaysTrue(dict):
-    def get(self, key, default=None):
-        return True
-
-
-@pytest.fixture
-def forced_kernels(monkeypatch):
-    """Every weight shape and row count takes kernels' transposed form (whatever this machine measured)."""
-    from ar2dlm import kernels
-
-    monkeypatch.setattr(kernels, "_choice", _AlwaysTrue())
-    monkeypatch.setattr(kernels, "_enabled", True)

@@ -1,66 +1,126 @@
-"""Few-row inference linears (kernels.py): the transposed form equals F.linear, decoding with it equals HF
-generate with the stock kernels, and it stays out of autograd and out of the user's random stream."""
+"""Fused inference projections (kernels.py) held to the plain modules: the logits of every ar2dlm layout with
+the drafting adapter, an ungated LoRA and no adapter; greedy decoding equals HF generate of the plain base."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ar2dlm import kernels
-from ar2dlm.config import DiffusionConfig
+from ar2dlm import adapter, kernels, masks
+from ar2dlm.config import AdapterSection, DiffusionConfig
 from ar2dlm.convert import add_mask_token
 from ar2dlm.model import DiffusionLM
 from conftest import EOS, make_tokenizer, tiny_model
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_transposed_linear_equals_stock(forced_kernels, bias):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 80, bias=bias)
-    layer.forward = kernels.linear_forward.__get__(layer)
-    with torch.inference_mode():
-        for shape in [(1, 48), (1, 1, 48), (2, 3, 48), (5, 48), (1, 17, 48), (4, 8, 48), (1, 33, 48)]:
-            x = torch.randn(shape)
-            rows = x.numel() // 48
-            assert bool(kernels.fast_rows(x, layer.weight)) == (rows <= kernels.MAX_ROWS)
-            y = layer(x)
-            assert y.shape == (*shape[:-1], 80) and y.is_contiguous()
-            torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
-
-
-def test_stock_outside_inference_and_when_switched_off(forced_kernels):
-    w = torch.randn(8, 6, requires_grad=True)
-    x = torch.randn(2, 6)
-    assert kernels.fast_rows(x, w) == 0  # autograd records this product: F.linear
-    with torch.no_grad():
-        assert kernels.fast_rows(x, w) == 2
-        assert kernels.fast_rows(x.double(), w.double()) == 0
-        with kernels.stock():
-            assert kernels.fast_rows(x, w) == 0
-        assert kernels.fast_rows(x, w) == 2
-
-
-def test_calibration_leaves_the_global_random_stream_alone(monkeypatch):
-    monkeypatch.setattr(kernels, "_choice", {})
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    table = kernels.calibrate([torch.ones(16, 8)], reps=1)
-    assert set(table) == {((16, 8), b) for b in kernels.BUCKETS}
-    assert torch.equal(torch.rand(4), expected)
-
-
-def test_greedy_decoding_with_transposed_kernels_equals_stock_hf_generate(forced_kernels):
-    base = tiny_model("llama", 0, torch.float32)
-    model = tiny_model("llama", 0, torch.float32)
+def adapted(arch: str, kind: str | None, seed: int = 0) -> DiffusionLM:
+    """A tiny converted model with a LoRA of `kind` whose B is random (so the update is not zero), fused."""
+    model = tiny_model(arch, seed)
     tok = make_tokenizer()
     lm = DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=add_mask_token(model, tok)))
+    if kind is not None:
+        adapter.attach(lm, AdapterSection(kind=kind, rank=4, alpha=8))
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in lm.model.named_parameters():
+                if "lora_B" in name or "trainable_tokens_delta" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        lm.model.eval()
+    assert lm.fuse() > 0
+    return lm
+
+
+def layouts(cache_len: int = 5):
+    """(ids, positions, mask, mask_slots) of a prefill, a decode step, a ragged batch and a non-suffix gate."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([6, 4])
+    prefill = (torch.randint(2, 90, (2, 10), generator=g), torch.arange(10).expand(2, -1),
+               masks.prefill_mask(lens, 6, 4), (torch.arange(10) >= 6).expand(2, -1))
+    R = torch.tensor([[1, 3]])
+    step = (torch.randint(2, 90, (1, 12), generator=g), cache_len + torch.arange(12)[None],
+            masks.step_mask(torch.ones(1, cache_len, dtype=torch.bool), 4, R), (torch.arange(12) >= 4)[None])
+    odd = (torch.randint(2, 90, (1, 6), generator=g), torch.arange(6)[None], masks.causal_mask(6),
+           torch.tensor([[False, True, False, True, True, False]]))
+    return {"prefill": prefill, "step": step, "non_suffix": odd}
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "drafting"), ("qwen2", "drafting"), ("llama", "lora"),
+                                       ("qwen2", None), ("qwen2_moe", "drafting")])
+def test_fused_logits_equal_the_plain_modules(arch, kind):
+    lm = adapted(arch, kind)
+    for name, (ids, pos, mask, slots) in layouts().items():
+        for base_only in (False, True):
+            ctx = lm.base_weights() if base_only and kind == "drafting" else torch.inference_mode()
+            with torch.inference_mode(), ctx:
+                if name == "step":  # a cache of 5 tokens first
+                    from transformers import DynamicCache
+                    caches = [DynamicCache(), DynamicCache()]
+                    prefix = torch.randint(2, 90, (1, 5), generator=torch.Generator().manual_seed(1))
+                    fused = [lm.forward(prefix, torch.arange(5)[None], masks.causal_mask(5), None, caches[0])]
+                    with kernels.stock():
+                        plain = [lm.forward(prefix, torch.arange(5)[None], masks.causal_mask(5), None, caches[1])]
+                    fused.append(lm.forward(ids, pos, mask, slots, caches[0]))
+                    with kernels.stock():
+                        plain.append(lm.forward(ids, pos, mask, slots, caches[1]))
+                    for a, b in zip(caches[0].layers, caches[1].layers):
+                        torch.testing.assert_close(a.keys, b.keys)
+                        torch.testing.assert_close(a.values, b.values)
+                else:
+                    fused = [lm.forward(ids, pos, mask, slots)]
+                    with kernels.stock():
+                        plain = [lm.forward(ids, pos, mask, slots)]
+            for f, p in zip(fused, plain):
+                torch.testing.assert_close(f, p, msg=f"{arch} {kind} {name} base_only={base_only}")
+
+
+def test_the_fused_path_runs_and_shares_the_weights():
+    """The modules' weights are views of the stacked buffer (no second copy), and an inference forward goes
+    through the stacked matmul, not the modules' own forwards."""
+    lm = adapted("llama", "drafting")
+    attn = lm.model.base_model.model.model.layers[0].self_attn
+    buffers = {attn.q_proj.base_layer.weight.untyped_storage().data_ptr(),
+               attn.k_proj.base_layer.weight.untyped_storage().data_ptr(),
+               attn.v_proj.lora_A["default"].weight.untyped_storage().data_ptr()}
+    assert len(buffers) == 1
+    calls = []
+    original = torch.nn.Linear.forward
+    torch.nn.Linear.forward = lambda self, x: calls.append(self) or original(self, x)
+    try:
+        ids, pos, mask, slots = layouts()["prefill"]
+        with torch.inference_mode():
+            lm.forward(ids, pos, mask, slots)
+            fused_calls = len(calls)
+            with kernels.stock():
+                lm.forward(ids, pos, mask, slots)
+    finally:
+        torch.nn.Linear.forward = original
+    assert fused_calls < (len(calls) - fused_calls) / 4  # only the LM head and MoE-free leftovers run alone
+
+
+def test_replaced_weights_and_autograd_take_the_plain_path():
+    lm = adapted("llama", "drafting")
+    ids, pos, mask, slots = layouts()["prefill"]
+    logits = lm.forward(ids, pos, mask, slots)  # autograd on: the plain modules, gradients reach the LoRA
+    logits.float().square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lm.model.named_parameters() if "lora_B" in n)
+    lm.model.double()  # new weight tensors: the stacked buffer is stale and must not be used
+    with torch.inference_mode():
+        got = lm.forward(ids, pos, mask, slots)
+        with kernels.stock():
+            want = lm.forward(ids, pos, mask, slots)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_decoding_with_fused_projections_equals_hf_generate(arch):
+    base = tiny_model(arch, 0, torch.float64)
+    lm = adapted(arch, "drafting")
+    lm.model.double()
+    lm.fuse()  # fused again over the float64 weights
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(2, 96, (int(n),), generator=g).tolist() for n in torch.randint(2, 14, (8,), generator=g)]
-    with kernels.stock():
-        expected = [base.generate(torch.tensor([p]), do_sample=False, max_new_tokens=20, eos_token_id=EOS,
-                                  pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    for K, R in [(1, 1), (4, 1), (4, 3), (8, 2)]:
-        got = [lm.generate([p], max_new_tokens=20, draft_len=K, proposals=R)[0].token_ids for p in prompts]
+    prompts = [torch.randint(2, 96, (int(n),), generator=g).tolist() for n in torch.randint(2, 14, (6,), generator=g)]
+    expected = [base.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16, eos_token_id=EOS,
+                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    for K, R in [(1, 1), (4, 1), (4, 3)]:
+        got = [g.token_ids for g in lm.generate(prompts, max_new_tokens=16, draft_len=K, proposals=R)]
         assert got == expected, (K, R)

@@ -22,7 +22,6 @@ import warnings
 import torch
 from torch import nn
 
-from . import kernels
 from .config import AdapterSection, ConfigError
 
 
@@ -111,9 +110,6 @@ def gated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     gate = self._ar2dlm_slot_gate.column(x)
     if gate is None:
         return self.base_layer(x, *args, **kwargs)
-    rows = kernels.fast_rows(x, self.base_layer.weight)
-    if rows:
-        return _gated_transposed(self, x, gate, rows)
     result = self.base_layer(x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     out = result.reshape(-1, result.shape[-1])
@@ -124,24 +120,6 @@ def gated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = torch.nn.functional.linear(flat.to(A.dtype), A) * gate.to(A.dtype)
         out = torch.addmm(out, h.to(out.dtype), B.t().to(out.dtype), alpha=self.scaling[name])
     return out.view_as(result)
-
-
-def _gated_transposed(self, x: torch.Tensor, gate: torch.Tensor, rows: int) -> torch.Tensor:
-    """gated_forward in the layout of `kernels.transposed`: W x^T [out, rows'], then += s B (gate * A x)^T in place.
-
-    h = x A^T is [rows', r] row-major, so B h^T multiplies by a column-major
-    operand: the fast form for MKL here, as for the base weight.
-    """
-    flat, yT = kernels.transposed(x, self.base_layer.weight, rows)
-    if rows == 1:
-        gate = gate.expand(2, -1)
-    for name in self.active_adapters:
-        if name not in self.lora_A.keys():
-            continue
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        h = (flat @ A.t().to(flat.dtype)) * gate
-        yT.addmm_(B.to(flat.dtype), h.t(), alpha=self.scaling[name])
-    return kernels.untranspose(yT, x, rows)
 
 
 def load(lm, adapter_dir) -> None:

@@ -1,48 +1,50 @@
-"""Linear layers for few-row decoding on a CPU.
+"""Fused inference projections: one matmul for the linears of a layer that read the same input.
 
-A decode step multiplies a handful of rows (1 for an AR step, K + |R| K for
-an ar2dlm step) by every weight matrix, so its cost is streaming the weights.
-The stock `F.linear(x, W)` computes `x @ W.T`; on some BLAS / CPU pairs that
-product takes a slow path for a few rows, while the same product written as
-`(W @ x.T).T` (x row-major, so x.T is a column-major operand) streams W at
-full speed. Measured with MKL on a 2-core AMD EPYC, float32, a 1536x576
-weight over 60 distinct matrices (cold cache):
+A decode forward runs every linear of the model on a handful of rows (1 for
+an AR step, K + |R| K for an ar2dlm step), so a linear costs its weight bytes
+plus a fixed dispatch cost. With the drafting adapter each linear also runs
+its LoRA (h = A x, the row gate, B h): about 28 small ops per Llama layer,
+and their dispatch, not their bytes, is most of the adapter's price on a CPU.
+Here the linears of a layer that read one tensor (q/k/v; gate/up; any other
+adapted linear alone) and the LoRA A of each are stacked into one weight
 
-    rows          1     2     4     8    16    32
-    x @ W.T     221   346   315   348   413   548  us
-    (W @ x.T).T 109    93    86   177   279   403  us   (1 row: padded to 2)
+    Y = x [W_q; W_k; W_v; A_q; A_k; A_v]^T            [rows, out_q + out_k + out_v + 3r]
+    q = Y[:, :out_q] ;  q[slots] += s_q  Y[slots, h_q] B_q^T       (likewise k, v)
 
-Which form is faster is not a property of the code but of the machine, so it
-is measured (`calibrate`) once per process, per weight shape and row count,
-on the model's own weight matrices; the stock form stays wherever it is as
-fast. Only inference is affected: a forward that records autograd, a
-non-float32 or non-CPU tensor, or more than `MAX_ROWS` rows takes the stock
-path. The two forms give the same values up to float32 rounding.
+so a layer runs 4 matmuls plus one small addmm per adapted linear, on the
+slot rows only (the rows from `slot_start` on, which is how every ar2dlm
+layout orders them). The base weights and the A matrices become views into
+the stacked buffer: no second copy of the model. With the adapter off (AR
+decoding, `base_weights()`), the same buffer's first rows give
+[W_q; W_k; W_v] for one base matmul.
 
-`AR2DLM_KERNELS=stock` in the environment (or `with stock():`) turns it off.
+Every output element is the same dot product as in the plain path; only the
+matmul's blocking can differ, so results agree to float rounding (the tests
+hold decoding with it to HF `generate` without it). Inference only (no_grad /
+inference_mode): under autograd, with other adapters, LoRA variants or dropout, or when the weights
+were replaced after fusing, a module runs its own forward. `AR2DLM_KERNELS=stock`
+in the environment or `with stock():` runs the plain modules everywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 32
-BUCKETS = (1, 2, 4, 8, 16, 32)  # a row count uses the decision of the next bucket up
+# children of one parent that read the same input tensor (Llama, Qwen, Mistral, Gemma, ... naming)
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-_enabled = os.environ.get("AR2DLM_KERNELS", "auto") != "stock"
-_choice: dict[tuple[tuple[int, int], int], bool] = {}  # (weight shape, bucket) -> transposed form is faster
+_enabled = os.environ.get("AR2DLM_KERNELS", "fused") != "stock"
 
 
 @contextlib.contextmanager
 def stock():
-    """Run the stock `F.linear` everywhere inside (to measure against it)."""
+    """Run the plain modules everywhere inside (the reference the fused path is held to)."""
     global _enabled
     previous, _enabled = _enabled, False
     try:
@@ -51,87 +53,173 @@ def stock():
         _enabled = previous
 
 
-def _bucket(rows: int) -> int:
-    return next(b for b in BUCKETS if b >= rows)
+class _Member:
+    """One linear of a group: where its output and its h = A x sit in the stacked output."""
+
+    def __init__(self, module: nn.Module, base: nn.Linear, lora: tuple | None, out: slice, h: slice | None):
+        self.module, self.base, self.out, self.h = module, base, out, h
+        self.lora = lora  # (B [out, r], scale, gated) or None
+        # the module's own (reference) forward, also when it was fused before (fused again over new weights)
+        self.forward = getattr(module, "_ar2dlm_plain_forward", module.forward)
+        module._ar2dlm_plain_forward = self.forward
 
 
-def fast_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """The row count of x [..., in] if the transposed form (`transposed`) should run it, else 0."""
-    if not _enabled or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
-        return 0
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return 0
-    rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS:
-        return 0
-    return rows if _choice.get((tuple(weight.shape), _bucket(rows)), False) else 0
+class FusedGroup:
+    """Linears reading one input: stacked weight [W_1; ..; W_n; A_1; ..; A_n] and their outputs for that input."""
+
+    def __init__(self, members: list[tuple[nn.Module, nn.Linear, tuple | None]], slot_gate):
+        self.slot_gate = slot_gate
+        bases = [b for _, b, _ in members]
+        As = [m.lora_A["default"].weight for m, _, l in members if l is not None]
+        weight = torch.cat([b.weight.detach() for b in bases] + [a.detach() for a in As])
+        has_bias = any(b.bias is not None for b in bases)
+        self.members: list[_Member] = []
+        o = 0
+        for m, b, _ in members:
+            self.members.append(_Member(m, b, None, slice(o, o + b.out_features), None))
+            o += b.out_features
+        self.n_base = o
+        for member, (m, _, lora) in zip(self.members, members):
+            if lora is not None:
+                r = lora[0].shape[1]
+                member.lora, member.h = lora, slice(o, o + r)
+                o += r
+        # the modules' weights become views of the stacked buffer: one copy of the model
+        for member in self.members:
+            member.base.weight.data = weight[member.out]
+            if member.h is not None:
+                member.module.lora_A["default"].weight.data = weight[member.h]
+        self.weight = weight
+        self.bias = None
+        if has_bias:
+            self.bias = torch.zeros(o, dtype=weight.dtype, device=weight.device)
+            for member in self.members:
+                if member.base.bias is not None:
+                    self.bias[member.out] = member.base.bias.detach()
+                    member.base.bias.data = self.bias[member.out]
+        self._ptr = weight.data_ptr()
+        self._input: torch.Tensor | None = None
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def usable(self, x: torch.Tensor) -> bool:
+        if not _enabled or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+            return False
+        if self.members[0].base.weight.data_ptr() != self._ptr:  # weights replaced (e.g. .to()): plain path
+            return False
+        adapted = [m.module for m in self.members if m.lora is not None]
+        if not adapted or all(m.disable_adapters for m in adapted):
+            return True
+        if any(m.training or not _plain_lora(m) for m in adapted):
+            return False
+        # the gated update needs the slot rows as a suffix of each row of x [b, q, d] (or of x [q, d], b = 1)
+        return self.slot_gate.slot_start is None or self.slot_gate.suffix_of(x)
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Member `index`'s output for x: computed for the whole group on the first call with this x."""
+        if self._input is not x:
+            self._input, self._outputs = x, self._compute(x)
+        out = self._outputs.pop(index)
+        if not self._outputs:
+            self._input = None  # every member took its output: hold no activations between forwards
+        return out
+
+    def _compute(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        start = self.slot_gate.slot_start
+        # member -> first row its LoRA reaches (None: this forward runs the base weight only)
+        starts = {i: (start if m.lora[2] else 0) for i, m in enumerate(self.members)
+                  if m.lora is not None and not m.module.disable_adapters}
+        starts = {i: s for i, s in starts.items() if s is not None}
+        n = self.weight.shape[0] if starts else self.n_base
+        Y = F.linear(x, self.weight[:n], None if self.bias is None else self.bias[:n])  # [..., n]
+        outputs = {}
+        for i, m in enumerate(self.members):
+            y = Y[..., m.out]
+            if i in starts:
+                B, scale, _ = m.lora
+                y = _add_lora(y, Y[..., m.h], B, scale, starts[i])
+            outputs[i] = y
+        return outputs
 
 
-def transposed(x: torch.Tensor, weight: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x as [rows', in] row-major, W x^T [out, rows']); rows' = max(rows, 2).
+def _add_lora(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """y[..., rows >= start, :] += scale * h B^T on those rows, in place.
 
-    A single column takes the slow matrix-vector path, so one row is doubled.
+    y, h: [b, q, out] / [b, q, r] column ranges of the group's own stacked output (or 2D [rows, .]).
     """
-    flat = x.reshape(rows, x.shape[-1]).contiguous()
-    if rows == 1:
-        flat = flat.expand(2, -1).contiguous()
-    return flat, weight @ flat.t()
+    if y.dim() == 2:
+        y[start:].addmm_(h[start:], B.t(), alpha=scale)
+    else:
+        y[:, start:].baddbmm_(h[:, start:], B.t().expand(y.shape[0], -1, -1), alpha=scale)
+    return y
 
 
-def untranspose(yT: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """W x^T [out, rows'] back to x's leading shape [..., out], row-major (attention kernels want that)."""
-    return yT.t()[:rows].contiguous().view(*x.shape[:-1], yT.shape[0])
+def _plain_lora(module) -> bool:
+    """The LoRA layer computes exactly W x + s B A x (one adapter, no variant, no dropout in inference)."""
+    return (not module.merged and list(module.active_adapters) == ["default"]
+            and not getattr(module, "lora_variant", None) and not module.use_dora.get("default", False))
 
 
-def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward with the transposed form where it was measured faster."""
-    rows = fast_rows(x, self.weight)
-    if not rows:
-        return F.linear(x, self.weight, self.bias)
-    _, yT = transposed(x, self.weight, rows)
-    if self.bias is not None:
-        yT += self.bias[:, None]
-    return untranspose(yT, x, rows)
+def _lora_of(module):
+    """(B, scale, gated) of a peft LoRA Linear with one plain adapter, else None.
 
-
-def install(model: nn.Module, reps: int = 5, per_shape: int = 32) -> int:
-    """Calibrate on model's float32 linear weights and give every nn.Linear `linear_forward`; returns how many."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    calibrate([m.weight for m in linears], reps=reps, per_shape=per_shape)
-    for m in linears:
-        m.forward = types.MethodType(linear_forward, m)
-    return len(linears)
-
-
-@torch.inference_mode()
-def calibrate(weights: list[torch.Tensor], reps: int = 5, per_shape: int = 32) -> dict:
-    """Time both forms per weight shape and bucket on up to `per_shape` distinct matrices of that shape.
-
-    Distinct matrices so the weights come from memory, as in a forward, not
-    from a cache warmed by the previous repetition.
+    gated: its update reaches the slot rows only (the drafting adapter's RowGate sits where the dropout was).
     """
-    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for w in weights:
-        if w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2:
-            by_shape.setdefault(tuple(w.shape), []).append(w.detach())
-    rng = torch.Generator().manual_seed(0)
-    for shape, ws in by_shape.items():
-        ws = ws[:per_shape]
-        for b in BUCKETS:
-            if (shape, b) in _choice:
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from .adapter import RowGate
+
+    if type(module) is not LoraLinear or list(module.lora_A.keys()) != ["default"] or not _plain_lora(module):
+        return None
+    A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+    if A.dtype != module.base_layer.weight.dtype:
+        return None
+    return B, module.scaling["default"], isinstance(module.lora_dropout["default"], RowGate)
+
+
+def _base_of(module) -> nn.Linear | None:
+    base = getattr(module, "base_layer", module)
+    return base if type(base) is nn.Linear else None
+
+
+def install(model: nn.Module, slot_gate) -> int:
+    """Fuse every group of sibling linears (and each adapted linear alone) of `model`; returns how many groups."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    done: set[int] = set()
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        groups = [[children[name] for name in names] for names in GROUPS if all(nm in children for nm in names)]
+        groups += [[c] for c in children.values() if type(c) is LoraLinear]  # any other adapted linear alone
+        for group in groups:
+            if any(id(c) in done for c in group):
                 continue
-            x = torch.randn(b, shape[1], generator=rng)  # its own generator: the global RNG stream is the user's
-            stock_t = _best_of(lambda: [F.linear(x, w) for w in ws], reps)
-            fast_t = _best_of(lambda: [transposed(x, w, b)[1].t().contiguous() for w in ws], reps)
-            _choice[(shape, b)] = fast_t < stock_t
-    return dict(_choice)
+            members = []
+            for c in group:
+                base = _base_of(c)
+                lora = _lora_of(c) if base is not None and c is not base else None
+                if base is None or (c is not base and lora is None):
+                    members = []
+                    break
+                members.append((c, base, lora))
+            if not members or (len(members) == 1 and members[0][2] is None):
+                continue  # a lone plain linear gains nothing
+            if len({(b.weight.dtype, b.weight.device, b.in_features) for _, b, _ in members}) != 1:
+                continue
+            fused = FusedGroup(members, slot_gate)
+            for i, member in enumerate(fused.members):
+                member.module.forward = types.MethodType(_fused_forward(fused, i), member.module)
+                done.add(id(member.module))
+            n += 1
+    return n
 
 
-def _best_of(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def _fused_forward(group: FusedGroup, index: int):
+    reference = group.members[index].forward
+
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or not group.usable(x):
+            return reference(x, *args, **kwargs)
+        return group.output(index, x)
+
+    return forward

@@ -24,21 +24,40 @@ if TYPE_CHECKING:
 
 
 class SlotGate:
-    """Holds the `mask_slots` [b, q] of the forward in progress (None outside one)."""
+    """Holds the `mask_slots` [b, q] of the forward in progress (None outside one).
+
+    `slot_start`: None when no row is a slot; else the first slot row when
+    every row of the batch has its slots as a suffix from there (every ar2dlm
+    layout: [prompt | P_0], [draft | proposals], [clean | slots]); -1 otherwise.
+    """
 
     def __init__(self):
         self.mask_slots: torch.Tensor | None = None
         self._column: torch.Tensor | None = None  # [rows, 1]; None when no row is a slot
+        self.slot_start: int | None = None
 
     @contextlib.contextmanager
     def rows(self, mask_slots: torch.Tensor | None):
-        previous = self.mask_slots, self._column
-        self.mask_slots = mask_slots
-        self._column = mask_slots.reshape(-1, 1) if mask_slots is not None and bool(mask_slots.any()) else None
+        previous = self.mask_slots, self._column, self.slot_start
+        self.mask_slots, self._column, self.slot_start = mask_slots, None, None
+        if mask_slots is not None:
+            n_slots = mask_slots.sum(-1)  # [b]
+            lo, hi = int(n_slots.min()), int(n_slots.max())  # one host sync per forward
+            if hi > 0:
+                self._column = mask_slots.reshape(-1, 1)
+                start = mask_slots.shape[-1] - hi
+                self.slot_start = start if lo == hi and bool(mask_slots[:, start:].all()) else -1
         try:
             yield
         finally:
-            self.mask_slots, self._column = previous
+            self.mask_slots, self._column, self.slot_start = previous
+
+    def suffix_of(self, x: torch.Tensor) -> bool:
+        """Whether x's rows are this forward's rows and its slot rows a suffix from slot_start."""
+        if self.slot_start is None or self.slot_start < 0:
+            return False
+        b, q = self.mask_slots.shape
+        return tuple(x.shape[:-1]) == (b, q) or (b == 1 and x.dim() == 2 and x.shape[0] == q)
 
     def column(self, x: torch.Tensor) -> torch.Tensor | None:
         """The gate as a [rows, 1] 0/1 column for x [..., d] flattened to [rows, d]; None when no row is a slot.
@@ -58,7 +77,6 @@ class DiffusionLM:
 
     def __init__(self, model, tokenizer, settings: DiffusionConfig | None):
         self.model = model.eval()
-        kernels.install(self.model)  # few-row inference linears, where measured faster on this machine
         self.tokenizer = tokenizer
         self.settings = settings
         self.slot_gate = SlotGate()
@@ -88,6 +106,7 @@ class DiffusionLM:
         if settings is not None and settings.adapter:
             lm = cls._from_adapter(path, settings, dtype, attn_implementation)
             lm.source = path
+            lm.fuse()
             return lm
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
@@ -96,6 +115,7 @@ class DiffusionLM:
         tokenizer = AutoTokenizer.from_pretrained(path)
         lm = cls(model, tokenizer, settings)
         lm.source = path
+        lm.fuse()
         return lm
 
     @classmethod
@@ -123,6 +143,11 @@ class DiffusionLM:
         lm = cls(model, tokenizer, settings)
         adapter.load(lm, path)
         return lm
+
+    def fuse(self) -> int:
+        """Inference fast path (kernels.py): one matmul per group of linears reading the same input, with
+        the LoRA A of each; returns how many groups. Autograd and `kernels.stock()` run the plain modules."""
+        return kernels.install(self.model, self.slot_gate)
 
     # ------------------------------------------------------------------ forward
     @property
