@@ -46,7 +46,7 @@ demo: $(STAMP)
 # stage resumes where it stopped). Compare its held-out est_tpf in
 # $(DRAFTER_RUN)/metrics.jsonl with src/ar2dlm/assets/smollm2-135m-drafter/README.md.
 drafter: $(STAMP)
-	$(AR2DLM) prompts runs/data/prompts
+	test -f runs/data/prompts/train.jsonl || $(AR2DLM) prompts runs/data/prompts
 	$(AR2DLM) distill smollm2-135m --prompts runs/data/prompts/train.jsonl --out runs/data/distill-train \
 		--max-new-tokens 128 --batch-size 24
 	$(AR2DLM) train --config recipes/smollm2-135m-cpu.yaml $(if $(wildcard $(DRAFTER_RUN)/checkpoints/step-*),--resume)

@@ -263,7 +263,8 @@ def test_truncated_model_weights(capsys, copy, tmp_path):
 def test_truncated_or_malformed_adapter(capsys, adapter_dir, tmp_path):
     bad = Path(shutil.copytree(adapter_dir, tmp_path / "bad"))
     _truncate(bad / "adapter_model.safetensors")
-    for argv in (["generate", bad, "--prompt", PROMPT], ["export", bad, tmp_path / "o"], ["merge", bad, tmp_path / "m"]):
+    for argv in (["generate", bad, "--prompt", PROMPT], ["export", bad, tmp_path / "o"],
+                 ["merge", bad, tmp_path / "m"]):
         assert "adapter_model.safetensors" in refused(capsys, tmp_path, *argv)
     shutil.copy(adapter_dir / "adapter_model.safetensors", bad / "adapter_model.safetensors")
     for text in ('{"r": 2', "[]", '{"peft_type": "NOPE"}'):
@@ -504,7 +505,8 @@ PLAUSIBLE = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 12)}, option
     "draft_len": st.integers(1, 8), "proposals": st.integers(1, 8),
     "sampler": st.sampled_from(["greedy", "lossless", "mix"]), "mix_weight": st.floats(0, 1),
     "temperature": st.one_of(st.just(0.0), st.floats(1e-3, 1e3)), "top_k": st.integers(0, 200),
-    "top_p": st.floats(1e-6, 1.0), "seed": st.integers(0, 2**64 - 1), "stop": st.lists(st.sampled_from(["w1", "w9 ", "w"]), max_size=2),
+    "top_p": st.floats(1e-6, 1.0), "seed": st.integers(0, 2**64 - 1),
+    "stop": st.lists(st.sampled_from(["w1", "w9 ", "w"]), max_size=2),
     "eos_token_id": st.lists(st.integers(0, VOCAB), max_size=2), "ar": st.booleans(), "adaptive": st.booleans(),
 })
 

@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except NotConvertedError as e:
         message = str(e) if args.verb == "generate" else \
-            f"{e.path} has no ar2dlm.json: it is an unconverted AR model; convert it first: `ar2dlm convert {e.path} OUT_DIR`"
+            (f"{e.path} has no ar2dlm.json: it is an unconverted AR model; convert it first: "
+             f"`ar2dlm convert {e.path} OUT_DIR`")
         print(f"ar2dlm {args.verb}: error: {cli_words(message, verb_parser)}", file=sys.stderr)
         return 2
     except (ConfigError, OSError) as e:  # OSError: a file problem no loader named yet (its message names the file)

@@ -128,7 +128,8 @@ class DiffusionConfig:
     def __post_init__(self):
         _check_types(self)
         _check(self.adapter in ("", "drafting", "lora"), f"adapter must be '', drafting or lora, got {self.adapter!r}")
-        _check(1 <= self.block_size <= MAX_DRAFT_LEN, f"block_size must be in 1..{MAX_DRAFT_LEN}, got {self.block_size}")
+        _check(1 <= self.block_size <= MAX_DRAFT_LEN,
+               f"block_size must be in 1..{MAX_DRAFT_LEN}, got {self.block_size}")
         _check(self.loss_weight >= 0 and _finite(self.loss_weight), f"loss_weight must be >= 0, got {self.loss_weight}")
         _check(self.masking in MASKING_SCHEMES,
                f"masking must be one of {', '.join(MASKING_SCHEMES)}, got {self.masking!r}")
@@ -591,7 +592,8 @@ class BenchConfig:
                f"proposals must be one or more integers >= 1, got {self.proposals}")
         if self.draft_lens and self.proposals:
             _check(max(self.proposals) <= max(self.draft_lens),
-                   f"proposals {max(self.proposals)} exceeds every draft length {self.draft_lens}: "
+                   f"proposals {max(self.proposals)} exceeds every draft length "
+                   f"({', '.join(map(str, self.draft_lens))}): "
                    f"a draft of K tokens has at most K proposals")
         _check(self.mix_weights is None or all(0.0 <= w <= 1.0 for w in self.mix_weights),
                f"mix_weights must each be in [0, 1], got {self.mix_weights}")

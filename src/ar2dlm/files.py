@@ -116,7 +116,8 @@ def check_output_dir(out: str | Path, force: bool = False, what: str = "output d
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{what} {out} is a file, not a directory; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(_exists_message(out, what).replace("already exists", "exists and is not empty"))
+        raise ConfigError(f"{what} {out} exists and is not empty; choose another path, or pass force=True to "
+                          f"replace it")
     if not out.exists() and out.parent.exists() and not out.parent.is_dir():
         raise ConfigError(f"{what} {out}: {out.parent} is a file, not a directory")
     return out

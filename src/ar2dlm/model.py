@@ -182,8 +182,9 @@ class DiffusionLM:
         if overrides.get("ar"):  # plain AR steps draft nothing: a drafting setting would be dropped in silence
             given = [k for k in ("draft_len", "proposals") if overrides.get(k) is not None]
             if given:
-                raise ConfigError(f"{' and '.join(given)} set drafting, but ar=True decodes one token per forward "
-                                  f"without drafts: drop {' and '.join(given)} or ar=True")
+                raise ConfigError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to drafting, "
+                                  f"but ar=True decodes one token per forward without drafts: drop "
+                                  f"{' and '.join(given)} or ar=True")
         try:
             config = DecodeConfig(**defaults)
         except ConfigError as e:
