@@ -46,10 +46,10 @@ demo: $(STAMP)
 # stage resumes where it stopped). Compare its held-out est_tpf in
 # $(DRAFTER_RUN)/metrics.jsonl with src/ar2dlm/assets/smollm2-135m-drafter/README.md.
 drafter: $(STAMP)
-	$(AR2DLM) prompts runs/data/prompts
+	test -f runs/data/prompts/train.jsonl || $(AR2DLM) prompts runs/data/prompts
 	$(AR2DLM) distill smollm2-135m --prompts runs/data/prompts/train.jsonl --out runs/data/distill-train \
 		--max-new-tokens 128 --batch-size 24
-	$(AR2DLM) train --config recipes/smollm2-135m-cpu.yaml $(if $(wildcard $(DRAFTER_RUN)/checkpoints),--resume)
+	$(AR2DLM) train --config recipes/smollm2-135m-cpu.yaml $(if $(wildcard $(DRAFTER_RUN)/checkpoints/step-*),--resume)
 	@test -f $(DRAFTER_RUN)/final/adapter_model.safetensors || \
 		{ echo "training stopped before its last step: run make drafter again to resume it"; exit 1; }
 	rm -rf $(DRAFTER_OUT)

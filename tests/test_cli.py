@@ -236,7 +236,7 @@ def test_stop_spanning_tokens_streamed_equals_json(capsys, conv):
     (["--top-p", "1.5"], r"top[_-]p"),
     (["--top-k", "-1"], r"top[_-]k"),
     (["--sampler", "mix", "--mix-weight", "1.5"], r"mix[_-]weight"),
-    (["--mix-weight", "0.5"], r"mix[_-]weight.*sampler mix"),
+    (["--mix-weight", "0.5"], r"mix[_-]weight.*sampler='mix'"),
     (["--draft-len", "0"], r"draft[_-]len"),
     (["--draft-len", "65"], r"draft[_-]len"),
     (["--proposals", "0"], "proposals"),

@@ -89,7 +89,7 @@ def chi_square_p(counts, probs, n):
 def test_lossless_matches_ar_distribution(settings):
     base, lm = small_lm()
     prompt = [3, 5, 2]
-    cfg = DecodeConfig(**{k: v for k, v in settings.items() if k in ("temperature", "top_k", "top_p")})
+    cfg = DecodeConfig(sampler="lossless", **{k: v for k, v in settings.items() if k in ("temperature", "top_k", "top_p")})
     probs = exact_joint(base, prompt, cfg)
     n = 20000
     counts, hist = sample_first_tokens(lm, prompt, settings, n=n)
@@ -103,7 +103,7 @@ def test_lossless_matches_ar_distribution(settings):
 def test_lossless_with_a_strong_drafter_matches_ar_distribution():
     lm = train_drafter(vocab=12, steps=100)
     prompt = lm.pattern[:3]
-    cfg = DecodeConfig(temperature=1.5)
+    cfg = DecodeConfig(sampler="lossless", temperature=1.5)
     probs = exact_joint(lm.model, prompt, cfg, vocab=12)
     n = 4000
     counts, hist = sample_first_tokens(lm, prompt, dict(sampler="lossless", draft_len=4, proposals=2,

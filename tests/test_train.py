@@ -304,7 +304,7 @@ def test_config_errors_name_the_field(tmp_path):
 def test_existing_run_needs_resume(corpus):
     cfg = config(corpus, "twice", "drafting", schedule={"max_steps": 1})
     T.train(cfg)
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="resume=True"):
         T.train(cfg)
 
 

@@ -204,20 +204,21 @@ def trainable_groups(model, section: AdapterSection, lr: float, mask_row_lr: flo
     return groups
 
 
-def export(src, out, dtype: str = "bfloat16") -> "Path":
+def export(src, out, dtype: str = "bfloat16", force: bool = False) -> "Path":
     """Copy an adapter folder into OUT with its weights cast to `dtype`, without tokenizer files.
 
     The tokenizer is rebuilt on load from the base model (plus the mask token,
     whose id is checked against ar2dlm.json), so OUT holds only
-    adapter_config.json, adapter_model.safetensors and ar2dlm.json.
+    adapter_config.json, adapter_model.safetensors and ar2dlm.json. OUT must
+    not exist or be empty (force=True replaces it).
     """
     import json
-    import os
-    import shutil
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
+    from . import files
+    from .checkpoint import check_adapter
     from .config import DiffusionConfig
 
     src, out = Path(src), Path(out)
@@ -231,21 +232,14 @@ def export(src, out, dtype: str = "bfloat16") -> "Path":
     target = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
     if target is None:
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    check_adapter(src)
+    only_gitkeep = out.is_dir() and all(p.name == ".gitkeep" for p in out.iterdir())
+    files.check_output_dir(out, force or only_gitkeep)
     tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    if out.exists() and any(p for p in out.iterdir() if p.name != ".gitkeep"):
-        raise ConfigError(f"{out} exists and is not empty; choose a new output directory")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        config = json.loads((src / "adapter_config.json").read_text())
+    with files.output_dir(out, force or only_gitkeep) as tmp:
+        config = files.read_json(src / "adapter_config.json", "adapter config")
         config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         settings.save(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -35,6 +35,7 @@ from .config import ConfigError
 from .decode.engine import generate
 
 PROMPT_SETS = {"code": "code", "prose": "prose", "chat": "chat"}  # name -> prompts.py source
+PLOT_FILES = ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png")  # what `plots` writes
 
 
 @dataclass
@@ -74,16 +75,25 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True)
 
 
 def load_prompt_set(lm, name: str, n: int) -> list[list[int]]:
-    """The first n bench prompts of a named set, or of a JSONL file (name = its path)."""
+    """The first n bench prompts of a named set, or of a JSONL prompts file (name = its path)."""
     from .prompts import load_prompts
 
-    if Path(name).suffix == ".jsonl":
+    if n < 1:
+        raise ConfigError(f"n_prompts must be >= 1, got {n}")
+    path = Path(name)
+    if path.exists() or path.suffix == ".jsonl":  # a file of prompts, whatever its suffix
         from .data import read_prompt_file
 
-        return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in read_prompt_file(name)[:n]]
-    if name not in PROMPT_SETS:
-        raise ConfigError(f"unknown prompt set {name!r}; choose from {', '.join(PROMPT_SETS)}")
-    records = load_prompts(PROMPT_SETS[name], "bench")[:n]
+        records = read_prompt_file(path)[:n]
+        where = str(path)
+    elif name in PROMPT_SETS:
+        records, where = load_prompts(PROMPT_SETS[name], "bench")[:n], f"prompt set {name!r}"
+    else:
+        raise ConfigError(f"unknown prompt set {name!r}: choose from {', '.join(PROMPT_SETS)}, or give the path of "
+                          f"a JSONL prompts file (no file {name} exists)")
+    if any(r["chat"] for r in records) and not getattr(lm.tokenizer, "chat_template", None):
+        raise ConfigError(f"{where} holds chat prompts, and the model's tokenizer has no chat template: "
+                          f"leave {name} out")
     return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in records]
 
 
@@ -151,14 +161,19 @@ def nll_of(lm, prompts, outputs) -> float:
 
 def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
           draft_lens: list[int], proposals: list[int], mix_weights: list[float], samplers: list[str],
-          seed: int = 0, hf: bool = True, reference=None, log=print) -> dict:
+          seed: int = 0, hf: bool = True, reference=None, log=print, prompt_sets: dict | None = None) -> dict:
+    """prompt_sets: {name: token-id prompts} already loaded (else each set loads here, before any timing)."""
     eos = _eos(lm)
     specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf)
+    if not any(s.kind == "ar2dlm" for s in specs):
+        raise ConfigError(f"no ar2dlm configuration to time: every proposal count {list(proposals)} exceeds every "
+                          f"draft length {list(draft_lens)}, or samplers and mix_weights are empty")
+    prompt_sets = prompt_sets or {name: load_prompt_set(lm, name, n_prompts) for name in sets}
     report = {"model": str(getattr(lm, "name", "")), "max_new_tokens": max_new_tokens, "runs": runs,
               "threads": torch.get_num_threads(), "results": []}
     first = True
     for name in sets:
-        prompts = load_prompt_set(lm, name, n_prompts)
+        prompts = prompt_sets[name]
         for bs in batch_sizes:
             per = {s.name: [] for s in specs}
             # run 0 warms the process up (allocator, kernel caches): once, on the first prompt set

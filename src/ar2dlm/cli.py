@@ -3,69 +3,106 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
+import time
+import types
+import typing
 from pathlib import Path
 
-from .config import ConfigError, DecodeConfig, SAMPLERS, MASKING_SCHEMES
+from .config import (BENCH_SETS, MASKING_SCHEMES, SAMPLERS, BenchConfig, ConfigError, DecodeConfig, TuneConfig,
+                     field_docs)
+
+# DecodeConfig fields that are `generate` flags (eos_token_id is API-only); draft_len and proposals default to
+# the checkpoint's (ar2dlm.json), so their flags default to None = "not given"
+GENERATE_FIELDS = ("sampler", "mix_weight", "draft_len", "proposals", "ar", "adaptive", "max_new_tokens",
+                   "temperature", "top_k", "top_p", "seed", "stop")
+DEMO_FIELDS = ("max_new_tokens", "draft_len", "proposals", "sampler", "adaptive")
+MODEL_DEFAULT = {"draft_len": None, "proposals": None}
 
 
 def cmd_convert(args) -> int:
     from .convert import convert
 
     convert(args.base, args.out, block_size=args.block_size, mask_token=args.mask_token,
-            reuse_token=args.reuse_token, masking=args.masking, loss_weight=args.loss_weight)
+            reuse_token=args.reuse_token, masking=args.masking, loss_weight=args.loss_weight, force=args.force)
     print(args.out)
     return 0
 
 
 def cmd_generate(args) -> int:
     from .data import read_prompt_file
-    from .decode.engine import Request, check_request, stream
+    from .decode.engine import Request, check_request, generate, stream
     from .model import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar, dtype=_dtype(args))
+    if args.batch_size is not None and not args.json:
+        raise ConfigError("--batch-size only applies with --json (streamed text decodes one prompt at a time): "
+                          "add --json, or drop --batch-size")
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompt_file(args.prompts)]
-    settings = {k: getattr(args, k) for k in ("max_new_tokens", "draft_len", "proposals", "sampler", "mix_weight",
-                                              "temperature", "top_k", "top_p", "seed", "ar", "adaptive")}
+    lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar, dtype=_dtype(args))
+    settings = {k: getattr(args, k) for k in GENERATE_FIELDS}
     settings["stop"] = tuple(args.stop or ())
     cfg = lm.decode_config(**settings)
-    if args.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
     ids = lm.encode(prompts, chat=args.chat)
     check_request(lm, ids, cfg)  # every prompt is checked before any text is printed
+    mode = "ar" if cfg.ar else f"{cfg.sampler} K={cfg.draft_len} |R|={cfg.proposals}"
+    done = 0
     if args.json:
-        for start in range(0, len(ids), args.batch_size):
-            chunk = ids[start:start + args.batch_size]
-            from .decode.engine import generate
-            for i, g in enumerate(generate(lm, chunk, cfg)):
-                print(json.dumps({"index": start + i, "text": g.text, "token_ids": g.token_ids,
-                                  "finish_reason": g.finish_reason, "stats": g.stats.as_dict()}), flush=True)
+        try:
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start:start + batch_size]
+                for i, g in enumerate(generate(lm, chunk, cfg)):
+                    print(json.dumps({"index": start + i, "text": g.text, "token_ids": g.token_ids,
+                                      "finish_reason": g.finish_reason, "stats": g.stats.as_dict()}), flush=True)
+                done += len(chunk)
+        except KeyboardInterrupt:
+            print(f"\n[interrupted] {done} of {len(ids)} prompts decoded and printed", file=sys.stderr, flush=True)
+            return 130
         return 0
     for i, prompt_ids in enumerate(ids):
-        out = Request(lm, cfg)
-        for piece in stream(lm, prompt_ids, cfg, out):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        s = out.stats
-        mode = "ar" if cfg.ar else f"{cfg.sampler} K={cfg.draft_len} |R|={cfg.proposals}"
-        hist = " ".join(f"{k}:{v}" for k, v in sorted(s.accepted.items()))
-        print(f"\n[{mode}] {s.new_tokens} tokens, {s.forwards} forwards, TPF {s.tpf:.2f}, "
-              f"{s.new_tokens / max(s.wall_time, 1e-9):.1f} tok/s, {s.wall_time:.2f}s, accepted {{{hist}}}",
-              file=sys.stderr, flush=True)
+        out, start = Request(lm, cfg), time.perf_counter()
+        try:
+            for piece in stream(lm, prompt_ids, cfg, out):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            out.stats.wall_time = time.perf_counter() - start
+            print(f"\n{_stats_line(mode + ', interrupted', out.stats)}", file=sys.stderr, flush=True)
+            print(f"[interrupted] during prompt {i + 1} of {len(ids)}", file=sys.stderr, flush=True)
+            return 130
+        print(f"\n{_stats_line(mode, out.stats)}", file=sys.stderr, flush=True)
     return 0
+
+
+def _stats_line(mode: str, s) -> str:
+    hist = " ".join(f"{k}:{v}" for k, v in sorted(s.accepted.items()))
+    return (f"[{mode}] {s.new_tokens} tokens, {s.forwards} forwards, TPF {s.tpf:.2f}, "
+            f"{s.new_tokens / max(s.wall_time, 1e-9):.1f} tok/s, {s.wall_time:.2f}s, accepted {{{hist}}}")
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import demo_prompts, run_demo
     from .model import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
-    settings = {k: getattr(args, k) for k in ("draft_len", "proposals", "sampler", "adaptive")}
-    rows = run_demo(lm, max_new_tokens=args.max_new_tokens, **settings)
+    settings = {k: getattr(args, k) for k in DEMO_FIELDS}
+    prompts = demo_prompts()
+    if not _has_chat_template(lm):
+        prompts = [p for p in prompts if not p[2]]
+        print(f"demo: {args.model} has no chat template: skipping the chat prompt", file=sys.stderr)
+    rows = run_demo(lm, prompts, **settings)
     if args.json:
         print(json.dumps(rows))
     return 0
+
+
+def _has_chat_template(lm) -> bool:
+    return bool(getattr(lm.tokenizer, "chat_template", None))
 
 
 def cmd_train(args, overrides: list[str]) -> int:
@@ -76,14 +113,23 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 def cmd_distill(args) -> int:
     from .bundled import BUNDLED, resolve_base
+    from .data import read_prompt_file
     from .distill import distill
     from .model import DiffusionLM
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (the first N prompts), got {args.limit}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    DecodeConfig(ar=True, max_new_tokens=args.max_new_tokens, sampler=args.sampler, temperature=args.temperature,
+                 seed=args.seed)  # settings fail before the model loads
+    read_prompt_file(args.prompts)
     # the teacher is the AR model: a bundled name means its base, not the shipped drafter
     model = resolve_base(args.model) if args.model in BUNDLED else args.model
     lm = DiffusionLM.from_pretrained(model, allow_ar=True)
-    if args.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {args.batch_size}")
     out = distill(lm, args.prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   sampler=args.sampler, temperature=args.temperature, seed=args.seed, limit=args.limit)
     print(out)
@@ -91,31 +137,32 @@ def cmd_distill(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from . import files
     from .model import DiffusionLM
 
+    files.check_output_dir(args.out, args.force)
     lm = DiffusionLM.from_pretrained(args.adapter)
     kind = lm.settings.adapter
+    if kind == "":
+        raise ConfigError(f"{args.adapter} is a complete converted checkpoint, not an adapter folder: there is "
+                          f"nothing to merge; use it as it is")
     if kind != "lora":
-        raise ConfigError(f"{args.adapter} holds a {kind or 'merged'!r} model; only an ungated LoRA can be merged. "
+        raise ConfigError(f"{args.adapter} holds a {kind!r} adapter; only an ungated LoRA can be merged. "
                           "The drafting adapter acts on mask-slot rows only, so merging it into the weights "
                           "would change the AR path: ship the adapter folder instead")
-    import dataclasses
-
     merged = lm.model.merge_and_unload()
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty")
-    merged.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
-    dataclasses.replace(lm.settings, adapter="").save(out)
-    print(out)
+    with files.output_dir(args.out, args.force) as tmp:
+        merged.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        dataclasses.replace(lm.settings, adapter="").save(tmp)
+    print(args.out)
     return 0
 
 
 def cmd_export(args) -> int:
     from .adapter import export
 
-    out = export(args.adapter, args.out, dtype=args.dtype)
+    out = export(args.adapter, args.out, dtype=args.dtype, force=args.force)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -132,7 +179,7 @@ def cmd_plot(args) -> int:
 def cmd_prompts(args) -> int:
     from .prompts import write_prompt_sets
 
-    for split, path in write_prompt_sets(args.out).items():
+    for split, path in write_prompt_sets(args.out, force=args.force).items():
         print(f"{split}: {path}")
     return 0
 
@@ -149,8 +196,73 @@ def _dtype(args):
     return getattr(torch, getattr(args, "dtype", None) or "float32")
 
 
-def _list(kind):
-    return lambda text: [kind(x) for x in text.split(",") if x]
+class ListOf:
+    """argparse type: comma-separated values of one kind -> tuple ('' = empty); errors say what was expected."""
+
+    def __init__(self, kind, words: str):
+        self.kind, self.words = kind, words
+        self.__name__ = f"list of {words}"
+
+    def __call__(self, text: str) -> tuple:
+        try:
+            return tuple(self.kind(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {self.words}, got {text!r}") from None
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+_SCALARS = {int: (integer, "integers"), float: (number, "numbers"), str: (str, "names")}
+
+
+def add_fields(parser, cls, names, defaults: dict | None = None, choices: dict | None = None,
+               repeat: tuple = ()) -> None:
+    """One flag per dataclass field: --field-name, its type, default and docstring; the dataclass validates."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        default = (defaults or {}).get(name, fields[name].default)
+        help = docs.get(name, "").replace("%", "%%")
+        if default is not None and not isinstance(default, bool) and "default" not in help:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help += f" (default {shown})"
+        kind = hints[name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+            kind = next(h for h in typing.get_args(kind) if h is not type(None))
+        if kind is bool:
+            if default:
+                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=help)
+            else:
+                parser.add_argument(flag, action="store_true", help=help)
+        elif typing.get_origin(kind) is tuple:
+            elem, words = _SCALARS[typing.get_args(kind)[0]]
+            if name in repeat:
+                parser.add_argument(flag, action="append", type=elem, help=help + " (repeatable)")
+            else:
+                parser.add_argument(flag, type=ListOf(elem, words), default=default, help=help)
+        else:
+            parser.add_argument(flag, type=_SCALARS[kind][0], default=default, help=help,
+                                choices=(choices or {}).get(name))
+
+
+def config_from(args, cls, **extra):
+    """cls from the parsed flags of its fields (a flag left None takes the field's default)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in fields and (v is not None or fields[k].default is None)}
+    return cls(**given, **extra)
 
 
 def _plain_vocab(lm) -> dict:
@@ -159,29 +271,21 @@ def _plain_vocab(lm) -> dict:
 
 
 def cmd_bench(args) -> int:
-    import time as _time
-
     from . import bench as B
+    from . import files
     from .model import DiffusionLM
 
+    cfg = config_from(args, BenchConfig)
+    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    for name in ("bench.json", *B.PLOT_FILES):  # before minutes of timing, not after
+        files.check_output_file(out / name, args.force)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     lm.name = args.model
     K = lm.settings.draft_len or lm.settings.block_size
-    R = lm.settings.proposals or min(3, K)
-    quick = args.quick
-    opts = {
-        "sets": args.sets or ["code", "prose", "chat"],
-        "n_prompts": args.n_prompts or (2 if quick else 10),
-        "batch_sizes": args.batch_sizes or ([1] if quick else [1, 4]),
-        "runs": args.runs or (2 if quick else 3),
-        "max_new_tokens": args.max_new_tokens or (40 if quick else 128),
-        "draft_lens": args.draft_lens or ([K] if quick else sorted({4, 8, K})),
-        "proposals": args.proposals or ([R] if quick else sorted({1, R})),
-        "mix_weights": args.mix_weights if args.mix_weights is not None else ([0.5, 1.0] if quick
-                                                                              else [0.25, 0.5, 0.75, 1.0]),
-        "samplers": args.samplers or ["greedy", "lossless", "adaptive"],
-        "hf": not args.no_hf,
-    }
+    cfg = cfg.resolved(K, lm.settings.proposals or min(3, K))
+    cfg = _drop_chat_set(lm, cfg, args.model, explicit=args.sets is not None)
     reference = None
     if args.reference:
         reference = DiffusionLM.from_pretrained(args.reference, dtype=_dtype(args), allow_ar=True)
@@ -189,17 +293,31 @@ def cmd_bench(args) -> int:
         if _plain_vocab(reference) != _plain_vocab(lm):
             raise ConfigError(f"--reference {args.reference} has another tokenizer than {args.model}: "
                               "outputs can only be compared token by token with the same vocabulary")
-    report = B.bench(lm, seed=args.seed, reference=reference, log=lambda *a, **k: print(*a, **k), **opts)
+    prompt_sets = {name: B.load_prompt_set(lm, name, cfg.n_prompts) for name in cfg.sets}  # fail before timing
+    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("quick", "seed")}
+    report = B.bench(lm, seed=cfg.seed, reference=reference, log=lambda *a, **k: print(*a, **k),
+                     prompt_sets=prompt_sets, **opts)
     report["settings"] = opts
-    out = Path(args.out or f"runs/bench-{_time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    files.write_text(out / "bench.json", json.dumps(report, indent=1), force=args.force)
     report["plots"] = [str(p) for p in B.plots(report, out)]
     print(B.table(report))
-    print(f"(median tokens/s of {opts['runs']} runs after a warm-up; speedup = ratio to the same-stack AR loop "
+    print(f"(median tokens/s of {cfg.runs} runs after a warm-up; speedup = ratio to the same-stack AR loop "
           f"measured in the same run; {report['threads']} threads) -> {out}")
     print(json.dumps(report))
     return 0
+
+
+def _drop_chat_set(lm, cfg, model: str, explicit: bool):
+    """The chat prompt set needs a chat template: named by the user -> an error now; by default -> a note."""
+    if "chat" not in cfg.sets or _has_chat_template(lm):
+        return cfg
+    if explicit:
+        raise ConfigError(f"prompt set 'chat' needs a chat template, and {model}'s tokenizer has none: "
+                          f"drop chat from --sets")
+    print(f"{model} has no chat template: skipping the chat prompt set", file=sys.stderr)
+    sets = tuple(s for s in cfg.sets if s != "chat")
+    return dataclasses.replace(cfg, sets=sets)
 
 
 def cmd_tune(args) -> int:
@@ -207,16 +325,18 @@ def cmd_tune(args) -> int:
     from . import tune as T
     from .model import DiffusionLM
 
+    cfg = config_from(args, TuneConfig)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
-    prompts = [p for s in (args.sets or ["code", "prose", "chat"]) for p in B.load_prompt_set(lm, s, args.n_prompts)]
-    result = T.tune(lm, prompts, max_len=args.max_draft_len, max_new_tokens=args.max_new_tokens)
+    cfg = _drop_chat_set(lm, cfg, args.model, explicit=args.sets is not None)
+    prompts = [p for s in cfg.sets for p in B.load_prompt_set(lm, s, cfg.n_prompts)]
+    result = T.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
     for c in result["candidates"]:
         print(f"K={c['draft_len']:>2} |R|={c['proposals']}: predicted TPF {c['predicted_tpf']:.2f}, "
               f"predicted speedup {c['predicted_speedup']:.2f}x, measured {c['measured_speedup']:.2f}x "
               f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f})")
     best = result["best"]
-    if args.grid:
-        result["grid_search"] = T.grid_search(lm, prompts, best, max_new_tokens=args.max_new_tokens)
+    if cfg.grid:
+        result["grid_search"] = T.grid_search(lm, prompts, best, max_new_tokens=cfg.max_new_tokens)
         gs = result["grid_search"]
         for r in gs["grid"]:
             print(f"grid K={r['draft_len']:>2} |R|={r['proposals']}: {r['tokens_per_s']:.1f} tok/s, "
@@ -224,7 +344,7 @@ def cmd_tune(args) -> int:
         print(f"tune's choice K={best['draft_len']} |R|={best['proposals']}: {gs['chosen']['tokens_per_s']:.1f} "
               f"tok/s = {gs['chosen_vs_best']:.2f} of the grid's best (K={gs['best']['draft_len']} "
               f"|R|={gs['best']['proposals']}, {gs['best']['tokens_per_s']:.1f} tok/s; AR {gs['ar_tokens_per_s']:.1f})")
-    if not args.dry_run:
+    if not cfg.dry_run:
         T.write_defaults(lm.source, result)
         print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} and the forward-cost table "
               f"to {lm.source / 'ar2dlm.json'}")
@@ -243,15 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "SmolLM2-135M-Instruct) into OUT, an HF directory that still loads as an AR model.")
     c.add_argument("base", help="HF checkpoint directory or bundled name (smollm2-135m)")
     c.add_argument("out", help="output directory (must not exist or be empty)")
-    c.add_argument("--block-size", type=int, default=16, help="tokens per drafted block (default 16)")
+    c.add_argument("--block-size", type=integer, default=16, help="tokens per drafted block, 1..64 and below the "
+                   "model's context (default 16)")
     c.add_argument("--mask-token", default="<|mask|>", help="text of the mask token to add (default <|mask|>)")
     c.add_argument("--reuse-token", action="store_true",
                    help="use an existing (reserved, unused) token named by --mask-token instead of adding one")
     c.add_argument("--masking", choices=MASKING_SCHEMES, default="full", help="training masking scheme")
-    c.add_argument("--loss-weight", type=float, default=1.0, help="alpha of the AR loss (default 1)")
+    c.add_argument("--loss-weight", type=number, default=1.0, help="alpha of the AR loss (default 1)")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     c.set_defaults(fn=cmd_convert)
 
-    d = DecodeConfig()
     g = sub.add_parser("generate", help="decode prompts with TiDAR (or plain AR with --ar) and print stats",
                        description="Stream the model's answer to each prompt, then print tokens, forward passes, "
                        "tokens per forward (TPF), speed and the accepted-length histogram.")
@@ -261,21 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="one prompt text")
     src.add_argument("--prompts", help="JSONL file: one JSON string or {\"prompt\": ...} per line")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    g.add_argument("--sampler", choices=SAMPLERS, default=d.sampler,
-                   help="greedy (== AR greedy), lossless (== AR distribution), mix (logit mixing, faster)")
-    g.add_argument("--mix-weight", type=float, default=d.mix_weight, help="w in [0, 1] for --sampler mix")
-    g.add_argument("--draft-len", type=int, default=None, help="K, tokens per draft (default: the model's)")
-    g.add_argument("--proposals", type=int, default=None, help="|R|, proposals per forward, 1..K")
-    g.add_argument("--ar", action="store_true", help="plain AR decoding on the same model and cache")
-    g.add_argument("--adaptive", action="store_true",
-                   help="shorten the draft (down to plain AR steps) while acceptance is low; grow it back after")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--batch-size", type=int, default=1, help="prompts decoded together with --json")
+    add_fields(g, DecodeConfig, GENERATE_FIELDS, defaults=MODEL_DEFAULT, choices={"sampler": SAMPLERS},
+               repeat=("stop",))
+    g.add_argument("--batch-size", type=integer, default=None, help="prompts decoded together (with --json only)")
     g.add_argument("--json", action="store_true", help="one JSON line per prompt instead of streamed text")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     g.set_defaults(fn=cmd_generate)
@@ -286,11 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward, both speeds, the speedup and whether the text equals AR's.")
     de.add_argument("model", nargs="?", default="smollm2-135m",
                     help="converted checkpoint, adapter folder or bundled name (default: smollm2-135m)")
-    de.add_argument("--max-new-tokens", type=int, default=96)
-    de.add_argument("--draft-len", type=int, default=None, help="K (default: the model's tuned default)")
-    de.add_argument("--proposals", type=int, default=None, help="|R| (default: the model's tuned default)")
-    de.add_argument("--sampler", choices=SAMPLERS, default="greedy")
-    de.add_argument("--adaptive", action="store_true", help="adaptive draft length")
+    add_fields(de, DecodeConfig, DEMO_FIELDS, defaults={"max_new_tokens": 96, **MODEL_DEFAULT},
+               choices={"sampler": SAMPLERS})
     de.add_argument("--json", action="store_true", help="also print the per-prompt numbers as one JSON line")
     de.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     de.set_defaults(fn=cmd_demo)
@@ -309,18 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="checkpoint directory or bundled name (AR decoding; conversion not needed)")
     s.add_argument("--prompts", required=True, help="JSONL: {\"prompt\": text, \"id\"?, \"chat\"?} per line")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=integer, default=128)
+    s.add_argument("--batch-size", type=integer, default=8)
     s.add_argument("--sampler", choices=["greedy", "lossless"], default="greedy",
                    help="greedy continuations, or sampled ones (lossless = the AR distribution)")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    s.add_argument("--temperature", type=number, default=1.0, help="for --sampler lossless (default 1)")
+    s.add_argument("--seed", type=integer, default=0)
+    s.add_argument("--limit", type=integer, default=None, help="only the first N prompts")
     s.set_defaults(fn=cmd_distill)
 
     m = sub.add_parser("merge", help="merge an ungated LoRA adapter into a full converted checkpoint")
     m.add_argument("adapter", help="adapter folder (a run's final/)")
-    m.add_argument("out", help="output directory")
+    m.add_argument("out", help="output directory (must not exist or be empty)")
+    m.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     m.set_defaults(fn=cmd_merge)
 
     ex = sub.add_parser("export", help="a compact copy of an adapter folder (weights in bf16, no tokenizer)",
@@ -330,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("adapter", help="adapter folder (a run's final/)")
     ex.add_argument("out", help="output directory (must not exist or be empty)")
     ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     ex.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
@@ -342,22 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "proposal counts, on bench prompts never used in training. Prints a table; the last "
                        "stdout line is JSON; plots and bench.json go to --out.")
     b.add_argument("model", help="converted checkpoint, adapter folder or bundled name (smollm2-135m)")
-    b.add_argument("--quick", action="store_true", help="a small preset (a few minutes on 2 CPU cores)")
-    b.add_argument("--sets", type=_list(str), help="prompt sets: code,prose,chat or JSONL files")
-    b.add_argument("--n-prompts", type=int, help="prompts per set")
-    b.add_argument("--batch-sizes", type=_list(int), help="e.g. 1,4")
-    b.add_argument("--runs", type=int, help="timed runs per configuration (median), after one warm-up")
-    b.add_argument("--max-new-tokens", type=int)
-    b.add_argument("--draft-lens", type=_list(int), help="K values, e.g. 4,8,16")
-    b.add_argument("--proposals", type=_list(int), help="|R| values, e.g. 1,3")
-    b.add_argument("--mix-weights", type=_list(float), help="mix sampler weights, e.g. 0.25,0.5,1 ('' = none)")
-    b.add_argument("--samplers", type=_list(str),
-                   help="greedy,lossless,adaptive (adaptive = greedy with adaptive draft length); default all three")
-    b.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    add_fields(b, BenchConfig, [f.name for f in dataclasses.fields(BenchConfig)], defaults={"sets": None},
+               choices={})
     b.add_argument("--reference", help="a model to compare MODEL's greedy output with (e.g. the base of an ungated "
                    "conversion): exact-match rate, common prefix, and the reference's NLL of both outputs")
-    b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="folder for bench.json and plots (default runs/bench-TIME)")
+    b.add_argument("--force", action="store_true", help="replace bench.json and plots already in --out")
     b.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     b.set_defaults(fn=cmd_bench)
 
@@ -367,34 +465,54 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the AR loop, and write the fastest into the model's ar2dlm.json.")
     tu.add_argument("model", help="converted checkpoint, adapter folder or bundled name (its ar2dlm.json is "
                     "updated; for smollm2-135m the copy in $AR2DLM_HOME)")
-    tu.add_argument("--sets", type=_list(str), help="prompt sets: code,prose,chat or JSONL files")
-    tu.add_argument("--n-prompts", type=int, default=3, help="prompts per set")
-    tu.add_argument("--max-draft-len", type=int, default=16)
-    tu.add_argument("--max-new-tokens", type=int, default=64)
-    tu.add_argument("--dry-run", action="store_true", help="print, do not write ar2dlm.json")
-    tu.add_argument("--grid", action="store_true",
-                    help="also time every draft length x proposals of a grid on the same prompts and report how "
-                    "close the choice is to the fastest (slow: minutes per setting on a CPU)")
+    add_fields(tu, TuneConfig, [f.name for f in dataclasses.fields(TuneConfig)], defaults={"sets": None})
     tu.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     tu.set_defaults(fn=cmd_tune)
 
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
     pr.add_argument("out", help="output folder")
+    pr.add_argument("--force", action="store_true", help="replace train.jsonl and bench.jsonl if OUT has them")
     pr.set_defaults(fn=cmd_prompts)
     return p
 
 
+def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """An API message in the command line's words: `name=True` becomes the verb's flag `--name`."""
+    if parser is None:
+        return message
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if flags and isinstance(action, argparse._StoreTrueAction):
+            message = re.sub(rf"\b{action.dest}=True\b", flags[0], message)
+    if any("--ar" in a.option_strings for a in parser._actions):
+        message = message.replace("allow_ar=True", "--ar")
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    from .model import NotConvertedError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
         build_parser().parse_args(argv)  # the usual "unrecognized arguments" error
+    verb_parser = parser._subparsers._group_actions[0].choices.get(args.verb)
     try:
         if getattr(args, "takes_overrides", False):
             return args.fn(args, extra)
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"ar2dlm {args.verb}: error: {e}", file=sys.stderr)
+    except NotConvertedError as e:
+        message = str(e) if args.verb == "generate" else \
+            (f"{e.path} has no ar2dlm.json: it is an unconverted AR model; convert it first: "
+             f"`ar2dlm convert {e.path} OUT_DIR`")
+        print(f"ar2dlm {args.verb}: error: {cli_words(message, verb_parser)}", file=sys.stderr)
         return 2
+    except (ConfigError, OSError) as e:  # OSError: a file problem no loader named yet (its message names the file)
+        print(f"ar2dlm {args.verb}: error: {cli_words(str(e), verb_parser)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nar2dlm {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ its fields). Validation errors name the field and say what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -16,6 +17,11 @@ from pathlib import Path
 MASKING_SCHEMES = ("full", "uniform", "position_dependent")
 SAMPLERS = ("greedy", "lossless", "mix")
 SETTINGS_FILE = "ar2dlm.json"
+MAX_DRAFT_LEN = 64
+"""The longest block / draft: a step feeds K (1 + |R|) rows, so longer drafts only cost."""
+MIN_TEMPERATURE = 1e-3
+"""Smaller temperatures overflow the scaled logits; 0 means greedy (argmax)."""
+SEED_RANGE = (0, 2**64 - 1)
 
 
 class ConfigError(ValueError):
@@ -25,6 +31,71 @@ class ConfigError(ValueError):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _check_types(obj) -> None:
+    """Each field holds a value of its annotated type (int is not bool; a float field takes an int)."""
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        _check(_is_a(value, hint), f"{f.name} must be {_type_words(hint)}, got {value!r}")
+
+
+def _is_a(value, hint) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_is_a(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint)
+
+
+def _type_words(hint) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is tuple:
+        return f"a tuple of {_type_words(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "True or False"}.get(hint, str(hint))
+
+
+def _finite(x) -> bool:
+    return math.isfinite(x)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: its docstring} of a dataclass (the string literal under each field): help texts, one source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 @dataclass(frozen=True)
@@ -55,14 +126,22 @@ class DiffusionConfig:
     """Measured cost of a forward by token slots per row, relative to 1 slot (`ar2dlm tune`); {} = default."""
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.adapter in ("", "drafting", "lora"), f"adapter must be '', drafting or lora, got {self.adapter!r}")
-        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        _check(self.loss_weight >= 0, f"loss_weight must be >= 0, got {self.loss_weight}")
+        _check(1 <= self.block_size <= MAX_DRAFT_LEN,
+               f"block_size must be in 1..{MAX_DRAFT_LEN}, got {self.block_size}")
+        _check(self.loss_weight >= 0 and _finite(self.loss_weight), f"loss_weight must be >= 0, got {self.loss_weight}")
         _check(self.masking in MASKING_SCHEMES,
                f"masking must be one of {', '.join(MASKING_SCHEMES)}, got {self.masking!r}")
-        _check(self.half_life_ratio > 0, f"half_life_ratio must be > 0, got {self.half_life_ratio}")
-        _check(self.draft_len >= 0, f"draft_len must be >= 0, got {self.draft_len}")
-        _check(self.proposals >= 0, f"proposals must be >= 0, got {self.proposals}")
+        _check(self.half_life_ratio > 0 and _finite(self.half_life_ratio),
+               f"half_life_ratio must be > 0, got {self.half_life_ratio}")
+        _check(0 <= self.draft_len <= MAX_DRAFT_LEN,
+               f"draft_len must be in 0..{MAX_DRAFT_LEN} (0 = block_size), got {self.draft_len}")
+        K = self.draft_len or self.block_size
+        _check(0 <= self.proposals <= K, f"proposals must be in 0..{K} (the draft length; 0 = min(3, draft length)), "
+                                         f"got {self.proposals}")
+        _check(self.mask_token.strip() == self.mask_token and self.mask_token != "",
+               f"mask_token must be a non-empty text without surrounding whitespace, got {self.mask_token!r}")
 
     @property
     def beta(self) -> float:
@@ -70,25 +149,30 @@ class DiffusionConfig:
         return math.log(2) / (self.half_life_ratio * self.block_size)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / SETTINGS_FILE
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        """Write `directory/ar2dlm.json` (atomically: a reader never sees half a file)."""
+        from .files import write_text
+
+        write_text(Path(directory) / SETTINGS_FILE, json.dumps(dataclasses.asdict(self), indent=2) + "\n",
+                   force=True, what="settings file")
 
     @classmethod
     def load(cls, directory: str | Path) -> "DiffusionConfig":
+        from .files import read_json
+
         path = Path(directory) / SETTINGS_FILE
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-run `ar2dlm convert`") from e
+        raw = read_json(path, "settings file", "; re-run `ar2dlm convert`")
         _check(isinstance(raw, dict), f"{path} must hold a JSON object of settings; re-run `ar2dlm convert`")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields))
         _check(not unknown, f"{path}: unknown settings {unknown}")
+        _check("mask_token_id" in raw, f"{path} has no mask_token_id (the vocabulary id of the mask token); "
+                                       f"re-run `ar2dlm convert`")
         for name, value in raw.items():
             want = type(getattr(cls(), name))
             ok = isinstance(value, want) or (want is float and isinstance(value, int))
             _check(ok and not (want is not bool and isinstance(value, bool)),
                    f"{path}: setting {name!r} must be a {want.__name__}, got {value!r}")
+        _check(raw["mask_token_id"] >= 0, f"{path}: mask_token_id must be >= 0, got {raw['mask_token_id']}")
         try:
             return cls(**raw)
         except ConfigError as e:
@@ -110,13 +194,13 @@ class DecodeConfig:
     mix_weight: float = 0.0
     """w of the mix sampler: verify against softmax((1-w) AR + w diffusion logits); 0 = lossless."""
     temperature: float = 1.0
-    """Softmax temperature for lossless / mix (ignored by greedy)."""
+    """Softmax temperature for lossless / mix (0 = greedy; the greedy sampler takes no other value)."""
     top_k: int = 0
-    """Keep the k most likely tokens (0 = off)."""
+    """Keep the k most likely tokens (0 = off; lossless / mix only)."""
     top_p: float = 1.0
-    """Keep the smallest set with cumulative probability >= top_p (1 = off)."""
+    """Keep the smallest set with cumulative probability >= top_p (1 = off; lossless / mix only)."""
     seed: int | None = None
-    """Seed of the sampling generator (None = nondeterministic)."""
+    """Seed of the sampling generator, 0..2**64-1 (None = nondeterministic; greedy draws nothing)."""
     stop: tuple[str, ...] = ()
     """Stop strings: generation ends when the text contains one (it is cut from `text`)."""
     eos_token_id: tuple[int, ...] | None = None
@@ -128,18 +212,32 @@ class DecodeConfig:
     expected tokens per unit of forward cost, from the acceptance seen so far."""
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(1 <= self.draft_len <= 64, f"draft_len must be in 1..64, got {self.draft_len}")
+        _check(1 <= self.draft_len <= MAX_DRAFT_LEN, f"draft_len must be in 1..{MAX_DRAFT_LEN}, got {self.draft_len}")
         _check(1 <= self.proposals <= self.draft_len,
                f"proposals must be in 1..draft_len ({self.draft_len}), got {self.proposals}")
         _check(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         _check(0.0 <= self.mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {self.mix_weight}")
-        _check(self.mix_weight == 0.0 or self.sampler == "mix",
-               f"mix_weight={self.mix_weight} only applies to --sampler mix (got sampler {self.sampler!r})")
-        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.temperature == 0.0 or (MIN_TEMPERATURE <= self.temperature and _finite(self.temperature)),
+               f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {self.temperature}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+               f"seed must be in {SEED_RANGE[0]}..2**64-1, got {self.seed}")
+        _check(all(s for s in self.stop), "stop strings must be non-empty strings")
+        # a setting the chosen decoding would ignore is refused, never dropped in silence
+        _check(self.mix_weight == 0.0 or (self.sampler == "mix" and not self.ar),
+               f"mix_weight={self.mix_weight} only applies to sampler='mix' with drafting "
+               f"(got sampler={self.sampler!r}{', ar=True' if self.ar else ''})")
+        if self.sampler == "greedy":
+            ignored = [f"{name}={getattr(self, name)}" for name, off in (("temperature", 1.0), ("top_k", 0),
+                                                                           ("top_p", 1.0))
+                       if getattr(self, name) != off and not (name == "temperature" and self.temperature == 0.0)]
+            _check(not ignored, f"{', '.join(ignored)} only appl{'ies' if len(ignored) == 1 else 'y'} to "
+                                f"sampler='lossless' or 'mix'; the greedy sampler takes the argmax")
+        _check(not (self.ar and self.adaptive), "adaptive=True chooses the draft length; ar=True decodes one token "
+                                                "per forward without drafts: choose one")
 
     @property
     def greedy(self) -> bool:
@@ -336,21 +434,38 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
         import yaml
 
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        from .files import read_text
+
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(read_text(path, "config file")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({e})") from e
         _check(isinstance(raw, dict), f"{path}: expected a mapping of sections")
-        apply_overrides(raw, overrides)
-        return cls.from_dict(raw, str(path))
+        merged = copy.deepcopy(raw)
+        try:
+            apply_overrides(merged, overrides)
+            return cls.from_dict(merged, str(path))
+        except ConfigError as e:
+            if not overrides:
+                raise
+            try:  # which is to blame, the file or the command line?
+                cls.from_dict(raw, str(path))
+            except ConfigError:
+                raise e from None
+            try:
+                cls.from_dict(merged, "command line")
+                blame = str(e)
+            except ConfigError as e2:
+                blame = str(e2)
+            raise ConfigError(f"{blame} (from the command-line overrides {' '.join(map(str, overrides))}; "
+                              f"{path} itself is fine)") from e
 
     def save_yaml(self, path: str | Path) -> None:
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .files import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False), force=True, what="config file")
 
 
 def apply_overrides(raw: dict, overrides) -> None:
@@ -377,26 +492,28 @@ def _plain(x):
     return x
 
 
-def _build(cls, raw, where: str):
-    _check(isinstance(raw, dict), f"{where}: expected a mapping")
+def _build(cls, raw, where: str, section: str = ""):
+    """cls from a raw mapping; `where` names the source (a file, "command line"), `section` the nesting."""
+    at = f"{where}: {section}" if section else where
+    _check(isinstance(raw, dict), f"{at}: expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
-    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    _check(not unknown, f"{at}: unknown field(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
     hints = __import__("typing").get_type_hints(cls)
     for name, value in raw.items():
         hint = hints[name]
-        label = f"{where}: {name}" if where.endswith(".yaml") or where == "config" else f"{where}.{name}"
+        label = f"{where}: {section}.{name}" if section else f"{where}: {name}"
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, name)
+            kwargs[name] = _build(hint, value or {}, where, f"{section}.{name}" if section else name)
         else:
             kwargs[name] = _coerce(value, hint, label)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:
+    except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from e
+    except TypeError as e:
+        raise ConfigError(f"{at}: {e}") from e
 
 
 def _coerce(value, hint, label):
@@ -424,3 +541,106 @@ def _coerce(value, hint, label):
         _check(isinstance(value, str), f"{label} must be a string, got {value!r}")
         return value
     return value
+
+
+# ============================================================================ measuring
+BENCH_SETS = ("code", "prose", "chat")
+BENCH_SAMPLERS = ("greedy", "lossless", "adaptive")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`ar2dlm bench` settings. A field left None takes its preset (quick or full, from the model's K and |R|)."""
+
+    quick: bool = False
+    """A small preset (a few minutes on 2 CPU cores)."""
+    sets: tuple[str, ...] = BENCH_SETS
+    """Prompt sets: code, prose, chat, or JSONL prompt files."""
+    n_prompts: int | None = None
+    """Prompts per set (preset: 2 quick, 10 full)."""
+    batch_sizes: tuple[int, ...] | None = None
+    """Batch sizes, e.g. 1,4 (preset: 1 quick, 1,4 full)."""
+    runs: int | None = None
+    """Timed runs per configuration (median), after one warm-up (preset: 2 quick, 3 full)."""
+    max_new_tokens: int | None = None
+    """New tokens per prompt (preset: 40 quick, 128 full)."""
+    draft_lens: tuple[int, ...] | None = None
+    """Draft lengths K, each 1..64, e.g. 4,8,16 (preset: the model's K; full adds 4 and 8)."""
+    proposals: tuple[int, ...] | None = None
+    """Proposal counts |R|, e.g. 1,3; each at most the largest draft length (preset: the model's |R|; full adds 1)."""
+    mix_weights: tuple[float, ...] | None = None
+    """Mix sampler weights in [0, 1], e.g. 0.25,0.5,1; empty = none (preset: 0.5,1 quick, 0.25,0.5,0.75,1 full)."""
+    samplers: tuple[str, ...] = BENCH_SAMPLERS
+    """greedy, lossless, adaptive (adaptive = greedy with adaptive draft length)."""
+    hf: bool = True
+    """Also time the HF generate baselines."""
+    seed: int = 0
+    """Seed of the sampling samplers, 0..2**64-1."""
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(len(self.sets) > 0, "sets must name at least one prompt set")
+        _check(self.n_prompts is None or self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
+        _check(self.batch_sizes is None or (self.batch_sizes and all(b >= 1 for b in self.batch_sizes)),
+               f"batch_sizes must be one or more integers >= 1, got {self.batch_sizes}")
+        _check(self.runs is None or self.runs >= 1, f"runs must be >= 1, got {self.runs}")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1,
+               f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.draft_lens is None or (self.draft_lens and all(1 <= k <= MAX_DRAFT_LEN for k in self.draft_lens)),
+               f"draft_lens must be one or more integers in 1..{MAX_DRAFT_LEN}, got {self.draft_lens}")
+        _check(self.proposals is None or (self.proposals and all(n >= 1 for n in self.proposals)),
+               f"proposals must be one or more integers >= 1, got {self.proposals}")
+        if self.draft_lens and self.proposals:
+            _check(max(self.proposals) <= max(self.draft_lens),
+                   f"proposals {max(self.proposals)} exceeds every draft length "
+                   f"({', '.join(map(str, self.draft_lens))}): "
+                   f"a draft of K tokens has at most K proposals")
+        _check(self.mix_weights is None or all(0.0 <= w <= 1.0 for w in self.mix_weights),
+               f"mix_weights must each be in [0, 1], got {self.mix_weights}")
+        unknown = sorted(set(self.samplers) - set(BENCH_SAMPLERS))
+        _check(not unknown, f"unknown bench sampler(s) {unknown}: choose from {', '.join(BENCH_SAMPLERS)} "
+                            f"(the mix sampler is timed for each of mix_weights)")
+        _check(len(self.samplers) > 0 or bool(self.mix_weights),
+               "samplers and mix_weights are both empty: nothing to time against the AR loop")
+        _check(SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], f"seed must be in 0..2**64-1, got {self.seed}")
+
+    def resolved(self, draft_len: int, proposals: int) -> "BenchConfig":
+        """Every None replaced by its preset; draft_len / proposals are the model's defaults."""
+        q = self.quick
+        draft_lens = self.draft_lens or ((draft_len,) if q else tuple(sorted({4, 8, draft_len})))
+        proposals = min(proposals, max(draft_lens))  # a preset never asks for more proposals than draft tokens
+        preset = {
+            "n_prompts": 2 if q else 10, "batch_sizes": (1,) if q else (1, 4), "runs": 2 if q else 3,
+            "max_new_tokens": 40 if q else 128, "draft_lens": draft_lens,
+            "proposals": (proposals,) if q else tuple(sorted({1, proposals})),
+            "mix_weights": (0.5, 1.0) if q else (0.25, 0.5, 0.75, 1.0),
+        }
+        return dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`ar2dlm tune` settings."""
+
+    sets: tuple[str, ...] = BENCH_SETS
+    """Prompt sets: code, prose, chat, or JSONL prompt files."""
+    n_prompts: int = 3
+    """Prompts per set."""
+    max_draft_len: int = 16
+    """Longest draft length K tried, 2..64."""
+    max_new_tokens: int = 64
+    """New tokens per prompt."""
+    grid: bool = False
+    """Also time every draft length x proposals of a grid on the same prompts and report how close the choice
+    is to the fastest (slow: minutes per setting on a CPU)."""
+    dry_run: bool = False
+    """Print the choice; do not write it into ar2dlm.json."""
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(len(self.sets) > 0, "sets must name at least one prompt set")
+        _check(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
+        _check(2 <= self.max_draft_len <= MAX_DRAFT_LEN,
+               f"max_draft_len must be in 2..{MAX_DRAFT_LEN} (1 = plain AR, nothing to tune), "
+               f"got {self.max_draft_len}")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -8,39 +8,25 @@ distribution"). Nothing else in the weights changes.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .bundled import resolve_base
 from .config import ConfigError, DiffusionConfig
 
 
 def load_base(base: str | Path, dtype="auto"):
-    """(model, tokenizer) of a local HF causal-LM directory or a bundled name; errors say which."""
+    """(model, tokenizer) of a local HF causal-LM directory or a bundled name; errors say which file."""
+    from . import checkpoint
+
     path = resolve_base(str(base))
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable config.json ({e})") from e
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except ValueError as e:
-        raise ConfigError(f"{path} is not a causal-LM checkpoint (model_type {config.model_type!r}): {e}") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot load the weights ({e}); is the checkpoint complete?") from e
+    model = checkpoint.load_model(path, dtype=dtype)
     if not is_causal(model):
-        raise ConfigError(f"{path} ({config.model_type}) is not a causal LM: its early logits depend on later "
+        raise ConfigError(f"{path} ({model.config.model_type}) is not a causal LM: its early logits depend on later "
                           f"tokens (bidirectional attention); ar2dlm converts decoder-only causal LMs")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot load a tokenizer ({e})") from e
-    return model, tokenizer
+    return model, checkpoint.load_tokenizer(path)
 
 
 @torch.no_grad()
@@ -59,19 +45,42 @@ def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool =
     """Add `mask_token` to the tokenizer and give it a mean embedding row; return its id.
 
     reuse=True takes an existing (reserved, unused) token of that text instead.
+    The mask token must be a token of its own: never the text of an ordinary
+    word or whitespace (adding it would change how text is tokenized, so even
+    AR output would differ) and never a token the model emits or reads with a
+    meaning (EOS, BOS, UNK, padding): its logit is excluded from every
+    distribution, so decoding could never stop or would lose a token.
     """
-    existing = tokenizer.convert_tokens_to_ids(mask_token)
-    exists = mask_token in tokenizer.get_vocab()
+    if not isinstance(mask_token, str) or not mask_token or mask_token != mask_token.strip() or \
+            any(c.isspace() for c in mask_token):
+        raise ConfigError(f"mask_token must be a non-empty text without whitespace (such as <|mask|>), got "
+                          f"{mask_token!r}")
+    vocab = tokenizer.get_vocab()
+    exists = mask_token in vocab
     if reuse:
         if not exists:
-            raise ConfigError(f"--reuse-token: {mask_token!r} is not in the vocabulary; name a reserved token "
-                              f"that exists, or drop --reuse-token to add a new one")
-        return int(existing)
+            raise ConfigError(f"reuse_token=True: {mask_token!r} is not in the vocabulary; name a reserved token "
+                              f"that exists, or drop reuse_token=True to add a new one")
+        mask_id = int(vocab[mask_token])
+        roles = _special_roles(model, tokenizer)
+        if mask_id in roles:
+            raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) is the model's {roles[mask_id]} "
+                              f"token; the mask token must be an unused reserved token (its logit is never emitted)")
+        if mask_id >= model.get_input_embeddings().weight.shape[0]:
+            raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) has no embedding row in the model")
+        return mask_id
     if exists:
-        raise ConfigError(f"mask token {mask_token!r} collides with existing token id {existing}; choose another "
-                          f"--mask-token, or pass --reuse-token if that token is an unused reserved one")
+        raise ConfigError(f"mask token {mask_token!r} collides with existing token id {vocab[mask_token]}; choose "
+                          f"another mask_token, or pass reuse_token=True if that token is an unused reserved one")
+    probe = "Hello world, 1 2 3: the mask token must not change this."
+    before = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    n_before = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [mask_token]}, replace_extra_special_tokens=False)
     mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    if len(tokenizer) != n_before + 1 or mask_id is None or mask_id < n_before or \
+            tokenizer(probe, add_special_tokens=False)["input_ids"] != before:
+        raise ConfigError(f"mask token {mask_token!r} is not a new, distinct token for this tokenizer (it changes "
+                          f"how text is tokenized); choose another mask_token, such as <|mask|>")
     embed = model.get_input_embeddings()
     if mask_id >= embed.weight.shape[0]:
         model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
@@ -79,6 +88,18 @@ def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool =
         for layer in _vocab_matrices(model):
             layer.weight[mask_id] = layer.weight[:mask_id].float().mean(0).to(layer.weight.dtype)
     return mask_id
+
+
+def _special_roles(model, tokenizer) -> dict[int, str]:
+    """{token id: role} of the tokens with a meaning: EOS / BOS / UNK / padding of tokenizer and model."""
+    roles = {}
+    for role in ("eos", "bos", "unk", "pad"):
+        for source in (tokenizer, model.config, getattr(model, "generation_config", None)):
+            ids = getattr(source, f"{role}_token_id", None) if source is not None else None
+            for i in ([ids] if isinstance(ids, int) else list(ids or [])):
+                roles.setdefault(int(i), {"eos": "end-of-sequence (EOS)", "bos": "beginning-of-sequence (BOS)",
+                                          "unk": "unknown (UNK)", "pad": "padding"}[role])
+    return roles
 
 
 def _vocab_matrices(model):
@@ -89,32 +110,28 @@ def _vocab_matrices(model):
 
 
 def convert(base: str | Path, out: str | Path, block_size: int = 16, mask_token: str = "<|mask|>",
-            reuse_token: bool = False, **settings) -> Path:
+            reuse_token: bool = False, force: bool = False, **settings) -> Path:
     """Convert BASE (HF dir or bundled name) into OUT; returns OUT.
 
-    Writes into a temporary sibling first and renames, so an interrupted
-    conversion never leaves a half-written OUT.
+    OUT must not exist or be empty (force=True replaces it). Writes into a
+    temporary sibling first and renames, so an interrupted conversion never
+    leaves a half-written OUT.
     """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose a new output directory")
+    from . import checkpoint, files
+
+    out = files.check_output_dir(out, force)
+    DiffusionConfig(block_size=block_size, mask_token=mask_token, **settings)  # bad settings fail before loading
     model, tokenizer = load_base(base)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and block_size >= ctx:
+        raise ConfigError(f"block_size {block_size} must be below the model's context of {ctx} tokens")
     mask_id = add_mask_token(model, tokenizer, mask_token, reuse_token)
     diffusion = DiffusionConfig(block_size=block_size, mask_token_id=mask_id, mask_token=mask_token,
-                                base_model=str(base), **settings)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+                                base_model=checkpoint.base_model_name(base), **settings)
+    with files.output_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diffusion.save(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"converted {base} -> {out} (mask token {mask_token!r} = id {mask_id}, block size {block_size})",
           file=sys.stderr)
     return out

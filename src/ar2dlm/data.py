@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from .config import ConfigError, DataSection
+from .files import open_text, read_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 
@@ -83,10 +84,7 @@ def read_records(path: Path, fmt: str, section: DataSection) -> Iterator[tuple[s
                 yield from read_records(f, "auto", section)
         return
     if fmt == "text":
-        try:
-            yield str(path), path.read_text()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"data: {path} is not UTF-8 text ({e})") from e
+        yield str(path), read_text(path, "data: text file")
         return
     if fmt in ("jsonl", "distilled"):
         yield from _read_jsonl(path, fmt, section)
@@ -100,13 +98,10 @@ def read_records(path: Path, fmt: str, section: DataSection) -> Iterator[tuple[s
 
 def iter_jsonl(path: str | Path, label: str = "") -> Iterator[tuple[int, object]]:
     """(line number, value) of every non-blank line of a JSONL file (.gz too); a bad line is named."""
-    import gzip
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{label}{path} does not exist")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt") as f:
+    with open_text(path, f"{label}JSONL file".strip()) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

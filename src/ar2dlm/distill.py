@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data import read_prompt_file
+from .files import read_text
 
 
 
@@ -31,10 +32,14 @@ def distill(lm, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "distilled.jsonl"
+    if limit is not None and limit < 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"limit must be >= 1 (the first N prompts) or None, got {limit}")
     records = read_prompt_file(prompts_file)[:limit]
     done = set()
     if out.exists():
-        for line in out.read_text().splitlines():
+        for line in read_text(out, "distilled file").splitlines():
             try:
                 done.add(json.loads(line)["id"])
             except (json.JSONDecodeError, KeyError):
@@ -44,8 +49,8 @@ def distill(lm, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: i
     print(f"distill: {len(records)} prompts, {len(done)} done, {len(todo)} to go -> {out}", file=sys.stderr)
     # similar lengths together: less padding in a batch
     todo.sort(key=lambda r: len(r["prompt"]))
-    cfg = lm.decode_config(ar=True, max_new_tokens=max_new_tokens, sampler=sampler,
-                           temperature=temperature if sampler != "greedy" else 1.0, seed=seed)
+    cfg = lm.decode_config(ar=True, max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature,
+                           seed=seed)
     bar = tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True)
     new_tokens, start_time = 0, time.perf_counter()
     with out.open("a") as f:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import kernels, masks
 from .config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
@@ -72,6 +71,15 @@ class SlotGate:
         return column
 
 
+class NotConvertedError(ConfigError):
+    """A model without ar2dlm.json where a converted one is needed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(f"{path} has no {SETTINGS_FILE}: it is an unconverted AR model. Convert it with "
+                         f"`ar2dlm convert {path} OUT_DIR`, or load it with allow_ar=True for plain AR decoding")
+
+
 class DiffusionLM:
     """A converted checkpoint ready to decode. `settings is None` means a plain AR model."""
 
@@ -87,50 +95,47 @@ class DiffusionLM:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         attn_implementation: str = "sdpa", allow_ar: bool = False) -> "DiffusionLM":
-        """Load a converted checkpoint, or a bundled name (its shipped drafter).
+        """Load a converted checkpoint, an adapter folder, or a bundled name (its shipped drafter).
 
-        `allow_ar=True` also accepts an unconverted AR model.
+        `allow_ar=True` also accepts an unconverted AR model. Every file it reads
+        is checked first; a bad one is named in a ConfigError.
         """
+        from . import checkpoint
         from .bundled import resolve_model
 
         path = Path(path) if Path(path).exists() else resolve_model(str(path))
+        if not path.is_dir():
+            raise ConfigError(f"{path} is a file; give a checkpoint directory (config.json, weights, tokenizer)")
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ConfigError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         settings = None
         if (path / SETTINGS_FILE).exists():
             settings = DiffusionConfig.load(path)
         elif not allow_ar:
-            raise ConfigError(
-                f"{path} has no {SETTINGS_FILE}: it is an unconverted AR model. Convert it with "
-                f"`ar2dlm convert {path} OUT_DIR`, or decode it as plain AR with `--ar`.")
+            raise NotConvertedError(path)
         if settings is not None and settings.adapter:
             lm = cls._from_adapter(path, settings, dtype, attn_implementation)
-            lm.source = path
-            lm.fuse()
-            return lm
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"could not load a causal LM from {path}: {e}") from e
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = cls(model, tokenizer, settings)
+        else:
+            model = checkpoint.load_model(path, dtype=dtype, attn_implementation=attn_implementation)
+            lm = cls(model, checkpoint.load_tokenizer(path), settings)
         lm.source = path
+        if settings is not None:
+            checkpoint.check_settings(lm, path / SETTINGS_FILE)
         lm.fuse()
         return lm
 
     @classmethod
     def _from_adapter(cls, path: Path, settings: DiffusionConfig, dtype, attn_implementation) -> "DiffusionLM":
         """An adapter folder: its base (settings.base_model) + the mask token + the LoRA."""
-        from . import adapter
-        from .bundled import resolve_base
+        from . import adapter, checkpoint
         from .convert import add_mask_token
 
         if not (path / "adapter_config.json").exists():
             raise ConfigError(f"{path}: ar2dlm.json says adapter={settings.adapter!r} but adapter_config.json is missing")
-        base = path / settings.base_model if (path / settings.base_model / "config.json").exists() else \
-            resolve_base(settings.base_model)  # a base shipped inside the folder, or named
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        checkpoint.check_adapter(path)
+        base = checkpoint.adapter_base(path, settings)
+        model = checkpoint.load_model(base, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = checkpoint.load_tokenizer(base)
         if (base / SETTINGS_FILE).exists():  # the adapter was trained on an already converted checkpoint
             mask_id = DiffusionConfig.load(base).mask_token_id
         else:
@@ -139,9 +144,9 @@ class DiffusionLM:
             raise ConfigError(f"{path}: the mask token of base {settings.base_model} would be id {mask_id}, the "
                               f"adapter expects {settings.mask_token_id}: wrong base model?")
         if (path / "tokenizer_config.json").exists():  # else the base's, with the mask token just added
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = checkpoint.load_tokenizer(path)
         lm = cls(model, tokenizer, settings)
-        adapter.load(lm, path)
+        checkpoint.load_adapter(lm, path)
         return lm
 
     def fuse(self) -> int:
@@ -195,11 +200,26 @@ class DiffusionLM:
             if isinstance(defaults.get(key), (list, str, int)):
                 v = defaults[key]
                 defaults[key] = tuple([v] if isinstance(v, (str, int)) else v)
-        if overrides.get("draft_len") is not None and overrides.get("proposals") is None and self.settings is not None:
+        if overrides.get("draft_len") is not None and overrides.get("proposals") is None and self.settings is not None \
+                and type(defaults["draft_len"]) is int:  # another type fails in DecodeConfig, naming the field
             defaults["proposals"] = min(defaults["proposals"], defaults["draft_len"])
-        config = DecodeConfig(**defaults)
+        if overrides.get("ar"):  # plain AR steps draft nothing: a drafting setting would be dropped in silence
+            given = [k for k in ("draft_len", "proposals") if overrides.get(k) is not None]
+            if given:
+                raise ConfigError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to drafting, "
+                                  f"but ar=True decodes one token per forward without drafts: drop "
+                                  f"{' and '.join(given)} or ar=True")
+        try:
+            config = DecodeConfig(**defaults)
+        except ConfigError as e:
+            from_file = [k for k in ("draft_len", "proposals") if overrides.get(k) is None and k in defaults]
+            if self.settings is None or not from_file or not any(k in str(e) for k in from_file):
+                raise
+            where = self.source / SETTINGS_FILE if self.source is not None else SETTINGS_FILE
+            raise ConfigError(f"{e} ({' and '.join(f'{k}={defaults[k]}' for k in from_file)} "
+                              f"{'is' if len(from_file) == 1 else 'are'} the default of {where})") from e
         if not config.ar and self.settings is None:
-            raise ConfigError("this model is not converted (no ar2dlm.json): decode it with ar=True / --ar, "
+            raise ConfigError("this model is not converted (no ar2dlm.json): decode it with ar=True, "
                               "or convert it with `ar2dlm convert`")
         return config
 
@@ -212,8 +232,8 @@ class DiffusionLM:
             if isinstance(prompt, str):
                 if chat:
                     if not getattr(self.tokenizer, "chat_template", None):
-                        raise ConfigError("--chat: this tokenizer has no chat template; drop --chat and give the "
-                                          "prompt text as the model expects it")
+                        raise ConfigError("chat=True: this tokenizer has no chat template; drop chat=True and give "
+                                          "the prompt text as the model expects it")
                     toks = self.tokenizer.apply_chat_template(
                         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
                         return_dict=False)
@@ -231,6 +251,8 @@ class DiffusionLM:
         """Decode a batch of prompts (strings or token-id lists); one `Generation` per prompt."""
         from .decode.engine import generate
 
+        if not isinstance(prompts, str) and len(prompts) == 0:
+            raise ConfigError("prompts is empty: give at least one prompt (a string or a list of token ids)")
         return generate(self, self.encode(prompts, chat), self.decode_config(**settings))
 
     def stream(self, prompt, chat: bool = False, **settings) -> Iterator[str]:

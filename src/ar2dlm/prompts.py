@@ -122,25 +122,30 @@ def load_prompts(source: str, split: str) -> list[dict]:
     return [dict(r) for r in records if r["split"] == split]
 
 
-def write_prompt_sets(out_dir, sources=SOURCES) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``bench.jsonl`` (one prompt dict per line) into ``out_dir``."""
+def write_prompt_sets(out_dir, sources=SOURCES, force: bool = False) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``bench.jsonl`` (one prompt dict per line) into ``out_dir``.
+
+    Existing files are never replaced unless ``force=True``; each is written atomically.
+    """
+    from . import files
+
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
     for source in sources:
         if source not in SOURCES:
             raise ValueError(f"unknown prompt source {source!r}; choose from {', '.join(SOURCES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise files.ConfigError(f"output folder {out_dir} is a file, not a directory")
+    paths = {split: files.check_output_file(out_dir / f"{split}.jsonl", force, "prompts file") for split in SPLITS}
     sets = {split: [] for split in SPLITS}
     for source in sources:  # load everything first: a missing source writes nothing
         for split in SPLITS:
             records = load_prompts(source, split)
             sets[split] += records
             print(f"prompts: {source:<6} {split:<5} {len(records):4d}", file=sys.stderr)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
     for split, records in sets.items():
-        paths[split] = out_dir / f"{split}.jsonl"
-        with paths[split].open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        files.write_text(paths[split], "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
+                         force, "prompts file")
     return paths
 
 
@@ -450,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ar2dlm.prompts", description=__doc__.split("\n", 1)[0])
     parser.add_argument("out_dir", help="directory for train.jsonl and bench.jsonl")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--force", action="store_true", help="replace train.jsonl / bench.jsonl if they exist")
     args = parser.parse_args(argv)
-    for split, path in write_prompt_sets(args.out_dir, args.sources).items():
+    for split, path in write_prompt_sets(args.out_dir, args.sources, args.force).items():
         print(f"{split}: {path}")
     return 0
 

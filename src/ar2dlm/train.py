@@ -59,8 +59,13 @@ class Run:
 
 
 def load_model(cfg: TrainConfig) -> DiffusionLM:
-    """The converted model to train (a base is converted in memory), with the objective's settings."""
+    """The converted model to train (a base is converted in memory), with the objective's settings.
+
+    A converted checkpoint loads through `DiffusionLM.from_pretrained`, a base
+    through `convert.load_base`: both read their files through `checkpoint`.
+    """
     from .bundled import resolve_base
+    from .checkpoint import base_model_name
     from .convert import add_mask_token, load_base
 
     path = resolve_base(cfg.model.path)
@@ -68,18 +73,30 @@ def load_model(cfg: TrainConfig) -> DiffusionLM:
         lm = DiffusionLM.from_pretrained(path)
         if lm.settings.adapter:
             raise ConfigError(f"model.path {path} is an adapter folder; train from its base, or merge it first")
-        base_model = cfg.model.path
     else:
         model, tok = load_base(cfg.model.path, dtype=torch.float32)
         lm = DiffusionLM(model, tok, DiffusionConfig(mask_token_id=add_mask_token(model, tok)))
-        base_model = cfg.model.path
     o = cfg.objective
     lm.settings = dataclasses.replace(lm.settings, block_size=o.block_size, masking=o.masking,
                                       half_life_ratio=o.half_life_ratio, loss_weight=o.loss_weight,
-                                      base_model=base_model)
+                                      base_model=base_model_name(cfg.model.path))
     extend_context(lm.model, cfg)
     lm.model.float()
     return lm
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Before any loading: run_dir is a directory (or new), and resume matches what it holds."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory; choose another run_dir")
+    if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
+        raise ConfigError(f"{run_dir / 'checkpoints'} is a file, not a directory; choose another run_dir")
+    found = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    if resume and found is None:
+        raise ConfigError(f"resume=True but {run_dir / 'checkpoints'} holds no checkpoint to resume from: check "
+                          f"run_dir ({run_dir}), or drop resume=True to start a new run")
+    if not resume and found is not None:
+        raise ConfigError(f"{run_dir} already has checkpoints: pass resume=True to continue, or use a new run_dir")
 
 
 def extend_context(model, cfg: TrainConfig) -> bool:
@@ -414,17 +431,13 @@ class _Stop:
 def train(cfg: TrainConfig, resume: bool = False) -> Run:
     from tqdm import tqdm
 
+    check_run_dir(Path(cfg.run_dir), resume)
     run = setup(cfg)
     acc = run.accelerator
     if resume:
         ckpt = latest_checkpoint(run.run_dir)
-        if ckpt is None:
-            acc.print(f"--resume: no checkpoint in {run.run_dir / 'checkpoints'}; starting from step 0")
-        else:
-            load_checkpoint(run, ckpt)
-            acc.print(f"resumed from {ckpt} (step {run.step})")
-    elif latest_checkpoint(run.run_dir) is not None:
-        raise ConfigError(f"{run.run_dir} already has checkpoints: pass --resume to continue, or use a new run_dir")
+        load_checkpoint(run, ckpt)
+        acc.print(f"resumed from {ckpt} (step {run.step})")
     metrics = run.run_dir / "metrics.jsonl"
     stop = _Stop()
     S, B = cfg.data.seq_len, cfg.optim.batch_size
@@ -476,7 +489,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
     run.lm.wrapped = None
     if stop.requested:
         save_checkpoint(run)
-        acc.print(f"\nstopped at step {run.step}: checkpoint saved; continue with --resume")
+        acc.print(f"\nstopped at step {run.step}: checkpoint saved; continue with resume (ar2dlm train --resume)")
         return run
     if acc.is_main_process:
         if latest_checkpoint(run.run_dir) is None or not latest_checkpoint(run.run_dir).name.endswith(

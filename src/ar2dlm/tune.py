@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from . import masks
+from .config import ConfigError
 from .decode.engine import generate
 from .decode.policy import CostModel
 
@@ -98,7 +99,11 @@ def predicted_tpf(a: list[float], K: int, n: int) -> float:
 def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 64, top: int = 3,
          grid_k=(2, 3, 4, 6, 8, 12, 16), grid_n=(1, 2, 3, 4, 5), log=print) -> dict:
     from .bench import _eos
+    from .config import TuneConfig
 
+    TuneConfig(max_draft_len=max_len, max_new_tokens=max_new_tokens)  # before minutes of timing
+    if not prompts:
+        raise ConfigError("prompts is empty: tune needs at least one prompt")
     eos = _eos(lm)
     log("tune: measuring forward cost by token slots ...", file=sys.stderr)
     cost_table = forward_cost(lm, [s for s in SLOTS if s <= max_len * (1 + max(grid_n))])

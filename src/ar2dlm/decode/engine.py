@@ -329,7 +329,9 @@ class Request:
 def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
     """Errors a user can fix, before any compute."""
     if not cfg.ar and lm.mask_token_id is None:
-        raise ConfigError("this model has no mask token (not converted): use ar=True / --ar, or `ar2dlm convert` it")
+        raise ConfigError("this model has no mask token (not converted): use ar=True, or `ar2dlm convert` it")
+    if len(prompts) == 0:
+        raise ConfigError("prompts is empty: give at least one prompt")
     ctx = lm.context_len
     window = getattr(lm.model.config, "sliding_window", None)
     vocab = _embedding_rows(lm.model)
@@ -340,6 +342,9 @@ def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
             # our masks are full attention; past the window they would not match the model's own
             raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens={cfg.max_new_tokens} exceed the "
                               f"model's sliding attention window ({window}); ar2dlm decodes within the window only")
+        if ctx is not None and len(p) >= ctx:
+            raise ConfigError(f"prompt {i} has {len(p)} tokens, as many as the model's context of {ctx} tokens or "
+                              f"more: shorten it to at most {ctx - 1} tokens")
         if ctx is not None and len(p) + cfg.max_new_tokens > ctx:
             raise ConfigError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} that "
                               f"exceeds the model's context of {ctx} tokens: shorten the prompt or lower "
