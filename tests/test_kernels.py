@@ -1,5 +1,6 @@
-"""Fused inference projections (kernels.py) held to the plain modules: the logits of every ar2dlm layout with
-the drafting adapter, an ungated LoRA and no adapter; greedy decoding equals HF generate of the plain base."""
+"""Inference fast paths held to the plain modules: fused projections (kernels.py) and packed grouped-query
+attention (attention.py). The logits of every ar2dlm layout with the drafting adapter, an ungated LoRA and no
+adapter; greedy decoding equals HF generate of the plain base."""
 
 from __future__ import annotations
 
@@ -57,17 +58,17 @@ def test_fused_logits_equal_the_plain_modules(arch, kind):
                     caches = [DynamicCache(), DynamicCache()]
                     prefix = torch.randint(2, 90, (1, 5), generator=torch.Generator().manual_seed(1))
                     fused = [lm.forward(prefix, torch.arange(5)[None], masks.causal_mask(5), None, caches[0])]
-                    with kernels.stock():
+                    with lm.plain():
                         plain = [lm.forward(prefix, torch.arange(5)[None], masks.causal_mask(5), None, caches[1])]
                     fused.append(lm.forward(ids, pos, mask, slots, caches[0]))
-                    with kernels.stock():
+                    with lm.plain():
                         plain.append(lm.forward(ids, pos, mask, slots, caches[1]))
                     for a, b in zip(caches[0].layers, caches[1].layers):
                         torch.testing.assert_close(a.keys, b.keys)
                         torch.testing.assert_close(a.values, b.values)
                 else:
                     fused = [lm.forward(ids, pos, mask, slots)]
-                    with kernels.stock():
+                    with lm.plain():
                         plain = [lm.forward(ids, pos, mask, slots)]
             for f, p in zip(fused, plain):
                 torch.testing.assert_close(f, p, msg=f"{arch} {kind} {name} base_only={base_only}")
@@ -90,7 +91,7 @@ def test_the_fused_path_runs_and_shares_the_weights():
         with torch.inference_mode():
             lm.forward(ids, pos, mask, slots)
             fused_calls = len(calls)
-            with kernels.stock():
+            with lm.plain():
                 lm.forward(ids, pos, mask, slots)
     finally:
         torch.nn.Linear.forward = original
@@ -106,7 +107,7 @@ def test_replaced_weights_and_autograd_take_the_plain_path():
     lm.model.double()  # new weight tensors: the stacked buffer is stale and must not be used
     with torch.inference_mode():
         got = lm.forward(ids, pos, mask, slots)
-        with kernels.stock():
+        with lm.plain():
             want = lm.forward(ids, pos, mask, slots)
     assert got.dtype == torch.float64 and torch.equal(got, want)
 
@@ -124,3 +125,30 @@ def test_greedy_decoding_with_fused_projections_equals_hf_generate(arch):
     for K, R in [(1, 1), (4, 1), (4, 3)]:
         got = [g.token_ids for g in lm.generate(prompts, max_new_tokens=16, draft_len=K, proposals=R)]
         assert got == expected, (K, R)
+
+
+def test_packed_gqa_attention_equals_transformers_sdpa():
+    """attention.py on a long cache with ragged holes (decode-step mask, 4 query heads over 2 KV heads) gives
+    transformers' own sdpa output, and it is what the model runs."""
+    from ar2dlm import attention
+    from transformers import DynamicCache
+
+    lm = adapted("llama", "drafting")
+    assert lm.model.config._attn_implementation == attention.NAME
+    g = torch.Generator().manual_seed(2)
+    C = 40
+    prefix = torch.randint(2, 90, (2, C), generator=g)
+    valid = torch.rand(2, C, generator=g) > 0.2  # holes left by ragged acceptance
+    valid[:, 0] = True
+    R = torch.tensor([[1, 2], [2, 4]])
+    ids = torch.randint(2, 90, (2, 12), generator=g)
+    pos = C + torch.arange(12).expand(2, -1)
+    outs = []
+    for plain in (False, True):
+        cache = DynamicCache()
+        with torch.inference_mode(), (lm.plain() if plain else torch.inference_mode()):
+            lm.forward(prefix, torch.arange(C).expand(2, -1), masks.causal_mask(C, 2), None, cache)
+            outs.append(lm.forward(ids, pos, masks.step_mask(valid, 4, R), (torch.arange(12) >= 4).expand(2, -1),
+                                   cache))
+    assert lm.model.config._attn_implementation == attention.NAME  # plain() switched back
+    torch.testing.assert_close(outs[0], outs[1])

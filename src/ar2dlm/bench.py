@@ -6,8 +6,9 @@ all of them alike; one untimed warm-up run of every configuration comes first. R
 size: tokens per forward (TPF), mean accepted length and its histogram,
 tokens/s (median of the runs) and the ratio to the same-stack AR loop (same
 model, same KV cache, one token per forward). Baselines: HF `generate`
-(greedy), the same with torch's stock linear kernels (`hf_generate_stock`:
-what runs without ar2dlm; see kernels.py) and HF assisted generation with
+(greedy), the same with transformers' own attention and linear modules
+(`hf_generate_stock`: what runs without ar2dlm's fast paths; see kernels.py
+and attention.py) and HF assisted generation with
 prompt lookup (batch 1). For the mix sampler, drift from AR: the AR model's
 mean NLL of the tokens it generated (vs the lossless sampler's, which are AR
 samples) and, at temperature 0, the share of prompts whose output equals AR
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
 from .config import ConfigError
 from .decode.engine import generate
 
@@ -54,7 +54,7 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True)
                           f"(mix is set with --mix-weights)")
     out = [Spec("ar", "ar", {"ar": True})]
     if hf:
-        # HF generate once more with torch's stock linears: what the user runs without ar2dlm (kernels.py)
+        # HF generate once more on the plain modules: what the user runs without ar2dlm (DiffusionLM.plain)
         out += [Spec("hf_generate", "hf"), Spec("hf_generate_stock", "hf", {"stock_kernels": True}),
                 Spec("hf_prompt_lookup", "hf_pld")]
     for K in draft_lens:
@@ -123,7 +123,7 @@ def run_once(lm, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed
     if spec.kind in ("hf", "hf_pld"):
         if spec.kind == "hf_pld" and batch_size > 1:
             return {}
-        with kernels.stock() if spec.settings.get("stock_kernels") else contextlib.nullcontext():
+        with lm.plain() if spec.settings.get("stock_kernels") else contextlib.nullcontext():
             toks, seconds = _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, spec.kind == "hf_pld")
         return {"tokens": toks, "seconds": seconds, "new": sum(map(len, toks))}
     cfg = lm.decode_config(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tuple(eos), **spec.settings)

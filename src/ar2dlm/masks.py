@@ -144,7 +144,7 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def for_model(mask: torch.Tensor, model) -> torch.Tensor:
     """The 4D mask a stock HF forward takes as-is: bool for sdpa, additive float otherwise."""
     impl = getattr(model.config, "_attn_implementation", "eager")
-    if impl == "sdpa":
+    if impl in ("sdpa", "ar2dlm_sdpa"):  # attention.NAME: sdpa over packed GQA rows
         return mask[:, None]
     return to_additive(mask, model.dtype)
 

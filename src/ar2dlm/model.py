@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from . import kernels, masks
+from . import attention, kernels, masks
 from .config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
 
 if TYPE_CHECKING:
@@ -150,9 +150,25 @@ class DiffusionLM:
         return lm
 
     def fuse(self) -> int:
-        """Inference fast path (kernels.py): one matmul per group of linears reading the same input, with
-        the LoRA A of each; returns how many groups. Autograd and `kernels.stock()` run the plain modules."""
+        """Inference fast paths: one matmul per group of linears reading the same input, with the LoRA A of
+        each (kernels.py; returns how many groups), and grouped-query attention without per-head K/V copies
+        (attention.py). Autograd runs the plain modules; `plain()` runs the plain path everywhere."""
+        attention.install(self.model)
         return kernels.install(self.model, self.slot_gate)
+
+    @contextlib.contextmanager
+    def plain(self):
+        """Run transformers' own attention and the plain linear modules inside (the reference of `fuse`)."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        switched = impl == attention.NAME
+        if switched:
+            self.model.set_attn_implementation("sdpa")
+        try:
+            with kernels.stock():
+                yield
+        finally:
+            if switched:
+                self.model.set_attn_implementation(impl)
 
     # ------------------------------------------------------------------ forward
     @property
