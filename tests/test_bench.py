@@ -14,14 +14,15 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
     code = main(["bench", str(converted_dirs["llama"]), "--sets", str(prompts), "--n-prompts", "3",
                  "--batch-sizes", "1,2", "--runs", "1", "--max-new-tokens", "12", "--draft-lens", "2,4",
                  "--proposals", "1,2", "--mix-weights", "0.5,1", "--samplers", "greedy,lossless,adaptive",
-                 "--reference", str(base_dirs["llama"]), "--out", str(out)])
+                 "--reference", str(base_dirs["llama"]), "--prompt-lengths", "20,40", "--out", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out.strip().splitlines()
     report = json.loads(stdout[-1])
     rows = report["results"]
     configs = {(r["batch_size"], r["config"]) for r in rows}
     for bs in (1, 2):
-        assert {(bs, "ar"), (bs, "hf_generate"), (bs, "hf_generate_stock")} <= configs
+        assert {(bs, "ar"), (bs, "hf_generate"), (bs, "hf_generate_stock"), (bs, "default"), (bs, "ar_sample"),
+                (bs, "default_lossless")} <= configs
         for K in (2, 4):
             for n in (1, 2):
                 for s in ("greedy", "lossless", "adaptive", "mix0.5", "mix1"):
@@ -32,11 +33,19 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
         assert r["tokens_per_s"] > 0
         if r["config"] == "ar":
             assert r["speedup_vs_ar"] == 1.0 and r["tpf"] == 1.0
-        if r.get("sampler") == "greedy":
+        if r.get("sampler") in ("lossless", "mix") and r["kind"] == "ar2dlm":
+            assert r["temperature"] == 0.7 and r["speedup_vs_ar_sample"] > 0  # against AR sampling at 0.7
+        if r.get("sampler") == "greedy" or r["config"] == "default":
             assert r["equals_ar"] is True and r["tpf"] >= 1.0 and sum(r["accepted_hist"].values()) > 0
         if r.get("sampler") == "mix":
             assert 0.0 <= r["greedy_exact_match"] <= 1.0 and "nll_vs_lossless" in r
     assert any("tpf" in line and "speedup_vs_ar" in line for line in stdout)  # the table
+    scaling = report["context_scaling"]  # decode-only speed by prompt length
+    assert [r["prompt_tokens"] for r in scaling] == [20, 40]
+    for r in scaling:
+        assert r["ar_tokens_per_s"] > 0 and r["decode_tpf"] >= 1.0
+        assert abs(r["speedup_vs_ar"] - r["default_tokens_per_s"] / r["ar_tokens_per_s"]) < 0.01
+    assert any("decode-only speed by prompt length" in line for line in stdout)
     for name in ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png", "bench.json"):
         assert (out / name).stat().st_size > 0
 
@@ -65,9 +74,16 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
     saved = DiffusionConfig.load(out)
     assert (saved.draft_len, saved.proposals) == (result["best"]["draft_len"], result["best"]["proposals"])
     assert saved.forward_cost and saved.forward_cost["1"] == 1.0
-    assert result["best"]["predicted_tpf"] > 1.5  # the drafter is accepted, and tune saw it
+    assert result["candidates"][0]["predicted_tpf"] > 1.5  # the drafter is accepted, and tune saw it
+    assert any(c.get("adaptive") for c in result["candidates"])  # adaptive drafting is timed too
+    assert saved.adaptive == bool(result["best"].get("adaptive"))
+    # the cost table with and without the drafting machinery, and the engine's own work per step
+    assert result["base_forward_cost"].keys() == result["forward_cost"].keys()
+    assert any("drafting machinery" in line for line in stdout)
+    assert all("engine_cost" in c for c in result["candidates"])
     lm = DiffusionLM.from_pretrained(out)
     assert lm.decode_config().draft_len == saved.draft_len
+    assert lm.decode_config().adaptive == saved.adaptive and lm.decode_config(ar=True).adaptive is False
     # the predictor: certain acceptance with every proposal -> K tokens per step; none -> 1
     assert abs(predicted_tpf([1.0] * 7, 8, 8) - 8) < 1e-9 and abs(predicted_tpf([0.0] * 7, 8, 3) - 1) < 1e-9
 

@@ -47,12 +47,19 @@ class Spec:
     settings: dict = field(default_factory=dict)
 
 
-def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True) -> list[Spec]:
+def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
+              temperature: float = 0.7) -> list[Spec]:
+    """The configurations to time. `default` is the model's own default settings (what generate, demo and the
+    API run with no flags); lossless and mix sample at `temperature`, against the AR loop sampling at it."""
     unknown = sorted(set(samplers) - {"greedy", "lossless", "adaptive"})
     if unknown:
         raise ConfigError(f"unknown bench sampler(s) {unknown}: choose from greedy, lossless, adaptive "
                           f"(mix is set with --mix-weights)")
-    out = [Spec("ar", "ar", {"ar": True})]
+    T = {"temperature": temperature}
+    out = [Spec("ar", "ar", {"ar": True}), Spec("default", "ar2dlm", {})]
+    if "lossless" in samplers or mix_weights:
+        out += [Spec("ar_sample", "ar", {"ar": True, "sampler": "lossless", **T}),
+                Spec("default_lossless", "ar2dlm", {"sampler": "lossless", **T})]
     if hf:
         # HF generate once more on the plain modules: what the user runs without ar2dlm (DiffusionLM.plain)
         out += [Spec("hf_generate", "hf"), Spec("hf_generate_stock", "hf", {"stock_kernels": True}),
@@ -61,16 +68,16 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True)
         for n in proposals:
             if n > K:
                 continue
-            base = {"draft_len": K, "proposals": n}
+            base = {"draft_len": K, "proposals": n, "adaptive": False}
             tag = f"K{K}_R{n}"
             if "greedy" in samplers:
                 out.append(Spec(f"greedy_{tag}", "ar2dlm", {**base, "sampler": "greedy"}))
             if "lossless" in samplers:
-                out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless"}))
+                out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless", **T}))
             if "adaptive" in samplers:  # greedy with adaptive draft length (up to K, down to AR steps)
                 out.append(Spec(f"adaptive_{tag}", "ar2dlm", {**base, "sampler": "greedy", "adaptive": True}))
             for w in mix_weights:
-                out.append(Spec(f"mix{w:g}_{tag}", "ar2dlm", {**base, "sampler": "mix", "mix_weight": w}))
+                out.append(Spec(f"mix{w:g}_{tag}", "ar2dlm", {**base, "sampler": "mix", "mix_weight": w, **T}))
     return out
 
 
@@ -161,10 +168,11 @@ def nll_of(lm, prompts, outputs) -> float:
 
 def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
           draft_lens: list[int], proposals: list[int], mix_weights: list[float], samplers: list[str],
-          seed: int = 0, hf: bool = True, reference=None, log=print, prompt_sets: dict | None = None) -> dict:
+          seed: int = 0, hf: bool = True, reference=None, log=print, prompt_sets: dict | None = None,
+          temperature: float = 0.7) -> dict:
     """prompt_sets: {name: token-id prompts} already loaded (else each set loads here, before any timing)."""
     eos = _eos(lm)
-    specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf)
+    specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf, temperature)
     if not any(s.kind == "ar2dlm" for s in specs):
         raise ConfigError(f"no ar2dlm configuration to time: every proposal count {list(proposals)} exceeds every "
                           f"draft length {list(draft_lens)}, or samplers and mix_weights are empty")
@@ -192,6 +200,44 @@ def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int
     return report
 
 
+def source_prompt(lm, length: int) -> list[int]:
+    """A prompt of exactly `length` tokens: this package's own source files, in a fixed order."""
+    root = Path(__file__).parent
+    text = "\n".join(p.read_text() for p in sorted(root.rglob("*.py")))
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise ConfigError(f"prompt length {length} exceeds the {len(ids)} tokens of ar2dlm's source it is cut from")
+    return ids[:length]
+
+
+def context_scaling(lm, lengths: list[int], max_new_tokens: int, runs: int, log=print) -> list[dict]:
+    """Decode-only speed (prefill excluded) at each prompt length: the model's default settings vs the AR loop.
+
+    The prompt is ar2dlm's own source cut to the length; runs alternate between the two after a warm-up;
+    median tokens/s of the tokens committed after the prefill.
+    """
+    rows = []
+    for length in lengths:
+        prompt = source_prompt(lm, length)
+        cfgs = {"ar": lm.decode_config(ar=True, max_new_tokens=max_new_tokens, eos_token_id=()),
+                "default": lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=())}
+        speeds = {k: [] for k in cfgs}
+        tpf = None
+        for run in range(runs + 1):
+            for name, cfg in cfgs.items():
+                [g] = generate(lm, [prompt], cfg)
+                decode = g.stats.wall_time - g.stats.prefill_time
+                if run:
+                    speeds[name].append((g.stats.new_tokens - 1) / decode)  # the first token came from the prefill
+                if name == "default":
+                    tpf = round((g.stats.new_tokens - 1) / max(g.stats.forwards - 1, 1), 3)
+            log(f"bench context {length}: run {run}/{runs} done", file=sys.stderr)
+        ar, ours = statistics.median(speeds["ar"]), statistics.median(speeds["default"])
+        rows.append({"prompt_tokens": length, "decode_tpf": tpf, "ar_tokens_per_s": round(ar, 2),
+                     "default_tokens_per_s": round(ours, 2), "speedup_vs_ar": round(ours / ar, 3)})
+    return rows
+
+
 def reference_drift(ref, name: str, prompts, tokens, max_new_tokens: int, eos) -> dict:
     """How far greedy `tokens` (one list per prompt) are from the reference model's own greedy output."""
     cfg = ref.decode_config(ar=True, max_new_tokens=max_new_tokens, eos_token_id=tuple(eos))
@@ -213,6 +259,7 @@ def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> l
     ar_runs = per["ar"]
     ar_speed = statistics.median(r["new"] / r["seconds"] for r in ar_runs)
     ar_tokens = ar_runs[0]["tokens"]
+    sample_speed = statistics.median(r["new"] / r["seconds"] for r in per["ar_sample"]) if per.get("ar_sample") else None
     lossless_nll = None
     for spec in specs:
         runs = per[spec.name]
@@ -221,6 +268,8 @@ def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> l
         speed = statistics.median(r["new"] / r["seconds"] for r in runs)
         row = {"prompt_set": name, "batch_size": bs, "config": spec.name, "kind": spec.kind, **spec.settings,
                "tokens_per_s": round(speed, 2), "speedup_vs_ar": round(speed / ar_speed, 3),
+               **({"speedup_vs_ar_sample": round(speed / sample_speed, 3)}
+                  if sample_speed and spec.settings.get("sampler") in ("lossless", "mix") else {}),
                "new_tokens": runs[0]["new"]}
         if "forwards" in runs[0]:
             hist = runs[0]["hist"]
@@ -228,15 +277,15 @@ def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> l
             row["tpf"] = round(runs[0]["new"] / max(runs[0]["forwards"], 1), 3)
             row["mean_accepted"] = round(sum(r * c for r, c in hist.items()) / max(steps, 1), 3)
             row["accepted_hist"] = {str(k): v for k, v in sorted(hist.items())}
-        if spec.settings.get("sampler") == "greedy":
+        if spec.kind == "ar2dlm" and lm.decode_config(**spec.settings).greedy:
             row["equals_ar"] = runs[0]["tokens"] == ar_tokens
         if spec.settings.get("sampler") in ("lossless", "mix"):
             row["nll"] = round(nll_of(lm, prompts, runs[0]["tokens"]), 4)
             if spec.settings["sampler"] == "lossless" and lossless_nll is None:
                 lossless_nll = row["nll"]
         if spec.settings.get("sampler") == "mix":
-            cfg = lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=tuple(eos), temperature=0.0,
-                                   **spec.settings)
+            cfg = lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=tuple(eos),
+                                   **{**spec.settings, "temperature": 0.0})
             greedy_mix = [g.token_ids for g in generate(lm, prompts, cfg)]
             row["greedy_exact_match"] = round(sum(a == b for a, b in zip(greedy_mix, ar_tokens)) / len(prompts), 3)
         rows.append(row)
@@ -254,7 +303,7 @@ def _eos(lm) -> list[int]:
 
 def table(report: dict) -> str:
     cols = ["prompt_set", "batch_size", "config", "tpf", "mean_accepted", "tokens_per_s", "speedup_vs_ar",
-            "equals_ar", "nll_vs_lossless", "greedy_exact_match"]
+            "speedup_vs_ar_sample", "equals_ar", "nll_vs_lossless", "greedy_exact_match"]
     lines = [" | ".join(cols)]
     for r in report["results"]:
         lines.append(" | ".join(str(r.get(c, "")) for c in cols))
@@ -265,6 +314,11 @@ def table(report: dict) -> str:
         out.append("  ".join(c.ljust(w) for c, w in zip(cells, width)))
         if j == 0:
             out.append("  ".join("-" * w for w in width))
+    if report.get("context_scaling"):
+        out.append("decode-only speed by prompt length (default settings vs the AR loop; prefill excluded):")
+        for r in report["context_scaling"]:
+            out.append(f"  {r['prompt_tokens']:>6} tokens: AR {r['ar_tokens_per_s']:.1f} tok/s, default "
+                       f"{r['default_tokens_per_s']:.1f} tok/s (TPF {r['decode_tpf']}) -> {r['speedup_vs_ar']:.2f}x")
     for r in report.get("reference", []):
         out.append(f"vs reference {r['reference']} ({r['prompt_set']}, AR greedy): exact match {r['exact_match']}, "
                    f"common prefix {r['mean_common_prefix']} tokens, reference NLL {r['reference_nll']} "

@@ -20,7 +20,7 @@ from .config import (BENCH_SETS, MASKING_SCHEMES, SAMPLERS, BenchConfig, ConfigE
 GENERATE_FIELDS = ("sampler", "mix_weight", "draft_len", "proposals", "ar", "adaptive", "max_new_tokens",
                    "temperature", "top_k", "top_p", "seed", "stop")
 DEMO_FIELDS = ("max_new_tokens", "draft_len", "proposals", "sampler", "adaptive")
-MODEL_DEFAULT = {"draft_len": None, "proposals": None}
+MODEL_DEFAULT = {"draft_len": None, "proposals": None, "adaptive": None}  # None: the model's ar2dlm.json
 
 
 def cmd_convert(args) -> int:
@@ -93,8 +93,8 @@ def cmd_demo(args) -> int:
     settings = {k: getattr(args, k) for k in DEMO_FIELDS}
     prompts = demo_prompts()
     if not _has_chat_template(lm):
-        prompts = [p for p in prompts if not p[2]]
-        print(f"demo: {args.model} has no chat template: skipping the chat prompt", file=sys.stderr)
+        prompts = [(label, text, False) for label, text, _ in prompts]
+        print(f"demo: {args.model} has no chat template: the requests are given as plain text", file=sys.stderr)
     rows = run_demo(lm, prompts, **settings)
     if args.json:
         print(json.dumps(rows))
@@ -243,7 +243,10 @@ def add_fields(parser, cls, names, defaults: dict | None = None, choices: dict |
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
             kind = next(h for h in typing.get_args(kind) if h is not type(None))
         if kind is bool:
-            if default:
+            if default is None:  # the model's ar2dlm.json decides unless the flag is given either way
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                    help=help + " (default: as the model's ar2dlm.json says)")
+            elif default:
                 parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=help)
             else:
                 parser.add_argument(flag, action="store_true", help=help)
@@ -295,9 +298,12 @@ def cmd_bench(args) -> int:
                               "outputs can only be compared token by token with the same vocabulary")
     prompt_sets = {name: B.load_prompt_set(lm, name, cfg.n_prompts) for name in cfg.sets}  # fail before timing
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("quick", "seed")}
+            if k not in ("quick", "seed", "prompt_lengths")}
     report = B.bench(lm, seed=cfg.seed, reference=reference, log=lambda *a, **k: print(*a, **k),
                      prompt_sets=prompt_sets, **opts)
+    if cfg.prompt_lengths:
+        report["context_scaling"] = B.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
+                                                      log=lambda *a, **k: print(*a, **k))
     report["settings"] = opts
     files.write_text(out / "bench.json", json.dumps(report, indent=1), force=args.force)
     report["plots"] = [str(p) for p in B.plots(report, out)]
@@ -330,10 +336,19 @@ def cmd_tune(args) -> int:
     cfg = _drop_chat_set(lm, cfg, args.model, explicit=args.sets is not None)
     prompts = [p for s in cfg.sets for p in B.load_prompt_set(lm, s, cfg.n_prompts)]
     result = T.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
+    print("forward cost by token slots, in AR forwards (1 slot = one AR step):")
+    print("  slots   decode step (adapter on slots)   bare base forward   drafting machinery")
+    for n, c in result["forward_cost"].items():
+        b = result["base_forward_cost"][n]
+        print(f"  {n:>5}   {c:>30.3f}   {b:>17.3f}   {c - b:>+18.3f}")
+    print(f"engine work outside the forward, per step in AR forwards: AR loop {result['ar_engine_cost']:+.3f}")
     for c in result["candidates"]:
-        print(f"K={c['draft_len']:>2} |R|={c['proposals']}: predicted TPF {c['predicted_tpf']:.2f}, "
-              f"predicted speedup {c['predicted_speedup']:.2f}x, measured {c['measured_speedup']:.2f}x "
-              f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f})")
+        mode = " adaptive" if c.get("adaptive") else ""
+        pred = (f"predicted TPF {c['predicted_tpf']:.2f}, predicted speedup {c['predicted_speedup']:.2f}x, "
+                if "predicted_tpf" in c else "")
+        print(f"K={c['draft_len']:>2} |R|={c['proposals']}{mode}: {pred}measured {c['measured_speedup']:.2f}x "
+              f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f}); engine work "
+              f"{c['engine_cost']:+.3f} AR forwards per step")
     best = result["best"]
     if cfg.grid:
         result["grid_search"] = T.grid_search(lm, prompts, best, max_new_tokens=cfg.max_new_tokens)
@@ -346,7 +361,8 @@ def cmd_tune(args) -> int:
               f"|R|={gs['best']['proposals']}, {gs['best']['tokens_per_s']:.1f} tok/s; AR {gs['ar_tokens_per_s']:.1f})")
     if not cfg.dry_run:
         T.write_defaults(lm.source, result)
-        print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} and the forward-cost table "
+        print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} "
+              f"adaptive={bool(best.get('adaptive'))} and the forward-cost table "
               f"to {lm.source / 'ar2dlm.json'}")
     print(json.dumps(result))
     return 0
@@ -482,7 +498,7 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
         return message
     for action in parser._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
-        if flags and isinstance(action, argparse._StoreTrueAction):
+        if flags and isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             message = re.sub(rf"\b{action.dest}=True\b", flags[0], message)
     if any("--ar" in a.option_strings for a in parser._actions):
         message = message.replace("allow_ar=True", "--ar")

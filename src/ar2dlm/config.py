@@ -124,6 +124,9 @@ class DiffusionConfig:
     """"" (weights are complete) | drafting (gated LoRA in this folder, applied on mask slots only) | lora."""
     forward_cost: dict = field(default_factory=dict)
     """Measured cost of a forward by token slots per row, relative to 1 slot (`ar2dlm tune`); {} = default."""
+    adaptive: bool = False
+    """Decode with adaptive drafting by default (per step, down to plain AR steps where drafting does not pay
+    on this machine); `ar2dlm tune` sets it when it measures fastest."""
 
     def __post_init__(self):
         _check_types(self)
@@ -576,10 +579,19 @@ class BenchConfig:
     """Also time the HF generate baselines."""
     seed: int = 0
     """Seed of the sampling samplers, 0..2**64-1."""
+    temperature: float = 0.7
+    """Temperature of the lossless and mix rows and of the AR loop sampling at it (ar_sample) they are compared
+    with."""
+    prompt_lengths: tuple[int, ...] = ()
+    """Also time decode-only speed (prefill excluded) at these prompt lengths in tokens, e.g. 100,1000,3000:
+    the model's default settings vs the AR loop, on prompts cut from ar2dlm's own source."""
 
     def __post_init__(self):
         _check_types(self)
         _check(len(self.sets) > 0, "sets must name at least one prompt set")
+        _check(math.isfinite(self.temperature) and self.temperature >= 1e-3,
+               f"temperature must be a finite number >= 0.001, got {self.temperature}")
+        _check(all(n >= 2 for n in self.prompt_lengths), f"prompt_lengths must each be >= 2, got {self.prompt_lengths}")
         _check(self.n_prompts is None or self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
         _check(self.batch_sizes is None or (self.batch_sizes and all(b >= 1 for b in self.batch_sizes)),
                f"batch_sizes must be one or more integers >= 1, got {self.batch_sizes}")

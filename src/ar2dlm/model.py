@@ -210,7 +210,8 @@ class DiffusionLM:
         defaults = {}
         if self.settings is not None:
             K = self.settings.draft_len or self.settings.block_size
-            defaults = {"draft_len": K, "proposals": self.settings.proposals or min(3, K)}
+            defaults = {"draft_len": K, "proposals": self.settings.proposals or min(3, K),
+                        "adaptive": self.settings.adaptive and not overrides.get("ar")}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("stop", "eos_token_id"):
             if isinstance(defaults.get(key), (list, str, int)):

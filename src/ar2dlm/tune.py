@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -31,26 +32,30 @@ SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
 @torch.inference_mode()
-def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1) -> dict[int, float]:
-    """Median wall time of a step forward with n slots over a cached context, relative to n = 1."""
+def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1,
+                 machinery: bool = True) -> dict[int, float]:
+    """Median wall time of a step forward with n slots over a cached context, relative to a 1-token AR forward.
+
+    machinery=True: as a decode step runs it (rows after the first are mask slots: the drafting adapter runs
+    on them). False: the bare base forward of the same rows (the adapter off), to price the machinery.
+    """
     ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, context))
     cache = DynamicCache()
     lm.forward(ids, torch.arange(context).expand(batch, -1), masks.causal_mask(context, batch), None, cache)
-    times = {}
-    for n in slots:
-        samples = []
-        for _ in range(reps + 1):
+    samples = {n: [] for n in slots}
+    for rep in range(reps + 1):  # rounds over every n: a busy moment of the machine hits all of them alike
+        for n in slots:
             step_ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, n))
             mask = torch.ones(batch, n, context + n, dtype=torch.bool)
-            # a decode step: the first row is a clean draft token, the rest are mask slots (a drafting
-            # adapter runs on those); n = 1 is an AR step, no slots
-            gate = (torch.arange(n) >= 1).expand(batch, -1) if n > 1 else None
-            t = time.perf_counter()
-            lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
-            samples.append(time.perf_counter() - t)
+            gate = (torch.arange(n) >= 1).expand(batch, -1) if n > 1 and machinery else None
+            with contextlib.nullcontext() if n > 1 and machinery else lm.base_weights():
+                t = time.perf_counter()
+                lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
+                if rep:
+                    samples[n].append(time.perf_counter() - t)
             cache.crop(-n)
-        times[n] = statistics.median(samples[1:])
-    return {n: round(times[n] / times[1], 4) for n in slots}
+    one = statistics.median(samples[1])
+    return {n: round(statistics.median(samples[n]) / one, 4) for n in slots}
 
 
 def acceptance(lm, prompts: list[list[int]], max_len: int, max_new_tokens: int, eos) -> list[float]:
@@ -106,7 +111,10 @@ def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 
         raise ConfigError("prompts is empty: tune needs at least one prompt")
     eos = _eos(lm)
     log("tune: measuring forward cost by token slots ...", file=sys.stderr)
-    cost_table = forward_cost(lm, [s for s in SLOTS if s <= max_len * (1 + max(grid_n))])
+    slots = [s for s in SLOTS if s <= max_len * (1 + max(grid_n))]
+    with torch.inference_mode():
+        cost_table = forward_cost(lm, slots)
+        base_table = forward_cost(lm, slots, machinery=False)
     cost = CostModel(cost_table)
     log("tune: measuring acceptance ...", file=sys.stderr)
     a = acceptance(lm, prompts, max_len, max_new_tokens, eos)
@@ -123,28 +131,68 @@ def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 
     preds.sort(key=lambda x: -x["predicted_speedup"])
     candidates = preds[:top]
     log(f"tune: timing the {len(candidates)} best predictions and the AR loop ...", file=sys.stderr)
-    measured = measure(lm, prompts, [{"ar": True}] + [{"draft_len": c["draft_len"], "proposals": c["proposals"]}
-                                                     for c in candidates], max_new_tokens, eos)
+    # adaptive drafting (up to the best prediction's K, down to plain AR steps) is a candidate too: where
+    # drafting does not pay on this machine it falls back to AR steps, so the default cannot lose much
+    top_k = candidates[0]
+    candidates.append({"draft_len": top_k["draft_len"], "proposals": top_k["proposals"], "adaptive": True})
+    settings = [{"draft_len": c["draft_len"], "proposals": c["proposals"], "adaptive": c.get("adaptive", False)}
+                for c in candidates]
+    measured, engine = measure(lm, prompts, [{"ar": True}] + settings, max_new_tokens, eos, engine_cost=True)
     ar_speed = measured[0]
-    for c, speed in zip(candidates, measured[1:]):
+    for c, speed, eng in zip(candidates, measured[1:], engine[1:]):
         c["measured_tokens_per_s"] = round(speed, 2)
         c["measured_speedup"] = round(speed / ar_speed, 3)
+        c["engine_cost"] = eng
     best = max(candidates, key=lambda c: c["measured_tokens_per_s"])
-    return {"acceptance": [round(x, 4) for x in a], "forward_cost": cost_table, "predictions": preds,
-            "candidates": candidates, "best": best, "ar_tokens_per_s": round(ar_speed, 2)}
+    return {"acceptance": [round(x, 4) for x in a], "forward_cost": cost_table, "base_forward_cost": base_table,
+            "predictions": preds, "candidates": candidates, "best": best, "ar_tokens_per_s": round(ar_speed, 2),
+            "ar_engine_cost": engine[0]}
 
 
-def measure(lm, prompts, settings: list[dict], max_new_tokens: int, eos, runs: int = 3) -> list[float]:
-    """Median tokens/s of each setting over interleaved runs (after a warm-up)."""
+def measure(lm, prompts, settings: list[dict], max_new_tokens: int, eos, runs: int = 3,
+            engine_cost: bool = False):
+    """Median tokens/s of each setting over interleaved runs (after a warm-up).
+
+    engine_cost=True also returns, per setting, the engine's own work per step (everything outside the model
+    forward: verification, proposal choice, cache crop, bookkeeping) in units of one AR forward.
+    """
     speeds = [[] for _ in settings]
-    for run in range(runs + 1):
-        for i, s in enumerate(settings):
-            cfg = lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=tuple(eos), **s)
-            t = time.perf_counter()
-            new = sum(len(g.token_ids) for p in prompts for g in generate(lm, [p], cfg))
-            if run:
-                speeds[i].append(new / (time.perf_counter() - t))
-    return [statistics.median(s) for s in speeds]
+    inside = [[0.0, 0.0, 0] for _ in settings]  # [time in forwards, total time, forwards]
+    forward, clock = lm.forward, {"t": 0.0, "n": 0}
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            clock["t"] += time.perf_counter() - t
+            clock["n"] += 1
+
+    previous = vars(lm).get("forward")
+    lm.forward = timed
+    try:
+        for run in range(runs + 1):
+            for i, s in enumerate(settings):
+                cfg = lm.decode_config(max_new_tokens=max_new_tokens, eos_token_id=tuple(eos), **s)
+                clock["t"], clock["n"] = 0.0, 0
+                t = time.perf_counter()
+                new = sum(len(g.token_ids) for p in prompts for g in generate(lm, [p], cfg))
+                total = time.perf_counter() - t
+                if run:
+                    speeds[i].append(new / total)
+                    inside[i][0] += clock["t"]
+                    inside[i][1] += total
+                    inside[i][2] += clock["n"]
+    finally:
+        if previous is None:
+            del lm.forward  # the class method is back
+        else:
+            lm.forward = previous
+    medians = [statistics.median(s) for s in speeds]
+    if not engine_cost:
+        return medians
+    ar_forward = inside[0][0] / max(inside[0][2], 1)  # settings[0] is the AR loop
+    return medians, [round((tot - fwd) / max(n, 1) / ar_forward, 4) for fwd, tot, n in inside]
 
 
 def grid_search(lm, prompts, choice: dict, grid_k=(2, 3, 4, 6, 8), grid_n=(1, 2, 3), max_new_tokens: int = 64,
@@ -173,5 +221,6 @@ def write_defaults(model_dir: str | Path, result: dict) -> None:
     settings = DiffusionConfig.load(model_dir)
     best = result["best"]
     settings = dataclasses.replace(settings, draft_len=best["draft_len"], proposals=best["proposals"],
+                                   adaptive=bool(best.get("adaptive", False)),
                                    forward_cost={str(k): v for k, v in result["forward_cost"].items()})
     settings.save(model_dir)

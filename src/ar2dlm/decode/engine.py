@@ -40,6 +40,8 @@ class Stats:
     accepted: dict[int, int] = field(default_factory=dict)
     """Histogram of tokens committed per step (r, incl. the bonus/correction token)."""
     wall_time: float = 0.0
+    prefill_time: float = 0.0
+    """Seconds until the prefill forward (prompt + first draft) was done; wall_time - prefill_time is decoding."""
 
     @property
     def tpf(self) -> float:
@@ -234,6 +236,8 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["Request"
     start = time.perf_counter()
     with torch.inference_mode(), (lm.base_weights() if cfg.ar else contextlib.nullcontext()):
         state, t = prefill(lm, prompts, K, cfg, gen)
+        for out in outs:
+            out.stats.prefill_time = time.perf_counter() - start
         news = [[x] for x in t.tolist()]
         while True:
             done = []
