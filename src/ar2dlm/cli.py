@@ -352,6 +352,22 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluate as E
+    from .model import DiffusionLM
+
+    cfg = config_from(args, E.EvalConfig)  # settings fail before the model loads
+    out = Path(args.out or f"runs/eval-{cfg.task}-{cfg.form}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
+    summary = E.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
+    print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
+    print(E.table(summary["settings"]))
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
                                 "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
@@ -468,6 +484,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(tu, TuneConfig, [f.name for f in dataclasses.fields(TuneConfig)], defaults={"sets": None})
     tu.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     tu.set_defaults(fn=cmd_tune)
+
+    ev = sub.add_parser("eval", help="task quality (HumanEval in a sandbox, IFEval-style rules) of decoding "
+                        "settings, with TPF, tau and speedup over AR",
+                        description="Decode a task's problems with each setting (ar, greedy, ar-sample, lossless, "
+                        "mix:W), score the answers (code in a sandbox: own process and directory, time, memory and "
+                        "CPU limits, no network), and print score with 95% CI, TPF, tau, tokens/s and speedup "
+                        "over the AR loop of the same run. OUT/results.jsonl grows as answers are scored; a rerun "
+                        "resumes. --frontier sweeps ar, greedy, lossless and mix weights and draws OUT/frontier.png.")
+    ev.add_argument("model", help="converted checkpoint, adapter folder or bundled name (smollm2-135m)")
+    from .evaluate import EvalConfig
+    from .tasks import FORMS, TASKS
+    add_fields(ev, EvalConfig, [f.name for f in dataclasses.fields(EvalConfig)],
+               choices={"task": TASKS, "form": FORMS})
+    ev.add_argument("--out", help="folder for results.jsonl, summary.json, frontier.png (default runs/eval-TASK-FORM)")
+    ev.add_argument("--force", action="store_true", help="discard earlier results in --out instead of resuming")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
+    ev.set_defaults(fn=cmd_eval)
 
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
     pr.add_argument("out", help="output folder")
