@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .tasks import FORMS, TASKS
     add_fields(ev, EvalConfig, [f.name for f in dataclasses.fields(EvalConfig)],
                choices={"task": TASKS, "form": FORMS})
+    ev.add_argument("--lm-eval", action="store_true", help="first flag only: `ar2dlm eval --lm-eval LM_EVAL_ARGS...` "
+                    "runs lm-eval's CLI with the `ar2dlm` model registered (needs the eval extra)")
     ev.add_argument("--out", help="folder for results.jsonl, summary.json, frontier.png (default runs/eval-TASK-FORM)")
     ev.add_argument("--force", action="store_true", help="discard earlier results in --out instead of resuming")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -526,6 +528,14 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .model import NotConvertedError
 
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line
+        try:
+            from .lm_eval_model import run_cli
+        except ConfigError as e:
+            print(f"ar2dlm eval: error: {e}", file=sys.stderr)
+            return 2
+        return run_cli(raw[2:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
