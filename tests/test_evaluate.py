@@ -215,3 +215,14 @@ def drafter_dir(drafter, tmp_path_factory):
     drafter.tokenizer.save_pretrained(d)
     drafter.settings.save(d)
     return d
+
+
+def test_cli_eval_of_an_unconverted_base_with_ar_settings(capsys, base_dirs, tmp_path):
+    # the base of an ungated conversion is evaluated with the AR settings alone
+    rc = main(["eval", str(base_dirs["llama"]), "--form", "raw", "--settings", "ar", "--limit", "1",
+               "--max-new-tokens", "4", "--out", str(tmp_path / "base"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["eval", str(base_dirs["llama"]), "--form", "raw", "--limit", "1", "--out", str(tmp_path / "b2")])
+    assert rc == 2 and "convert it first" in capsys.readouterr().err
+    rc = main(["eval", str(base_dirs["llama"]), "--lm-eval"])
+    assert rc == 2 and "right after" in capsys.readouterr().err

@@ -356,11 +356,15 @@ def cmd_eval(args) -> int:
     from . import evaluate as E
     from .model import DiffusionLM
 
+    if args.lm_eval:
+        raise ConfigError("--lm-eval must come right after `eval`: ar2dlm eval --lm-eval --model ar2dlm "
+                          "--model_args pretrained=MODEL ... (the rest is lm-eval's command line)")
     cfg = config_from(args, E.EvalConfig)  # settings fail before the model loads
     out = Path(args.out or f"runs/eval-{cfg.task}-{cfg.form}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
-    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
+    ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), allow_ar=ar_only)
     summary = E.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
     print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
     print(E.table(summary["settings"]))

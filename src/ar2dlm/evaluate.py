@@ -329,7 +329,8 @@ def evaluate(lm, cfg: EvalConfig, out: Path, model_name: str, force: bool = Fals
         first = next(s for s in settings if decode[s].ar == ar)
         generate(lm, [ids[0][:64]], dataclasses.replace(decode[first], max_new_tokens=8))
     start = time.perf_counter()
-    with ThreadPoolExecutor(cfg.workers) as pool:
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
         futures = []
         for c0 in range(0, len(problems), cfg.batch_size):
             chunk = list(range(c0, min(c0 + cfg.batch_size, len(problems))))
@@ -356,6 +357,11 @@ def evaluate(lm, cfg: EvalConfig, out: Path, model_name: str, force: bool = Fals
                     f.result()
         for f in futures:
             f.result()
+    except BaseException:  # Ctrl-C: answers already scored are in results.jsonl; the rest is redone on resume
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        raise
+    pool.shutdown()
     bar.close()
     summary = {"task": cfg.task, "form": cfg.form, "model": model_name, "problems": len(problems),
                "identity": identity, "wall_seconds": time.perf_counter() - start,
@@ -369,6 +375,7 @@ def evaluate(lm, cfg: EvalConfig, out: Path, model_name: str, force: bool = Fals
 
 
 def _seed(seed: int, setting: str, sample: int, chunk: int) -> int:
-    """A seed per (setting, sample, chunk): resumed chunks draw what they would have drawn in one run."""
+    """A seed per (setting, sample, chunk), independent of run order: a chunk redone whole after an interruption
+    draws what it would have drawn in one run (a chunk redone in part decodes a smaller batch, so may not)."""
     h = hashlib.sha256(f"{seed}/{setting}/{sample}/{chunk}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
