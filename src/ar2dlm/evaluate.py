@@ -228,8 +228,9 @@ def plot_frontier(summary: dict, path: Path, title: str) -> Path:
     for name, s in summary.items():
         key = next(iter(s["scores"]))
         x, y, e = s.get("speedup") or 0.0, s["scores"][key]["score"], s["scores"][key]["ci95"]
-        ax.errorbar([x], [y], yerr=[e], fmt="o", capsize=3)
+        ax.errorbar([x], [y], yerr=[[y - max(0.0, y - e)], [min(1.0, y + e) - y]], fmt="o", capsize=3)  # in [0, 1]
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("speedup over the AR loop (same run)")
     ax.set_ylabel(f"score ({next(iter(next(iter(summary.values()))['scores']))})")
     ax.set_title(title, fontsize=9)
