@@ -368,6 +368,26 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluate as E
+    from .model import DiffusionLM
+
+    if args.lm_eval:
+        raise ConfigError("--lm-eval must come right after `eval`: ar2dlm eval --lm-eval --model ar2dlm "
+                          "--model_args pretrained=MODEL ... (the rest is lm-eval's command line)")
+    cfg = config_from(args, E.EvalConfig)  # settings fail before the model loads
+    out = Path(args.out or f"runs/eval-{cfg.task}-{cfg.form}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), allow_ar=ar_only)
+    summary = E.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
+    print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
+    print(E.table(summary["settings"]))
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
                                 "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
@@ -485,6 +505,26 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     tu.set_defaults(fn=cmd_tune)
 
+    ev = sub.add_parser("eval", help="task quality (HumanEval in a sandbox, IFEval-style rules) of decoding "
+                        "settings, with TPF, tau and speedup over AR",
+                        description="Decode a task's problems with each setting (ar, greedy, ar-sample, lossless, "
+                        "mix:W), score the answers (code in a sandbox: own process and directory, time, memory and "
+                        "CPU limits, no network), and print score with 95% CI, TPF, tau, tokens/s and speedup "
+                        "over the AR loop of the same run. OUT/results.jsonl grows as answers are scored; a rerun "
+                        "resumes. --frontier sweeps ar, greedy, lossless and mix weights and draws OUT/frontier.png.")
+    ev.add_argument("model", help="converted checkpoint, adapter folder or bundled name (smollm2-135m)")
+    from .evaluate import EvalConfig
+    from .tasks import FORMS, TASKS
+    add_fields(ev, EvalConfig, [f.name for f in dataclasses.fields(EvalConfig)],
+               choices={"task": TASKS, "form": FORMS})
+    ev.add_argument("--lm-eval", action="store_true", help="first flag only: `ar2dlm eval --lm-eval LM_EVAL_ARGS...` "
+                    "runs lm-eval's CLI with the `ar2dlm` model registered (needs the eval extra)")
+    ev.add_argument("--out", help="folder for results.jsonl, summary.json, frontier.png (default runs/eval-TASK-FORM)")
+    ev.add_argument("--force", action="store_true", help="discard earlier results in --out instead of resuming")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
+    ev.set_defaults(fn=cmd_eval)
+
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
     pr.add_argument("out", help="output folder")
     pr.add_argument("--force", action="store_true", help="replace train.jsonl and bench.jsonl if OUT has them")
@@ -508,6 +548,14 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .model import NotConvertedError
 
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line
+        try:
+            from .lm_eval_model import run_cli
+        except ConfigError as e:
+            print(f"ar2dlm eval: error: {e}", file=sys.stderr)
+            return 2
+        return run_cli(raw[2:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):

@@ -1,0 +1,155 @@
+"""The sandbox contains hostile completions, survives them and scores them failed; a correct one passes.
+
+Oracles: the file system (a file written outside the working directory must not exist), /proc (no
+process of the run may be alive after it returns), the clock (a timeout returns within its bound).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from ar2dlm.config import ConfigError
+from ar2dlm.sandbox import SandboxLimits, namespaces_available, run_program
+
+FAST = SandboxLimits(timeout=3.0, memory_mb=256)
+TESTS = "\n\ndef check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n\ncheck(add)\n"
+
+
+def program(body: str) -> str:
+    return body + TESTS
+
+
+def alive_in(workdir: str) -> list[int]:
+    """Processes whose command line names the run's working directory (the harness and its forks)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                running = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
+                if running and workdir.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_correct_solution_passes():
+    out = run_program(program("def add(a, b):\n    return a + b\n"), FAST)
+    assert out.passed and out.status == "passed", out
+
+
+def test_wrong_solution_fails():
+    out = run_program(program("def add(a, b):\n    return a - b\n"), FAST)
+    assert not out.passed and out.status == "failed" and "AssertionError" in out.detail
+
+
+def test_infinite_loop_times_out():
+    start = time.monotonic()
+    out = run_program(program("while True:\n    pass\n"), SandboxLimits(timeout=1.0, memory_mb=256))
+    assert time.monotonic() - start < 5
+    assert not out.passed and out.status == "timeout"
+    assert not alive_in(out.workdir)
+
+
+def test_memory_exhaustion_is_contained():
+    body = "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))\n"
+    out = run_program(program(body), FAST)
+    assert not out.passed and "MemoryError" in out.detail, out
+
+
+def test_children_that_sleep_are_killed():
+    body = ("import os, time\n"
+            "for _ in range(3):\n"
+            "    if os.fork() == 0:\n"
+            "        os.setsid()\n"  # even a child that leaves the process group
+            "        time.sleep(1000)\n"
+            "time.sleep(1000)\n")
+    out = run_program(program(body), SandboxLimits(timeout=1.5, memory_mb=256))
+    assert not out.passed and out.status == "timeout"
+    time.sleep(0.2)
+    assert not alive_in(out.workdir), "processes of the run survived it"
+
+
+def test_children_exit_with_the_parent():
+    body = "import os, time\nif os.fork() == 0:\n    time.sleep(1000)\n" \
+           "def add(a, b):\n    return a + b\n"
+    out = run_program(program(body), FAST)
+    # the forked child also runs the tests, then sleeps; the parent passes and returns
+    assert out.passed
+    time.sleep(0.2)
+    assert not alive_in(out.workdir)
+
+
+def test_writing_outside_its_directory(tmp_path):
+    target = tmp_path / "escaped.txt"
+    body = f"open({str(target)!r}, 'w').write('x')\ndef add(a, b):\n    return a + b\n"
+    out = run_program(program(body), FAST)
+    assert not out.passed and "PermissionError" in out.detail
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("how", ["os.open", "shell", "rename"])
+def test_other_ways_of_writing_outside(tmp_path, how):
+    target = tmp_path / "escaped.txt"
+    body = {"os.open": f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n",
+            "shell": f"import os\nos.system('touch {target}')\n",
+            "rename": f"open('a', 'w').write('x')\nimport os\nos.rename('a', {str(target)!r})\n"}[how]
+    out = run_program(program(body + "def add(a, b):\n    return a + b\n"), FAST)
+    assert not out.passed
+    assert not target.exists()
+
+
+def test_writing_inside_its_directory_is_allowed():
+    body = "open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'\n" \
+           "def add(a, b):\n    return a + b\n"
+    assert run_program(program(body), FAST).passed
+
+
+@pytest.mark.parametrize("code", [
+    "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.connect(('1.1.1.1', 80))\n",
+    "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=2)\n",
+])
+def test_network_socket_fails(code):
+    out = run_program(program(code + "def add(a, b):\n    return a + b\n"), FAST)
+    assert not out.passed and out.status == "failed"
+
+
+@pytest.mark.parametrize("exit_code", ["import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "exit()\n",
+                                       "raise SystemExit\n"])
+def test_exit_before_tests_is_not_a_pass(exit_code):
+    out = run_program(exit_code + "def add(a, b):\n    return a + b\n" + TESTS, FAST)
+    assert not out.passed and out.status == "failed"
+    # the same solution without the early exit passes: the early exit, not the code, made it fail
+    assert run_program("def add(a, b):\n    return a + b\n" + TESTS, FAST).passed
+
+
+def test_printing_a_fake_marker_is_not_a_pass():
+    body = "print('passed')\nprint('OK')\nimport os\nos._exit(0)\n"
+    assert not run_program(program(body), FAST).passed
+
+
+def test_evaluator_process_is_untouched(tmp_path):
+    cwd, env = os.getcwd(), dict(os.environ)
+    run_program(program("import os\nos.chdir('/')\nos.environ['X'] = '1'\n"), FAST)
+    assert os.getcwd() == cwd and dict(os.environ) == env
+
+
+@pytest.mark.skipif(not namespaces_available(), reason="no network/PID namespaces on this machine")
+def test_isolation_uses_namespaces():
+    # the harness is PID 1 of its own PID namespace, and its network namespace has only a loopback
+    body = ("import os\nassert os.getpid() == 1\n"
+            "names = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]\n"
+            "assert names == ['lo'], names\n")
+    out = run_program(program(body + "def add(a, b):\n    return a + b\n"), FAST)
+    assert out.passed, out
+
+
+def test_limits_validated():
+    with pytest.raises(ConfigError, match="timeout"):
+        SandboxLimits(timeout=0)
+    with pytest.raises(ConfigError, match="memory_mb"):
+        SandboxLimits(memory_mb=1)
