@@ -18,6 +18,8 @@ position bias) goes to transformers' own sdpa function.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -37,10 +39,35 @@ def sdpa_packed_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     packed = query.reshape(b, H // n_rep, n_rep * q, d)
-    mask = attention_mask.expand(b, 1, q, attention_mask.shape[-1]).repeat(1, 1, n_rep, 1)
+    mask = _packed_mask(attention_mask, b, q, n_rep)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling)
     return out.reshape(b, H, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+_forward_masks: dict | None = None  # id(mask) -> (mask, packed) while one DiffusionLM forward runs
+
+
+@contextlib.contextmanager
+def one_forward():
+    """Inside: every layer gets the same mask object, so its packed form is built once (DiffusionLM.forward)."""
+    global _forward_masks
+    previous, _forward_masks = _forward_masks, {}
+    try:
+        yield
+    finally:
+        _forward_masks = previous
+
+
+def _packed_mask(mask: torch.Tensor, b: int, q: int, n_rep: int) -> torch.Tensor:
+    """[b, 1, q, k] -> [b, 1, n_rep * q, k] (the same q rows, n_rep times)."""
+    key = (id(mask), n_rep)
+    if _forward_masks is not None and key in _forward_masks and _forward_masks[key][0] is mask:
+        return _forward_masks[key][1]
+    packed = mask.expand(b, 1, q, mask.shape[-1]).repeat(1, 1, n_rep, 1)
+    if _forward_masks is not None:
+        _forward_masks[key] = (mask, packed)
+    return packed
 
 
 AttentionInterface.register(NAME, sdpa_packed_gqa)

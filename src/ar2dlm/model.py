@@ -187,7 +187,7 @@ class DiffusionLM:
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
         kwargs go to the HF forward (e.g. logits_to_keep).
         """
-        with self.slot_gate.rows(mask_slots):
+        with self.slot_gate.rows(mask_slots), attention.one_forward():
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(attention_mask, self.model),
                                                past_key_values=past_key_values,
