@@ -8,7 +8,7 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ar2dlm.mixing import chain, crop_kv, predecessors
+from ar2dlm.mixing import chain, crop, predecessors
 
 CONFIGS = {
     "k2x2": dict(cca_time0=2, cca_time1=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4),
@@ -107,7 +107,7 @@ def test_decode_step_then_commit_equals_recomputation(name):
     torch.testing.assert_close(got[:, 3:6], full_p1, rtol=1e-9, atol=1e-9)
     full_p2 = logits(model, torch.cat([prompt, d[:, :2], p2], 1))[:, L + 2:]
     torch.testing.assert_close(got[:, 6:9], full_p2, rtol=1e-9, atol=1e-9)
-    crop_kv(cache, 9 - 2)
+    crop(cache, 9 - 2)
     t = torch.randint(2, 64, (1, 1))
     step = logits(model, t, torch.tensor([[L + 2]]), cache=cache)
     full = logits(model, torch.cat([prompt, d[:, :2], t], 1))[:, -1:]

@@ -120,12 +120,24 @@ class _CCA:
         layer.recurrent_states[0].copy_(self.delayed[ar, rows])
 
 
-class Predecessors:
-    """The hooks of one model instance for one forward; see the module docstring."""
+MIXERS = {"ZayaCCAProjection": _CCA}  # module class name -> its hooks
 
-    def __init__(self, model, pred: torch.Tensor, cache=None):
-        self.pred, self.cache = pred, cache
-        self.mixers = [_CCA(m, self) for m in model.modules() if type(m).__name__ == "ZayaCCAProjection"]
+
+def has_mixers(model) -> bool:
+    return any(type(m).__name__ in MIXERS for m in model.modules())
+
+
+class Predecessors:
+    """The hooks of one model instance for one forward; see the module docstring.
+
+    `pred` is a [b, n] tensor, or a function returning one (only called when the model has mixers, so the
+    other architectures pay nothing)."""
+
+    def __init__(self, model, pred, cache=None):
+        self.mixers, self.cache = [], cache
+        mods = [m for m in model.modules() if type(m).__name__ in MIXERS]
+        self.pred = (pred() if callable(pred) else pred) if mods else None
+        self.mixers = [MIXERS[type(m).__name__](m, self) for m in mods]
 
     def layer(self, idx):
         return None if self.cache is None else self.cache.layers[idx]
@@ -150,10 +162,63 @@ def predecessors(model, pred: torch.Tensor, cache=None):
         ctx.remove()
 
 
-def crop_kv(cache, tokens: int) -> None:
-    """Drop the last `tokens` keys/values of every layer (the conv/delayed state is set by `commit`)."""
-    from transformers.cache_utils import DynamicLayer
+def prefill_predecessors(lens: torch.Tensor, padded_len: int, slots: int) -> torch.Tensor:
+    """[prompt (right-padded to padded_len) | P_0: slots] -> pred [b, padded_len + slots].
 
-    if tokens:
-        for layer in cache.layers:
-            DynamicLayer.crop(layer, -tokens)
+    prompt row i follows row i - 1 (row 0 the start: -1); P_0 slot 1 follows the last prompt token
+    (row len - 1), slot s slot s - 1.
+    """
+    b = lens.shape[0]
+    pred = (torch.arange(padded_len + slots, device=lens.device) - 1).expand(b, -1).clone()
+    if slots:
+        pred[:, padded_len] = lens - 1
+    return pred
+
+
+def step_predecessors(proposals: torch.Tensor, draft_len: int) -> torch.Tensor:
+    """[d_1..d_K | P_r for r in R] -> pred [b, K + |R| K] (the decode-step drawing above).
+
+    proposals: [b, n] the r of each P_r (1..K); P_r slot 1 follows d_r (row r - 1).
+    """
+    b, n = proposals.shape
+    K = draft_len
+    idx = torch.arange(K + n * K, device=proposals.device)
+    pred = (idx - 1).expand(b, -1).clone()
+    if n:
+        pred[:, K::K] = proposals - 1
+    return pred
+
+
+def new_cache(model):
+    """A DynamicCache whose layers hold the conv and delayed-value state when the model has mixers."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config) if has_mixers(model) else DynamicCache()
+
+
+def crop(cache, tokens: int) -> None:
+    """Drop the last `tokens` keys/values of every layer; a mixer's state is set by `commit`, never cropped."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+
+    if tokens <= 0:
+        return
+    if not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers):
+        cache.crop(-tokens)
+        return
+    for layer in cache.layers:
+        DynamicLayer.crop(layer, -tokens)
+
+
+def select_rows(cache, keep: torch.Tensor) -> None:
+    """Keep batch rows `keep` of the keys/values and of every conv / recurrent state."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    cache.batch_select_indices(keep)
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for i in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[i]:
+                    layer.conv_states[i] = layer.conv_states[i][keep]
+                if layer.is_recurrent_states_initialized[i]:
+                    layer.recurrent_states[i] = layer.recurrent_states[i][keep]
+
