@@ -10,10 +10,11 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM
 
+from ar2dlm import masks, objective
 from ar2dlm.config import DiffusionConfig
 from ar2dlm.convert import add_mask_token
 from ar2dlm.model import DiffusionLM
-from conftest import EOS, VOCAB, make_tokenizer
+from conftest import EOS, VOCAB, make_tokenizer, train_drafter
 from test_decode import N_PROMPTS, NEW, SETTINGS, hf_greedy, random_prompts
 
 CONFIGS = {  # different conv kernels, heads and experts
@@ -61,3 +62,58 @@ def test_zaya_greedy_equals_hf_generate(name):
             batched += [g.token_ids for g in lm.generate(prompts[i:i + 4], max_new_tokens=NEW, draft_len=K,
                                                          proposals=R)]
         assert batched == expected, (K, R)
+
+
+def test_zaya_ar_mode_gives_base_logits():
+    base, lm = converted("cca3x2")
+    ids = torch.randint(2, VOCAB, (2, 11))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        got = lm.forward(ids, torch.arange(11).expand(2, -1), masks.causal_mask(11, 2))
+    torch.testing.assert_close(got[..., :VOCAB], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("offset", [0, 2])
+def test_zaya_doubled_loss_equals_naive(name, offset):
+    """The doubled sequence (slots reading their logical predecessors) == one plain forward per block."""
+    _, lm = converted(name)
+    x = torch.randint(2, VOCAB, (2, 13))
+    cfg = DiffusionConfig(block_size=4, mask_token_id=lm.mask_token_id)
+    batch = objective.build_batch(x, cfg, block_offset=offset, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = objective.loss(lm, batch)
+        want = objective.naive_loss(lm, batch, 4, offset)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, torch.as_tensor(b, dtype=a.dtype), rtol=1e-6, atol=1e-6)  # CE in float32
+
+
+def test_zaya_trained_drafter_greedy_equals_hf():
+    """Trained (all weights, AR + diffusion loss) on a repeating pattern, so drafts are accepted and every
+    accept branch runs with the CCA state committed after d_r."""
+    lm = train_drafter(model=tiny_zaya("cca2x2"), steps=80)
+    base = copy.deepcopy(lm.model)
+    pattern = lm.pattern
+    prompts = [(pattern * 3)[i:i + 5 + i % 4] for i in range(8)] + random_prompts(4, seed=3)
+    suppress = [lm.mask_token_id]
+    expected = [hf_greedy(base, p, 30, suppress) for p in prompts]
+    accepted = 0
+    for K, R in [(4, 1), (4, 4), (16, 3)]:
+        gens = [lm.generate([p], max_new_tokens=30, draft_len=K, proposals=R)[0] for p in prompts]
+        assert [g.token_ids for g in gens] == expected, (K, R)
+        accepted += sum(n * c for g in gens for n, c in g.stats.accepted.items() if n > 1)
+        batched = [g.token_ids for i in range(0, len(prompts), 4)
+                   for g in lm.generate(prompts[i:i + 4], max_new_tokens=30, draft_len=K, proposals=R)]
+        assert batched == expected, (K, R)
+    assert accepted > 50  # drafts were accepted: the accept branches ran
+
+
+def test_zaya_drafting_adapter_is_refused():
+    from ar2dlm.config import ConfigError
+    from ar2dlm.train import drafting_loss
+
+    _, lm = converted("cca2x2")
+    cfg = DiffusionConfig(block_size=4, mask_token_id=lm.mask_token_id)
+    batch = objective.build_batch(torch.randint(2, VOCAB, (1, 8)), cfg)
+    with pytest.raises(ConfigError, match="drafting"):
+        drafting_loss(lm, batch)

@@ -162,6 +162,29 @@ def predecessors(model, pred: torch.Tensor, cache=None):
         ctx.remove()
 
 
+def training_predecessors(seq_len: int, block_size: int, doc_ids: torch.Tensor,
+                          block_offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Training layout [clean x | mask slots] (positions 0..S-1 twice) -> pred [b, 2S] (the drawing above).
+
+    Clean x_i follows x_{i-1}; the first slot of a block follows the clean token before the block, any other
+    slot the slot before it. A document's first token (clean or slot) starts a sequence: -1.
+    """
+    from .masks import block_ids
+
+    S = seq_len
+    b = doc_ids.shape[0]
+    i = torch.arange(S, device=doc_ids.device)
+    starts_doc = torch.ones(b, S, dtype=torch.bool, device=doc_ids.device)
+    starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    block = block_ids(S, block_size, block_offset, doc_ids.device).expand(b, S)
+    starts_block = torch.ones(b, S, dtype=torch.bool, device=doc_ids.device)
+    starts_block[:, 1:] = block[:, 1:] != block[:, :-1]
+    clean = (i - 1).expand(b, S)
+    slot = torch.where(starts_block, i - 1, S + i - 1)
+    none = torch.full_like(clean, -1)
+    return torch.cat([torch.where(starts_doc, none, clean), torch.where(starts_doc, none, slot)], 1)
+
+
 def prefill_predecessors(lens: torch.Tensor, padded_len: int, slots: int) -> torch.Tensor:
     """[prompt (right-padded to padded_len) | P_0: slots] -> pred [b, padded_len + slots].
 
