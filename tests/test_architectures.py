@@ -47,9 +47,12 @@ REFUSED = {
     "mistral_swa": (lambda: T.MistralConfig(**_C, sliding_window=8), "sliding-window"),
     "llama4_chunked": (lambda: T.Llama4TextConfig(**_C, head_dim=8, attention_chunk_size=8, num_local_experts=2),
                        "chunked attention"),
-    "zaya": (lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4, moe_intermediate_size=32,
-                                  router_hidden_size=16), "CCA"),
+    "zaya_sliding": (lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,
+                                          moe_intermediate_size=32, router_hidden_size=16, sliding_window=8,
+                                          layer_types=["hybrid_sliding", "hybrid"]), "sliding-window"),
 }
+ZAYA = lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,  # noqa: E731
+                            moe_intermediate_size=32, router_hidden_size=16)
 
 
 def _save(config, path):
@@ -102,10 +105,21 @@ def test_window_as_long_as_the_context_is_full_attention():
 
 
 def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
-    """A zaya checkpoint converted before convert refused it fails on load with the reason, not an IndexError."""
+    """A checkpoint converted before convert refused it fails on load with the reason, not an IndexError."""
     from ar2dlm.config import DiffusionConfig
 
-    d = _save(REFUSED["zaya"][0](), tmp_path / "zaya")
+    d = _save(REFUSED["lfm2"][0](), tmp_path / "lfm2")
     DiffusionConfig(block_size=4, mask_token_id=5).save(d)
-    with pytest.raises(ConfigError, match="cannot decode 'zaya'"):
+    with pytest.raises(ConfigError, match="cannot decode 'lfm2'"):
         DiffusionLM.from_pretrained(d)
+
+
+def test_zaya_converts_and_decodes_from_disk(tmp_path):
+    """ZAYA1's CCA layers are handled (mixing.py): convert accepts it, and the converted checkpoint decodes
+    through the CLI path's loader (greedy == HF generate is held in test_zaya.py)."""
+    check_architecture(ZAYA())
+    base = _save(ZAYA(), tmp_path / "base")
+    out = convert(base, tmp_path / "out", block_size=4)
+    lm = DiffusionLM.from_pretrained(out)
+    [g] = lm.generate(["w5 w7 w9"], max_new_tokens=6, draft_len=4, proposals=2)
+    assert len(g.token_ids) > 0

@@ -23,15 +23,15 @@ CONFIGS = {  # different conv kernels, heads and experts
 }
 
 
-def tiny_zaya(name, seed=0):
+def tiny_zaya(name, seed=0, vocab=VOCAB, sharpen=8.0):
     torch.manual_seed(seed)
-    c = T.ZayaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
+    c = T.ZayaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
                      router_hidden_size=16, max_position_embeddings=256, eos_token_id=EOS, bos_token_id=None,
                      pad_token_id=0, **CONFIGS[name])
     model = AutoModelForCausalLM.from_config(c, attn_implementation="sdpa", experts_implementation="eager")
     model = model.double().eval()
     with torch.no_grad():  # sharper logits, and convolutions / delayed values that matter
-        model.get_output_embeddings().weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(sharpen)
         for n, p in model.named_parameters():
             if "conv" in n or "v_proj" in n:
                 p.add_(0.3 * torch.randn_like(p))
@@ -117,3 +117,21 @@ def test_zaya_drafting_adapter_is_refused():
     batch = objective.build_batch(torch.randint(2, VOCAB, (1, 8)), cfg)
     with pytest.raises(ConfigError, match="drafting"):
         drafting_loss(lm, batch)
+
+
+def test_zaya_lossless_matches_ar_distribution():
+    """Speculative sampling on a tiny-vocabulary zaya: the first 3 sampled tokens follow AR's exact joint."""
+    from test_lossless import chi_square_p, exact_joint, sample_first_tokens
+
+    from ar2dlm.config import DecodeConfig
+
+    base = tiny_zaya("cca3x2", vocab=8, sharpen=0.25)
+    model = copy.deepcopy(base)
+    tok = make_tokenizer(8)
+    lm = DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=add_mask_token(model, tok)))
+    prompt = [3, 5, 2]
+    probs = exact_joint(base, prompt, DecodeConfig(sampler="lossless"))
+    n = 6000
+    counts, hist = sample_first_tokens(lm, prompt, dict(sampler="lossless", draft_len=4, proposals=2), n=n)
+    assert chi_square_p(counts, probs, n) > 1e-3
+    assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts

@@ -11,8 +11,9 @@ causal attention. Every other kind of sequence memory breaks one of the two:
       DeltaNet, RG-LRU, linear attention)     rows would advance it past tokens that are rejected,
                                               and a state cannot be cropped back to d_r
     conv              (LFM2 short conv)       reads the previous rows of the tensor, not each row's
-    hybrid, hybrid_sliding (ZAYA1 CCA)        logical predecessor; conv state is set after the last
-                                              row fed, not after d_r
+    hybrid_sliding (ZAYA1 CCA + window)       logical predecessor; conv state is set after the last
+                                              row fed, not after d_r. (ZAYA1's full-attention 'hybrid'
+                                              layers are exact: mixing.py hooks their CCA projection)
     sliding_attention, chunked_attention      a per-layer window our single 4D mask does not draw,
       (Gemma 2/3, Mistral v0.1, Llama 4)      and a cache that drops tokens so crop cannot undo them
 
@@ -51,9 +52,10 @@ STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAtte
                              r"RWKV|xLSTM|Lstm|Lightning|CCAProjection")
 # wrappers and norms named after their family, not mixers themselves
 CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
-TESTED = ("llama", "qwen2", "qwen3", "mistral (sliding_window=None)", "qwen2_moe", "gpt2")
+TESTED = ("llama", "qwen2", "qwen3", "mistral (sliding_window=None)", "qwen2_moe", "gpt2", "zaya (ZAYA1 CCA)")
 SUPPORTED = ("decoder-only causal LMs whose every layer is full causal attention over a KV cache, with dense or "
-             f"MoE MLPs (tested: {', '.join(TESTED)})")
+             "MoE MLPs, or ZAYA1's CCA attention (its convolutions and delayed value read each row's predecessors, "
+             f"mixing.py) (tested: {', '.join(TESTED)})")
 
 
 def layer_kinds(config) -> list[str]:
@@ -75,22 +77,36 @@ def layer_kinds(config) -> list[str]:
     return out
 
 
-def stateful_modules(config) -> list[str]:
-    """Class names of the modules that read neighbouring rows or carry state (from a meta-device instance)."""
+def stateful_modules(config) -> tuple[list[str], int]:
+    """(class names of the modules that read neighbouring rows or carry state and that `mixing.py` does not
+    handle, how many handled mixers there are), from a meta-device instance."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 -- an exotic config we cannot instantiate: the layer kinds alone decide
-        return []
-    return modules_with_state(model)
+        return [], 0
+    return modules_with_state(model), _handled(model)
+
+
+def _handled(model) -> int:
+    from .mixing import MIXERS
+
+    return sum(type(m).__name__ in MIXERS for m in model.modules())
 
 
 def modules_with_state(model) -> list[str]:
+    """Class names of the state-carrying or neighbour-reading modules, except mixers `mixing.py` handles (and
+    the convolutions inside them)."""
+    from .mixing import MIXERS
+
+    inside = {id(c) for m in model.modules() if type(m).__name__ in MIXERS for c in m.modules()}
     names = set()
     for module in model.modules():
         name = type(module).__name__
+        if id(module) in inside:
+            continue
         if isinstance(module, torch.nn.Conv1d) or (STATEFUL_MODULE.search(name) and not CONTAINER.search(name)):
             names.add(name)
     return sorted(names)
@@ -99,11 +115,13 @@ def modules_with_state(model) -> list[str]:
 def check_architecture(config, where: str = "") -> None:
     """ConfigError naming the layers (and modules) ar2dlm cannot decode exactly, and what is supported."""
     kinds = layer_kinds(config)
+    modules, handled = stateful_modules(config)
+    # a 'hybrid' layer (attention + conv / delayed-value state) is exact when mixing.py hooks its mixer
+    exact = EXACT_LAYER_TYPES + (("hybrid",) if handled >= kinds.count("hybrid") > 0 else ())
     bad: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):
-        if kind not in EXACT_LAYER_TYPES and kind != "mlp":
+        if kind not in exact and kind != "mlp":
             bad.setdefault(kind, []).append(i)
-    modules = stateful_modules(config)
     if not bad and not modules:
         return
     parts = [f"{'layers' if len(ix) > 1 else 'layer'} {_span(ix)} of {len(kinds)} {'are' if len(ix) > 1 else 'is'} "
