@@ -41,6 +41,7 @@ the same chain of W inputs per row.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -123,8 +124,18 @@ class _CCA:
 MIXERS = {"ZayaCCAProjection": _CCA}  # module class name -> its hooks
 
 
+_FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its mixer modules (found once)
+
+
+def mixer_modules(model) -> list:
+    """The modules of `model` that MIXERS hooks, found once per model instance (a step pays a dict lookup)."""
+    if model not in _FOUND:
+        _FOUND[model] = [m for m in model.modules() if type(m).__name__ in MIXERS]
+    return _FOUND[model]
+
+
 def has_mixers(model) -> bool:
-    return any(type(m).__name__ in MIXERS for m in model.modules())
+    return bool(mixer_modules(model))
 
 
 class Predecessors:
@@ -135,7 +146,7 @@ class Predecessors:
 
     def __init__(self, model, pred, cache=None):
         self.mixers, self.cache = [], cache
-        mods = [m for m in model.modules() if type(m).__name__ in MIXERS]
+        mods = mixer_modules(model)
         self.pred = (pred() if callable(pred) else pred) if mods else None
         self.mixers = [MIXERS[type(m).__name__](m, self) for m in mods]
 
