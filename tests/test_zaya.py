@@ -131,7 +131,7 @@ def test_zaya_lossless_matches_ar_distribution():
     lm = DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=add_mask_token(model, tok)))
     prompt = [3, 5, 2]
     probs = exact_joint(base, prompt, DecodeConfig(sampler="lossless"))
-    n = 6000
+    n = 20000
     counts, hist = sample_first_tokens(lm, prompt, dict(sampler="lossless", draft_len=4, proposals=2), n=n)
     assert chi_square_p(counts, probs, n) > 1e-3
     assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts
