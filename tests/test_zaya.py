@@ -135,3 +135,12 @@ def test_zaya_lossless_matches_ar_distribution():
     counts, hist = sample_first_tokens(lm, prompt, dict(sampler="lossless", draft_len=4, proposals=2), n=n)
     assert chi_square_p(counts, probs, n) > 1e-3
     assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts
+
+
+def test_zaya_tune_forward_cost_runs():
+    """tune's forward-cost timing builds a cache with the CCA state and crops it (no values asserted: speed
+    lives in benchmarks)."""
+    from ar2dlm.tune import forward_cost
+
+    _, lm = converted("cca2x2")
+    assert set(forward_cost(lm, (1, 4, 8), context=16, reps=1)) == {1, 4, 8}

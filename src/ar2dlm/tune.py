@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
-from . import masks
+from . import masks, mixing
 from .config import ConfigError
 from .decode.engine import generate
 from .decode.policy import CostModel
@@ -34,7 +33,7 @@ SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1) -> dict[int, float]:
     """Median wall time of a step forward with n slots over a cached context, relative to n = 1."""
     ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, context))
-    cache = DynamicCache()
+    cache = mixing.new_cache(lm.model)  # timing only: a mixer's rows may read their tensor neighbours here
     lm.forward(ids, torch.arange(context).expand(batch, -1), masks.causal_mask(context, batch), None, cache)
     times = {}
     for n in slots:
@@ -48,7 +47,7 @@ def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int 
             t = time.perf_counter()
             lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
             samples.append(time.perf_counter() - t)
-            cache.crop(-n)
+            mixing.crop(cache, n)
         times[n] = statistics.median(samples[1:])
     return {n: round(times[n] / times[1], 4) for n in slots}
 
