@@ -80,17 +80,18 @@ def converted_dirs(base_dirs, tmp_path_factory):
     return {arch: convert(path, root / arch, block_size=4) for arch, path in base_dirs.items()}
 
 
-def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: int = VOCAB, dtype=torch.float64):
+def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: int = VOCAB, dtype=torch.float64,
+                  model=None):
     """A tiny model trained (all weights, AR + diffusion loss) on a repeating pattern, so its drafts are
     often accepted: greedy tests then exercise the accept branches, not only rejections.
 
-    Returns a DiffusionLM (block size 4)."""
+    `model`: train this HF model instead of tiny_model(arch). Returns a DiffusionLM (block size 4)."""
     from ar2dlm.config import DiffusionConfig
     from ar2dlm.convert import add_mask_token
     from ar2dlm.model import DiffusionLM
     from ar2dlm import objective
 
-    model = tiny_model(arch, seed, dtype, vocab)
+    model = tiny_model(arch, seed, dtype, vocab) if model is None else model
     tok = make_tokenizer(vocab)
     mask_id = add_mask_token(model, tok)
     cfg = DiffusionConfig(block_size=4, mask_token_id=mask_id)

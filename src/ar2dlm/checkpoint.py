@@ -20,8 +20,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 
 
-def load_model(path: Path, **kwargs):
-    """AutoModelForCausalLM.from_pretrained(path, **kwargs), with every file it reads checked first."""
+def load_model(path: Path, exact: bool = False, **kwargs):
+    """AutoModelForCausalLM.from_pretrained(path, **kwargs), with every file it reads checked first.
+
+    exact=True (a model to convert or decode with drafts) also refuses, before the weights load, an
+    architecture ar2dlm cannot decode exactly (`architectures.check_architecture`)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -33,6 +36,10 @@ def load_model(path: Path, **kwargs):
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(f"{path} is not a causal-LM checkpoint (model_type {config.model_type!r}): transformers "
                           f"has no causal-LM class for it")
+    if exact:
+        from .architectures import check_architecture
+
+        check_architecture(config, str(path))
     if not any(any(path.glob(g)) for g in WEIGHT_FILES):
         raise ConfigError(f"{path}: cannot load the weights (no *.safetensors file); is the checkpoint complete?")
     files.check_weights(path)
@@ -133,9 +140,12 @@ def adapter_base(path: Path, settings: DiffusionConfig) -> Path:
 
 
 def check_settings(lm, origin: Path) -> None:
-    """Settings of ar2dlm.json that must fit the model they came with."""
+    """Settings of ar2dlm.json that must fit the model they came with (and an architecture it decodes exactly:
+    a checkpoint converted before `convert` refused it)."""
+    from .architectures import check_architecture
     from .decode.engine import _embedding_rows
 
+    check_architecture(lm.model.config, str(origin.parent))
     s = lm.settings
     rows = _embedding_rows(lm.model)
     if not 0 <= s.mask_token_id < rows:

@@ -388,6 +388,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from . import plan as P
+
+    cfg = config_from(args, P.PlanConfig)
+    shape = P.model_shape(P.load_config(args.model))
+    result = P.plan(shape, P.hardware(cfg.hardware, cfg.dtype), cfg)
+    print(P.format_plan(result, P.SEED_FIGURES if args.model == "zaya1-8b" else None))
+    if args.measure:
+        result["measured"] = P.measured_vs_predicted(args.model, shape, P.Hardware(**result["hardware"]), cfg)
+        print(P.format_measured(result["measured"]))
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ar2dlm", description="Convert an autoregressive HF causal LM into a TiDAR-style "
                                 "block-diffusion LM, and decode it (one forward verifies the last draft and drafts "
@@ -524,6 +538,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     ev.set_defaults(fn=cmd_eval)
+    pn = sub.add_parser("plan", help="predict proposals per forward and the best K, |R| for an accelerator "
+                        "(roofline; no weights needed)",
+                        description="From a model config and an accelerator's peak bandwidth and FLOP/s, predict "
+                        "the cost of a forward by token slots (weights, MoE experts touched, KV and conv state, "
+                        "FLOPs with attention), the proposals that fit for free, and the best draft length and "
+                        "proposal count for given acceptance rates. The last stdout line is JSON.")
+    pn.add_argument("model", help="config.json, checkpoint directory, zaya1-8b (shipped config) or smollm2-135m")
+    from .plan import DTYPE_BYTES, HARDWARE_NAMES, PlanConfig
+    add_fields(pn, PlanConfig, [f.name for f in dataclasses.fields(PlanConfig)],
+               choices={"hardware": HARDWARE_NAMES, "dtype": tuple(DTYPE_BYTES)})
+    pn.add_argument("--measure", action="store_true", help="also time the model's forwards by slots (tune's "
+                    "forward_cost; needs its weights) next to the prediction")
+    pn.set_defaults(fn=cmd_plan)
 
     pr = sub.add_parser("prompts", help="write the offline prompt sets (train.jsonl, bench.jsonl)")
     pr.add_argument("out", help="output folder")

@@ -22,7 +22,7 @@ def load_base(base: str | Path, dtype="auto"):
     from . import checkpoint
 
     path = resolve_base(str(base))
-    model = checkpoint.load_model(path, dtype=dtype)
+    model = checkpoint.load_model(path, exact=True, dtype=dtype)
     if not is_causal(model):
         raise ConfigError(f"{path} ({model.config.model_type}) is not a causal LM: its early logits depend on later "
                           f"tokens (bidirectional attention); ar2dlm converts decoder-only causal LMs")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import masks
+from . import masks, mixing
 from .config import DiffusionConfig
 
 IGNORE = -100
@@ -29,6 +29,7 @@ class TrainingBatch:
     mask_slots: torch.Tensor
     labels: torch.Tensor
     masked: torch.Tensor  # [b, S] which slots carry the mask token
+    predecessors: torch.Tensor | None = None  # [b, 2S] each row's previous token (mixing.py), for CCA-like layers
 
 
 def masked_slots(scheme: str, doc_shape: tuple[int, int], block_size: int, block_offset, beta: float,
@@ -97,6 +98,7 @@ def build_batch(input_ids: torch.Tensor, cfg: DiffusionConfig, doc_ids: torch.Te
         mask_slots=(torch.arange(2 * S, device=device) >= S).expand(b, 2 * S),
         labels=torch.cat([ar_labels, diff_labels], 1),
         masked=masked,
+        predecessors=mixing.training_predecessors(S, cfg.block_size, doc_ids, block_offset),
     )
 
 
@@ -116,7 +118,8 @@ def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0):
 
 def loss(lm, batch: TrainingBatch, alpha: float = 1.0):
     """One forward of the doubled batch through `lm` (a DiffusionLM) -> (loss, ar_loss, diff_loss)."""
-    logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots)
+    with mixing.predecessors(lm.model, batch.predecessors):
+        logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots)
     return tidar_loss(logits, batch.labels, alpha)
 
 

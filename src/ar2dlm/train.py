@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from . import adapter as adapters
 from . import data as data_mod
-from . import objective
+from . import mixing, objective
 from .config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
 from .model import DiffusionLM
 
@@ -211,6 +211,10 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     exactly that of running every slot.
     """
     S = batch.input_ids.shape[1] // 2
+    if mixing.has_mixers(lm.model):  # slots would read the clean half's conv state at each block start
+        raise ConfigError(f"adapter.kind drafting does not train {lm.model.config.model_type!r} yet (its CCA layers "
+                          f"read earlier rows); use adapter.kind lora or full, which train through the doubled "
+                          f"sequence")
     cache = DynamicCache()
     with torch.no_grad(), _adapter_off(lm):
         lm.forward(batch.input_ids[:, :S], batch.position_ids[:, :S], batch.attention_mask[:, :S, :S],

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
-from . import masks
+from . import masks, mixing
 from .config import ConfigError
 from .decode.engine import generate
 from .decode.policy import CostModel
@@ -40,7 +39,7 @@ def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int 
     on them). False: the bare base forward of the same rows (the adapter off), to price the machinery.
     """
     ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, context))
-    cache = DynamicCache()
+    cache = mixing.new_cache(lm.model)  # timing only: a mixer's rows may read their tensor neighbours here
     lm.forward(ids, torch.arange(context).expand(batch, -1), masks.causal_mask(context, batch), None, cache)
     samples = {n: [] for n in slots}
     for rep in range(reps + 1):  # rounds over every n: a busy moment of the machine hits all of them alike
@@ -53,7 +52,7 @@ def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int 
                 lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
                 if rep:
                     samples[n].append(time.perf_counter() - t)
-            cache.crop(-n)
+            mixing.crop(cache, n)
     one = statistics.median(samples[1])
     return {n: round(statistics.median(samples[n]) / one, 4) for n in slots}
 

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from .. import masks
+from .. import masks, mixing
 from ..config import ConfigError, DecodeConfig
 from . import verify as V
 from .policy import AdaptiveDraft, CostModel, choose_proposals
@@ -91,7 +91,7 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
                      lens[:, None] + torch.arange(slots, device=device)], 1)  # [b, Lp+slots]
     ids = torch.cat([ids, torch.full((b, slots), _mask_id(lm), device=device)], 1)
     mask_slots = (torch.arange(Lp + slots, device=device) >= Lp).expand(b, -1)
-    cache = DynamicCache()
+    cache = mixing.new_cache(lm.model)
     # logits only where they are read: each prompt's last token and the P_0 slots (the LM head over a
     # whole prompt costs as much as several decode steps); column[i] = where position i's logits land
     if getattr(lm.model.get_output_embeddings(), "lora_A", None) is not None:
@@ -100,8 +100,10 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
         keep = torch.cat([lens - 1, torch.arange(Lp, Lp + slots, device=device)]).unique()  # sorted
         column = torch.zeros(Lp + slots, dtype=torch.long, device=device)
         column[keep] = torch.arange(len(keep), device=device)
-    logits = lm.forward(ids, _clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache,
-                        logits_to_keep=keep)
+    with mixing.predecessors(lm.model, lambda: mixing.prefill_predecessors(lens, Lp, slots), cache) as seq:
+        logits = lm.forward(ids, _clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache,
+                            logits_to_keep=keep)
+    seq.commit(lens - 1)  # conv / delayed-value state after each prompt's last token
     t = V.draw(logits[torch.arange(b, device=device), column[lens - 1]], cfg, lm.mask_token_id, gen)  # [b]
     _crop(cache, slots)
     valid = torch.arange(Lp, device=device)[None, :] < lens[:, None]  # [b, Lp]
@@ -135,8 +137,10 @@ def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen, draft_len: 
                      (state.length[:, None] + R).repeat_interleave(K, 1) + k.repeat(n)], 1)  # [b, K+nK]
     mask_slots = (torch.arange(K + n * K, device=device) >= K).expand(b, -1)
     attn = masks.step_mask(state.cache_valid, K, R)
-    logits = lm.forward(ids, _clamp_pos(lm, pos), attn, mask_slots, state.cache)  # [b, K+nK, V]
+    with mixing.predecessors(lm.model, lambda: mixing.step_predecessors(R, K), state.cache) as seq:
+        logits = lm.forward(ids, _clamp_pos(lm, pos), attn, mask_slots, state.cache)  # [b, K+nK, V]
     r, t = V.verify(cfg, logits[:, :K], state.draft, state.draft_logits, state.n_draft, lm.mask_token_id, gen)
+    seq.commit(r - 1)  # conv / delayed-value state after d_r
     commit(state, r, ids.shape[1])
     state.draft_logits, state.n_draft = _proposal_for(logits[:, K:], R, r, K)
     state.draft = _next_draft(t, state.draft_logits, cfg, lm.mask_token_id, gen)
@@ -219,7 +223,7 @@ def compact_cache(state: State) -> None:
 
 def select_rows(state: State, keep: torch.Tensor) -> None:
     """Drop finished rows (keep: indices of the rows that go on)."""
-    state.cache.batch_select_indices(keep)
+    mixing.select_rows(state.cache, keep)
     for name in ("cache_valid", "length", "draft", "draft_logits", "n_draft", "rows"):
         setattr(state, name, getattr(state, name)[keep])
 
@@ -390,8 +394,7 @@ def _clamp_pos(lm, pos: torch.Tensor) -> torch.Tensor:
 
 def _crop(cache: DynamicCache, n: int) -> None:
     """Drop the last n cache slots (crop(-n); crop(0) would mean 'drop nothing' only for n > 0)."""
-    if n > 0:
-        cache.crop(-n)
+    mixing.crop(cache, n)
 
 
 def _hold_back(text: str, stops) -> str:

@@ -1,0 +1,137 @@
+"""Which architectures ar2dlm decodes exactly, and a refusal, before anything is written, for the rest.
+
+A decode step feeds rows in ar2dlm's own order (`[d_1..d_K | P_r ...]`) and
+then crops the cache back to the accepted prefix. That is exact for layers
+whose only memory is a per-token KV cache read through our 4D mask: full
+causal attention. Every other kind of sequence memory breaks one of the two:
+
+    layer kind (transformers' `layer_types`)  why it is not exact (yet)
+    ----------------------------------------  ----------------------------------------------------
+    linear_attention  (Mamba/SSM, gated       one recurrent state per sequence: the step's proposal
+      DeltaNet, RG-LRU, linear attention)     rows would advance it past tokens that are rejected,
+                                              and a state cannot be cropped back to d_r
+    conv              (LFM2 short conv)       reads the previous rows of the tensor, not each row's
+    hybrid_sliding (ZAYA1 CCA + window)       logical predecessor; conv state is set after the last
+                                              row fed, not after d_r. (ZAYA1's full-attention 'hybrid'
+                                              layers are exact: mixing.py hooks their CCA projection)
+    sliding_attention, chunked_attention      a per-layer window our single 4D mask does not draw,
+      (Gemma 2/3, Mistral v0.1, Llama 4)      and a cache that drops tokens so crop cannot undo them
+
+Detection is generic: transformers' own per-layer cache kinds
+(`cache_utils.get_layer_types_and_kwargs`, the same function that builds the
+model's `DynamicCache`), plus a scan of the model's modules (instantiated on
+the meta device, so before any weights load) for convolutions over the
+sequence and classes named after state-carrying mixers. An unseen
+architecture of a known kind is refused the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .config import ConfigError
+
+# the layer kinds whose only sequence memory is the KV cache; "dummy" = a layer without attention (MLP/MoE only)
+EXACT_LAYER_TYPES = ("full_attention",)
+WHY = {
+    "linear_attention": "a recurrent state per sequence (Mamba/SSM, gated DeltaNet, linear attention, RG-LRU) that "
+                        "a step's proposal rows would advance past rejected tokens and that cannot be cropped back",
+    "conv": "a short convolution over the previous rows of the input (conv state), which in ar2dlm's layouts are "
+            "not each row's previous token",
+    "hybrid": "attention whose q/k/v also read the previous rows through a convolution and a delayed value "
+              "(ZAYA1 CCA; conv and recurrent state in the cache)",
+    "hybrid_sliding": "sliding-window attention whose q/k/v also read the previous rows (ZAYA1 CCA, conv state)",
+    "sliding_attention": "sliding-window attention: a per-layer window that ar2dlm's single attention mask does "
+                         "not draw, and a cache that drops old tokens",
+    "chunked_attention": "chunked attention: a per-layer window that ar2dlm's single attention mask does not draw",
+}
+# module class names of sequence mixers that carry state beside a KV cache
+STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAttention|Recurrent|Rglru|Lru|Rwkv|"
+                             r"RWKV|xLSTM|Lstm|Lightning|CCAProjection")
+# wrappers and norms named after their family, not mixers themselves
+CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
+TESTED = ("llama", "qwen2", "qwen3", "mistral (sliding_window=None)", "qwen2_moe", "gpt2", "zaya (ZAYA1 CCA)")
+SUPPORTED = ("decoder-only causal LMs whose every layer is full causal attention over a KV cache, with dense or "
+             "MoE MLPs, or ZAYA1's CCA attention (its convolutions and delayed value read each row's predecessors, "
+             f"mixing.py) (tested: {', '.join(TESTED)})")
+
+
+def layer_kinds(config) -> list[str]:
+    """transformers' per-layer cache kind of each decoder layer ('full_attention', 'linear_attention', ...)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = config.get_text_config(decoder=True)
+    kinds, _ = get_layer_types_and_kwargs(config)
+    window = getattr(config, "sliding_window", None)
+    ctx = getattr(config, "max_position_embeddings", None)
+    named = list(getattr(config, "layer_types", None) or [])
+    out = []
+    for i, kind in enumerate(kinds):
+        if kind == "sliding_attention" and window is not None and ctx is not None and window >= ctx:
+            kind = "full_attention"  # a window as long as the context never drops a token
+        if kind == "dummy" and i < len(named) and named[i] in ("moe", "mlp"):
+            kind = "mlp"  # a layer without attention
+        out.append(kind)
+    return out
+
+
+def stateful_modules(config) -> tuple[list[str], int]:
+    """(class names of the modules that read neighbouring rows or carry state and that `mixing.py` does not
+    handle, how many handled mixers there are), from a meta-device instance."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 -- an exotic config we cannot instantiate: the layer kinds alone decide
+        return [], 0
+    return modules_with_state(model), _handled(model)
+
+
+def _handled(model) -> int:
+    from .mixing import MIXERS
+
+    return sum(type(m).__name__ in MIXERS for m in model.modules())
+
+
+def modules_with_state(model) -> list[str]:
+    """Class names of the state-carrying or neighbour-reading modules, except mixers `mixing.py` handles (and
+    the convolutions inside them)."""
+    from .mixing import MIXERS
+
+    inside = {id(c) for m in model.modules() if type(m).__name__ in MIXERS for c in m.modules()}
+    names = set()
+    for module in model.modules():
+        name = type(module).__name__
+        if id(module) in inside:
+            continue
+        if isinstance(module, torch.nn.Conv1d) or (STATEFUL_MODULE.search(name) and not CONTAINER.search(name)):
+            names.add(name)
+    return sorted(names)
+
+
+def check_architecture(config, where: str = "") -> None:
+    """ConfigError naming the layers (and modules) ar2dlm cannot decode exactly, and what is supported."""
+    kinds = layer_kinds(config)
+    modules, handled = stateful_modules(config)
+    # a 'hybrid' layer (attention + conv / delayed-value state) is exact when mixing.py hooks its mixer
+    exact = EXACT_LAYER_TYPES + (("hybrid",) if handled >= kinds.count("hybrid") > 0 else ())
+    bad: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        if kind not in exact and kind != "mlp":
+            bad.setdefault(kind, []).append(i)
+    if not bad and not modules:
+        return
+    parts = [f"{'layers' if len(ix) > 1 else 'layer'} {_span(ix)} of {len(kinds)} {'are' if len(ix) > 1 else 'is'} "
+             f"{kind!r}: {WHY.get(kind, 'not full causal attention')}" for kind, ix in bad.items()]
+    if modules:
+        parts.append(f"modules {', '.join(modules)} read neighbouring rows or carry a sequence state")
+    prefix = f"{where}: " if where else ""
+    raise ConfigError(f"{prefix}ar2dlm cannot decode {config.model_type!r} exactly: {'; '.join(parts)}. "
+                      f"Supported: {SUPPORTED}.")
+
+
+def _span(ix: list[int]) -> str:
+    return ", ".join(map(str, ix)) if len(ix) <= 6 else f"{', '.join(map(str, ix[:6]))}, ... ({len(ix)} layers)"

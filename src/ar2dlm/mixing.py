@@ -1,0 +1,267 @@
+"""Layers that read their neighbours: every row reads its *logical* predecessors, in every layout.
+
+Attention reads the KV cache through our 4D mask, so any row order works.
+ZAYA1's CCA (transformers `zaya`) also reads *the previous rows of the input
+tensor*: q and k are mixed by two causal convolutions (kernels `cca_time0`,
+`cca_time1`: each row sees W = cca_time0 + cca_time1 - 2 earlier rows), and
+half of each value head is the previous token's `v_proj_delayed`. In
+ar2dlm's layouts the tensor neighbour is often the wrong token, so a
+forward carries a predecessor map: pred[b, i] = the row of this forward that
+holds row i's previous token, or -1 = the cache's state (the last committed
+token; zeros at the start of a sequence).
+
+```
+decode step, K = 3, R = {1, 2}  (DESIGN.md §3)
+row    d1  d2  d3 | P1s1 P1s2 P1s3 | P2s1 P2s2 P2s3
+index   0   1   2 |   3    4    5  |   6    7    8
+pred   -1   0   1 |   0    3    4  |   1    6    7
+
+training [clean | masks], S = 6, B = 3 (mask slot bB follows clean x_{bB-1})
+row    c0  c1  c2  c3  c4  c5 | m0  m1  m2  m3  m4  m5
+index   0   1   2   3   4   5 |  6   7   8   9  10  11
+pred   -1   0   1   2   3   4 | -1   6   7   2   9  10
+
+prefill / AR: pred[i] = i - 1 (the stock layout; the hooks change nothing)
+```
+
+Going back W steps from a row follows pred through this forward's rows and
+then into the cached state's W columns (newest last). Each row's conv output
+is the stock convolutions (the module's own weights) applied to its own
+chain of W + 1 inputs; its delayed value is its predecessor's. After a step
+accepts r, `commit` sets each row's conv and delayed-value state to the
+one after d_r (row r - 1 of the forward), not after the last row fed.
+
+The hooks are forward hooks on one model instance's modules (no modeling
+file is forked, nothing global is patched), active only inside
+`predecessors(model, pred, cache)`. Another finite-window mixer (LFM2's
+short convolution, say) joins by adding its module's hook here: it needs
+the same chain of W inputs per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+
+def chain(pred: torch.Tensor, depth: int) -> torch.Tensor:
+    """[b, n, depth + 1] indices into ext = [state_0 .. state_{depth-1} | rows 0..n-1] of each row's ancestors,
+    oldest first: column depth is the row itself, column depth - l its l-th predecessor."""
+    b, n = pred.shape
+    W = depth
+    # one step back from every ext position: a row goes to its predecessor (or the newest state column);
+    # a state column to the one before it (column 0, never stepped from at depth W, stays put)
+    back_rows = torch.where(pred >= 0, pred + W, torch.full_like(pred, W - 1))
+    back_state = (torch.arange(W, device=pred.device) - 1).clamp(min=0).expand(b, W)
+    back = torch.cat([back_state, back_rows], dim=1)  # [b, W + n]
+    cur = torch.arange(n, device=pred.device).expand(b, n) + W
+    out = [cur]
+    for _ in range(depth):
+        cur = back.gather(1, cur)
+        out.append(cur)
+    return torch.stack(out[::-1], dim=-1)
+
+
+class _CCA:
+    """The hooks of one `ZayaCCAProjection`: convolutions and delayed value over each row's own chain."""
+
+    def __init__(self, proj, ctx):
+        self.proj, self.ctx = proj, ctx
+        self.W = proj.conv_kernel_size
+        self.ext = None  # [b, C, W + n]: the depthwise conv's input, cached state columns first
+        self.windows = None  # [b, n, C, W]: each row's last W conv inputs (the conv state after that row)
+        self.delayed = None  # [b, n, dv]: each row's v_proj_delayed (the delayed-value state after that row)
+        self.handles = [proj.conv_qk_depthwise.register_forward_pre_hook(self.before_depthwise),
+                        proj.conv_qk_grouped.register_forward_hook(self.after_grouped),
+                        proj.v_proj_delayed.register_forward_hook(self.after_delayed)]
+
+    def before_depthwise(self, module, args):
+        self.ext, self.delayed = args[0], None  # a new forward: the value path runs after the convolutions
+
+    def after_grouped(self, module, args, output):
+        p, ext = self.proj, self.ext
+        b, C, _ = ext.shape
+        idx = chain(self.ctx.pred, self.W)  # [b, n, W + 1]
+        n = idx.shape[1]
+        win = ext.gather(2, idx.reshape(b, 1, -1).expand(b, C, -1)).view(b, C, n, self.W + 1)
+        win = win.permute(0, 2, 1, 3)  # [b, n, C, W + 1]
+        self.windows = win[..., 1:]
+        # the two stock convolutions over each row's own window of W + 1 inputs (one output per row), as
+        # small contractions: conv1d over b * n windows has a large fixed cost per call on a CPU
+        dw, gw = p.conv_qk_depthwise, p.conv_qk_grouped
+        k0 = dw.kernel_size[0]
+        d = torch.einsum("bnctj,cj->bnct", win.unfold(-1, k0, 1), dw.weight[:, 0])  # [b, n, C, k1]
+        if dw.bias is not None:
+            d = d + dw.bias[:, None]
+        g = gw.groups
+        m = C // g
+        out = torch.einsum("bngit,goit->bngo", d.view(b, n, g, m, -1), gw.weight.view(g, m, m, -1)).reshape(b, n, C)
+        if gw.bias is not None:
+            out = out + gw.bias
+        return out.transpose(1, 2)  # [b, C, n], the stock output's shape
+
+    def after_delayed(self, module, args, output):
+        x = args[0]
+        if self.delayed is not None:  # the stock code's second call: the state of a cache-less forward
+            return output
+        pred = self.ctx.pred
+        b, n = pred.shape
+        self.delayed = output
+        state = self.state_value(module, x)  # [b, dv]
+        # the stock code shifts by one tensor row (value_delayed[i] = returned[i - 1]); return, at row i - 1,
+        # row i's predecessor's delayed projection (the state's for pred = -1)
+        prev = torch.where((pred >= 0)[..., None], output.gather(1, pred.clamp(min=0)[..., None].expand_as(output)),
+                           state[:, None, :])
+        return torch.cat([prev[:, 1:], output[:, -1:]], dim=1)
+
+    def state_value(self, module, x):
+        layer = self.ctx.layer(self.proj.layer_idx)
+        if layer is not None and layer.is_recurrent_states_initialized.get(0):
+            return layer.recurrent_states[0]
+        return module(x.new_zeros(x.shape[0], 1, x.shape[-1]))[:, 0]
+
+    def commit(self, rows: torch.Tensor) -> None:
+        """Set this layer's conv and delayed-value state to those after row rows[b] of the last forward."""
+        layer = self.ctx.layer(self.proj.layer_idx)
+        ar = torch.arange(rows.shape[0], device=rows.device)
+        layer.conv_states[0].copy_(self.windows[ar, rows])
+        layer.recurrent_states[0].copy_(self.delayed[ar, rows])
+
+
+MIXERS = {"ZayaCCAProjection": _CCA}  # module class name -> its hooks
+
+
+_FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its mixer modules (found once)
+
+
+def mixer_modules(model) -> list:
+    """The modules of `model` that MIXERS hooks, found once per model instance (a step pays a dict lookup)."""
+    if model not in _FOUND:
+        _FOUND[model] = [m for m in model.modules() if type(m).__name__ in MIXERS]
+    return _FOUND[model]
+
+
+def has_mixers(model) -> bool:
+    return bool(mixer_modules(model))
+
+
+class Predecessors:
+    """The hooks of one model instance for one forward; see the module docstring.
+
+    `pred` is a [b, n] tensor, or a function returning one (only called when the model has mixers, so the
+    other architectures pay nothing)."""
+
+    def __init__(self, model, pred, cache=None):
+        self.mixers, self.cache = [], cache
+        mods = mixer_modules(model)
+        self.pred = (pred() if callable(pred) else pred) if mods else None
+        self.mixers = [MIXERS[type(m).__name__](m, self) for m in mods]
+
+    def layer(self, idx):
+        return None if self.cache is None else self.cache.layers[idx]
+
+    def commit(self, rows: torch.Tensor) -> None:
+        for m in self.mixers:
+            m.commit(rows)
+
+    def remove(self):
+        for m in self.mixers:
+            for h in m.handles:
+                h.remove()
+
+
+@contextlib.contextmanager
+def predecessors(model, pred: torch.Tensor, cache=None):
+    """Inside: every CCA projection of `model` reads each row's predecessors from `pred` [b, n] (-1 = state)."""
+    ctx = Predecessors(model, pred, cache)
+    try:
+        yield ctx
+    finally:
+        ctx.remove()
+
+
+def training_predecessors(seq_len: int, block_size: int, doc_ids: torch.Tensor,
+                          block_offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Training layout [clean x | mask slots] (positions 0..S-1 twice) -> pred [b, 2S] (the drawing above).
+
+    Clean x_i follows x_{i-1}; the first slot of a block follows the clean token before the block, any other
+    slot the slot before it. A document's first token (clean or slot) starts a sequence: -1.
+    """
+    from .masks import block_ids
+
+    S = seq_len
+    b = doc_ids.shape[0]
+    i = torch.arange(S, device=doc_ids.device)
+    starts_doc = torch.ones(b, S, dtype=torch.bool, device=doc_ids.device)
+    starts_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    block = block_ids(S, block_size, block_offset, doc_ids.device).expand(b, S)
+    starts_block = torch.ones(b, S, dtype=torch.bool, device=doc_ids.device)
+    starts_block[:, 1:] = block[:, 1:] != block[:, :-1]
+    clean = (i - 1).expand(b, S)
+    slot = torch.where(starts_block, i - 1, S + i - 1)
+    none = torch.full_like(clean, -1)
+    return torch.cat([torch.where(starts_doc, none, clean), torch.where(starts_doc, none, slot)], 1)
+
+
+def prefill_predecessors(lens: torch.Tensor, padded_len: int, slots: int) -> torch.Tensor:
+    """[prompt (right-padded to padded_len) | P_0: slots] -> pred [b, padded_len + slots].
+
+    prompt row i follows row i - 1 (row 0 the start: -1); P_0 slot 1 follows the last prompt token
+    (row len - 1), slot s slot s - 1.
+    """
+    b = lens.shape[0]
+    pred = (torch.arange(padded_len + slots, device=lens.device) - 1).expand(b, -1).clone()
+    if slots:
+        pred[:, padded_len] = lens - 1
+    return pred
+
+
+def step_predecessors(proposals: torch.Tensor, draft_len: int) -> torch.Tensor:
+    """[d_1..d_K | P_r for r in R] -> pred [b, K + |R| K] (the decode-step drawing above).
+
+    proposals: [b, n] the r of each P_r (1..K); P_r slot 1 follows d_r (row r - 1).
+    """
+    b, n = proposals.shape
+    K = draft_len
+    idx = torch.arange(K + n * K, device=proposals.device)
+    pred = (idx - 1).expand(b, -1).clone()
+    if n:
+        pred[:, K::K] = proposals - 1
+    return pred
+
+
+def new_cache(model):
+    """A DynamicCache whose layers hold the conv and delayed-value state when the model has mixers."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config) if has_mixers(model) else DynamicCache()
+
+
+def crop(cache, tokens: int) -> None:
+    """Drop the last `tokens` keys/values of every layer; a mixer's state is set by `commit`, never cropped."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+
+    if tokens <= 0:
+        return
+    if not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers):
+        cache.crop(-tokens)
+        return
+    for layer in cache.layers:
+        DynamicLayer.crop(layer, -tokens)
+
+
+def select_rows(cache, keep: torch.Tensor) -> None:
+    """Keep batch rows `keep` of the keys/values and of every conv / recurrent state."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    cache.batch_select_indices(keep)
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for i in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[i]:
+                    layer.conv_states[i] = layer.conv_states[i][keep]
+                if layer.is_recurrent_states_initialized[i]:
+                    layer.recurrent_states[i] = layer.recurrent_states[i][keep]
+

@@ -1,0 +1,125 @@
+"""Refusals of architectures ar2dlm cannot decode exactly: before anything is written, naming why."""
+
+from __future__ import annotations
+
+import pytest
+import transformers as T
+from transformers import AutoModelForCausalLM
+
+from ar2dlm import convert
+from ar2dlm.architectures import check_architecture, layer_kinds, modules_with_state
+from ar2dlm.config import ConfigError
+from ar2dlm.model import DiffusionLM
+
+from conftest import ARCHS, EOS, VOCAB, make_tokenizer
+
+_C = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          intermediate_size=64, eos_token_id=EOS, pad_token_id=0, bos_token_id=None)
+_SSM = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1)
+_DELTA = dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+              linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
+# family -> (tiny config, a word the refusal must contain)
+REFUSED = {
+    "mamba": (lambda: T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                    eos_token_id=EOS, pad_token_id=0), "recurrent state"),
+    "mamba2": (lambda: T.Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                      state_size=4, n_groups=1, eos_token_id=EOS, pad_token_id=0), "Mamba"),
+    "falcon_mamba": (lambda: T.FalconMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                                 eos_token_id=EOS, pad_token_id=0), "Mamba"),
+    "jamba": (lambda: T.JambaConfig(**_C, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                    expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4), "Mamba"),
+    "bamba": (lambda: T.BambaConfig(**_C, **_SSM, attn_layer_indices=[1]), "recurrent state"),
+    "nemotron_h": (lambda: T.NemotronHConfig(**{k: v for k, v in _C.items() if k != "num_hidden_layers"},
+                                             layers_block_type=["mamba", "attention"], mamba_num_heads=4,
+                                             mamba_head_dim=16, ssm_state_size=4, n_groups=1), "Mamba"),
+    "granitemoehybrid": (lambda: T.GraniteMoeHybridConfig(**_C, **_SSM, num_local_experts=2, num_experts_per_tok=1,
+                                                          layer_types=["mamba", "attention"]), "Mamba"),
+    "lfm2": (lambda: T.Lfm2Config(**_C, layer_types=["conv", "full_attention"]), "short convolution"),
+    "qwen3_next": (lambda: T.Qwen3NextConfig(**_C, **_DELTA, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
+                   "DeltaNet"),
+    "qwen3_5_text": (lambda: T.Qwen3_5TextConfig(**_C, **_DELTA), "DeltaNet"),
+    "recurrent_gemma": (lambda: T.RecurrentGemmaConfig(**{k: v for k, v in _C.items() if k != "num_key_value_heads"},
+                                                       lru_width=32, attention_window_size=8), "RG-LRU"),
+    "gemma2": (lambda: T.Gemma2Config(**_C, head_dim=8, sliding_window=8), "sliding-window"),
+    "gemma3_text": (lambda: T.Gemma3TextConfig(**_C, head_dim=8, sliding_window=8,
+                                               layer_types=["sliding_attention", "full_attention"]), "sliding-window"),
+    "mistral_swa": (lambda: T.MistralConfig(**_C, sliding_window=8), "sliding-window"),
+    "llama4_chunked": (lambda: T.Llama4TextConfig(**_C, head_dim=8, attention_chunk_size=8, num_local_experts=2),
+                       "chunked attention"),
+    "zaya_sliding": (lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,
+                                          moe_intermediate_size=32, router_hidden_size=16, sliding_window=8,
+                                          layer_types=["hybrid_sliding", "hybrid"]), "sliding-window"),
+}
+ZAYA = lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,  # noqa: E731
+                            moe_intermediate_size=32, router_hidden_size=16)
+
+
+def _save(config, path):
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_convert_refuses_before_writing(family, tmp_path):
+    config, why = REFUSED[family]
+    base = _save(config(), tmp_path / "base")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as e:
+        convert(base, out, block_size=4)
+    message = str(e.value)
+    assert why in message and "cannot decode" in message and "Supported:" in message
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # no temporary sibling left either
+
+
+def test_cli_convert_refuses(tmp_path, capsys):
+    from ar2dlm.cli import main
+
+    base = _save(REFUSED["lfm2"][0](), tmp_path / "base")
+    assert main(["convert", str(base), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'conv'" in err and "Lfm2ShortConv" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_supported_architectures_pass(arch):
+    config = ARCHS[arch](VOCAB)
+    check_architecture(config)  # no error
+    assert set(layer_kinds(config)) == {"full_attention"}
+    assert modules_with_state(AutoModelForCausalLM.from_config(config)) == []
+
+
+def test_unseen_architecture_caught_by_its_modules():
+    """A config that declares no layer kinds (every layer 'full_attention' by default) but whose modules carry
+    state is still refused: the module scan, not a list of model_type names, decides."""
+    config = REFUSED["mamba"][0]()
+    assert "MambaMixer" in modules_with_state(AutoModelForCausalLM.from_config(config))
+
+
+def test_window_as_long_as_the_context_is_full_attention():
+    config = T.MistralConfig(**_C, sliding_window=256, max_position_embeddings=256)
+    check_architecture(config)
+
+
+def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
+    """A checkpoint converted before convert refused it fails on load with the reason, not an IndexError."""
+    from ar2dlm.config import DiffusionConfig
+
+    d = _save(REFUSED["lfm2"][0](), tmp_path / "lfm2")
+    DiffusionConfig(block_size=4, mask_token_id=5).save(d)
+    with pytest.raises(ConfigError, match="cannot decode 'lfm2'"):
+        DiffusionLM.from_pretrained(d)
+
+
+def test_zaya_converts_and_decodes_from_disk(tmp_path):
+    """ZAYA1's CCA layers are handled (mixing.py): convert accepts it, and the converted checkpoint decodes
+    through the CLI path's loader (greedy == HF generate is held in test_zaya.py)."""
+    check_architecture(ZAYA())
+    base = _save(ZAYA(), tmp_path / "base")
+    out = convert(base, tmp_path / "out", block_size=4)
+    lm = DiffusionLM.from_pretrained(out)
+    [g] = lm.generate(["w5 w7 w9"], max_new_tokens=6, draft_len=4, proposals=2)
+    assert len(g.token_ids) > 0
