@@ -89,8 +89,11 @@ def test_converted_is_base_model_plus_mask_row(arch, base_dirs, converted_dirs):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", CONVERT_ARCHS)
 def test_diffusion_forward_with_causal_mask_equals_stock_forward(arch, attn, converted_dirs):
+    from ar2dlm import attention
+
     lm = DiffusionLM.from_pretrained(converted_dirs[arch], attn_implementation=attn)
-    assert lm.model.config._attn_implementation == attn
+    # sdpa runs as attention.py's packed-GQA sdpa: held here to the stock model's own forward
+    assert lm.model.config._attn_implementation == (attention.NAME if attn == "sdpa" else attn)
     assert lm.mask_token_id == VOCAB
     stock = _load(converted_dirs[arch], attn_implementation=attn)
     ids = _random_ids(7, (2, 11), VOCAB + 1)  # the mask token is a legal input id too
