@@ -204,7 +204,7 @@ def source_prompt(lm, length: int) -> list[int]:
     """A prompt of exactly `length` tokens: this package's own source files, in a fixed order."""
     root = Path(__file__).parent
     text = "\n".join(p.read_text() for p in sorted(root.rglob("*.py")))
-    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = lm.tokenizer(text[:length * 16], add_special_tokens=False, verbose=False)["input_ids"]  # ample
     if len(ids) < length:
         raise ConfigError(f"prompt length {length} exceeds the {len(ids)} tokens of ar2dlm's source it is cut from")
     return ids[:length]

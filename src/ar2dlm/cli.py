@@ -247,7 +247,8 @@ def add_fields(parser, cls, names, defaults: dict | None = None, choices: dict |
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                     help=help + " (default: as the model's ar2dlm.json says)")
             elif default:
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=help)
+                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                                    help=f"turn off (on by default): {help}")
             else:
                 parser.add_argument(flag, action="store_true", help=help)
         elif typing.get_origin(kind) is tuple:
