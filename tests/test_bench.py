@@ -84,6 +84,7 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
     lm = DiffusionLM.from_pretrained(out)
     assert lm.decode_config().draft_len == saved.draft_len
     assert lm.decode_config().adaptive == saved.adaptive and lm.decode_config(ar=True).adaptive is False
+    assert lm.decode_config(draft_len=4).adaptive is False  # fixing the drafting turns the default off
     # the predictor: certain acceptance with every proposal -> K tokens per step; none -> 1
     assert abs(predicted_tpf([1.0] * 7, 8, 8) - 8) < 1e-9 and abs(predicted_tpf([0.0] * 7, 8, 3) - 1) < 1e-9
 

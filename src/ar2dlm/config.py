@@ -126,7 +126,8 @@ class DiffusionConfig:
     """Measured cost of a forward by token slots per row, relative to 1 slot (`ar2dlm tune`); {} = default."""
     adaptive: bool = False
     """Decode with adaptive drafting by default (per step, down to plain AR steps where drafting does not pay
-    on this machine); `ar2dlm tune` sets it when it measures fastest."""
+    on this machine) when a request fixes no draft_len or proposals; `ar2dlm tune` sets it when it measures
+    fastest."""
 
     def __post_init__(self):
         _check_types(self)

@@ -211,7 +211,9 @@ class DiffusionLM:
         if self.settings is not None:
             K = self.settings.draft_len or self.settings.block_size
             defaults = {"draft_len": K, "proposals": self.settings.proposals or min(3, K),
-                        "adaptive": self.settings.adaptive and not overrides.get("ar")}
+                        # the model's adaptive default, unless the caller fixes the drafting (or asks for AR)
+                        "adaptive": self.settings.adaptive and not any(
+                            overrides.get(k) is not None for k in ("ar", "draft_len", "proposals"))}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("stop", "eos_token_id"):
             if isinstance(defaults.get(key), (list, str, int)):
