@@ -326,6 +326,12 @@ def table(report: dict) -> str:
     return "\n".join(out)
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend when the axes have labelled lines (a run without mix or greedy rows has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -363,8 +369,8 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("mix weight w")
     ax.set_ylabel("speedup vs AR loop")
     ax2.set_ylabel("NLL drift vs lossless (nats/token)")
-    ax.legend(loc="upper left")
-    ax2.legend(loc="lower right")
+    _legend(ax, loc="upper left")
+    _legend(ax2, loc="lower right")
     paths.append(_save(fig, out_dir / "speedup_vs_mix_weight.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in sorted({r["prompt_set"] for r in rows}):
@@ -377,7 +383,7 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
             ax.plot(*zip(*pts), marker="o", label=name)
     ax.set_xlabel("draft length K")
     ax.set_ylabel("tokens per forward (greedy)")
-    ax.legend()
+    _legend(ax)
     paths.append(_save(fig, out_dir / "tpf_vs_draft_len.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in sorted({r["prompt_set"] for r in rows}):
@@ -389,6 +395,6 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
             ax.plot(ks, [h[str(k)] / total for k in ks], marker="o", label=f"{name} ({greedy[0]['config']})")
     ax.set_xlabel("tokens committed per step (r)")
     ax.set_ylabel("share of steps")
-    ax.legend()
+    _legend(ax)
     paths.append(_save(fig, out_dir / "accepted_hist.png"))
     return paths
