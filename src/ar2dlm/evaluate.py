@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tasks as T
-from .config import ConfigError, DecodeConfig
+from .config import ConfigError, DecodeConfig, _check
 from .sandbox import SandboxLimits, run_program
 
 SAMPLED = ("ar-sample", "lossless")
@@ -80,9 +80,7 @@ class EvalConfig:
     """Seed of the sampled settings (sample j of a chunk uses seed + j, offset by the chunk)."""
 
     def __post_init__(self):
-        def check(ok, msg):
-            if not ok:
-                raise ConfigError(msg)
+        check = _check
         check(self.task in T.TASKS, f"task must be one of {', '.join(T.TASKS)}, got {self.task!r}")
         check(self.form in T.FORMS, f"form must be one of {', '.join(T.FORMS)}, got {self.form!r}")
         check(self.task != "ifeval" or self.form == "instruct",
