@@ -209,12 +209,20 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     select=True runs only the slots a target slot can see (its own block):
     slots over prompt tokens without targets cost nothing, and the loss is
     exactly that of running every slot.
+
+    Models whose layers read earlier rows (ZAYA1's CCA, `mixing.py`) run the
+    doubled sequence in one forward instead: the first slot of each block
+    reads the conv state after its own clean predecessor, which a cache
+    filled by the whole clean half no longer holds. The gate keeps the clean
+    rows on base weights there too, so the loss is the same function.
     """
     S = batch.input_ids.shape[1] // 2
-    if mixing.has_mixers(lm.model):  # slots would read the clean half's conv state at each block start
-        raise ConfigError(f"adapter.kind drafting does not train {lm.model.config.model_type!r} yet (its CCA layers "
-                          f"read earlier rows); use adapter.kind lora or full, which train through the doubled "
-                          f"sequence")
+    if mixing.has_mixers(lm.model):
+        with mixing.predecessors(lm.model, batch.predecessors):
+            logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots,
+                                logits_to_keep=S)
+        idx = torch.arange(S, device=logits.device).expand(logits.shape[0], S)
+        return objective._mean_ce(logits, batch.labels[:, S:]), logits, idx
     cache = DynamicCache()
     with torch.no_grad(), _adapter_off(lm):
         lm.forward(batch.input_ids[:, :S], batch.position_ids[:, :S], batch.attention_mask[:, :S, :S],
