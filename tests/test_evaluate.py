@@ -160,9 +160,11 @@ def test_resume_refuses_other_settings(drafter, tmp_path):
 def test_frontier_writes_table_png_json(drafter, tmp_path):
     cfg = E.EvalConfig(form="raw", limit=2, max_new_tokens=8, frontier=True, mix_weights=(0.5, 1.0))
     summary = E.evaluate(drafter, cfg, tmp_path, "tiny", progress=False)
-    names = ["ar", "greedy", "lossless", "mix:0.5", "mix:1"]
+    names = ["ar", "ar-sample", "greedy", "lossless", "mix:0.5", "mix:1"]
     assert list(summary["settings"]) == names
     assert all(s["speedup"] > 0 for s in summary["settings"].values())
+    sampled = {n for n, s in summary["settings"].items() if "speedup_vs_ar_sample" in s}
+    assert sampled == {"ar-sample", "lossless", "mix:0.5", "mix:1"}
     assert (tmp_path / "frontier.png").stat().st_size > 1000
     assert all(name in E.table(summary["settings"]) for name in names)
 

@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mix:W), score the answers (code in a sandbox: own process and directory, time, memory and "
                         "CPU limits, no network), and print score with 95% CI, TPF, tau, tokens/s and speedup "
                         "over the AR loop of the same run. OUT/results.jsonl grows as answers are scored; a rerun "
-                        "resumes. --frontier sweeps ar, greedy, lossless and mix weights and draws OUT/frontier.png.")
+                        "resumes. --frontier sweeps ar, ar-sample, greedy, lossless and mix weights and draws "
+                        "OUT/frontier.png.")
     ev.add_argument("model", help="converted checkpoint, adapter folder or bundled name (smollm2-135m)")
     from .evaluate import EvalConfig
     from .tasks import FORMS, TASKS

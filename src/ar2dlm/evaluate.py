@@ -51,7 +51,8 @@ class EvalConfig:
     settings: tuple[str, ...] = ("ar", "greedy")
     """Decoding settings: ar, greedy, ar-sample, lossless, mix:W (see `ar2dlm eval --help`)."""
     frontier: bool = False
-    """Sweep ar, greedy, lossless and mix:W for each --mix-weights (replaces --settings); table, PNG, JSON."""
+    """Sweep ar, ar-sample, greedy, lossless and mix:W for each --mix-weights (replaces --settings); table, PNG,
+    JSON. The sampled settings' speed is also given against ar-sample (vs sample)."""
     mix_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     """Mix weights of the frontier sweep."""
     limit: int | None = None
@@ -104,7 +105,7 @@ class EvalConfig:
     @property
     def all_settings(self) -> tuple[str, ...]:
         if self.frontier:
-            return ("ar", "greedy", "lossless", *(f"mix:{w:g}" for w in self.mix_weights))
+            return ("ar", "ar-sample", "greedy", "lossless", *(f"mix:{w:g}" for w in self.mix_weights))
         return self.settings
 
     def identity(self, model: str) -> dict:
@@ -199,19 +200,25 @@ def summarize(records: list[dict], cfg: EvalConfig, settings) -> dict:
     if "ar" in out and out["ar"]["tokens_per_s"]:
         for s in out.values():
             s["speedup"] = s["tokens_per_s"] / out["ar"]["tokens_per_s"] if s["tokens_per_s"] else None
+    if "ar-sample" in out and out["ar-sample"]["tokens_per_s"]:  # the sampled settings' own baseline
+        for name, s in out.items():
+            if parse_setting(name)[0] in ("ar-sample", "lossless", "mix") and s["tokens_per_s"]:
+                s["speedup_vs_ar_sample"] = s["tokens_per_s"] / out["ar-sample"]["tokens_per_s"]
     return out
 
 
 def table(summary: dict) -> str:
-    head = f"{'setting':<10} {'problems':>8} {'score':>16} {'TPF':>6} {'tau':>6} {'tok/s':>8} {'speedup':>8}"
+    head = (f"{'setting':<10} {'problems':>8} {'score':>16} {'TPF':>6} {'tau':>6} {'tok/s':>8} {'speedup':>8} "
+            f"{'vs sample':>9} {'decode s':>9}")
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
         key = next(iter(s["scores"]))
         sc = s["scores"][key]
         speed = f"{s['speedup']:.2f}x" if s.get("speedup") else "-"
         tps = f"{s['tokens_per_s']:.1f}" if s["tokens_per_s"] else "-"
+        vs = f"{s['speedup_vs_ar_sample']:.2f}x" if s.get("speedup_vs_ar_sample") else "-"
         lines.append(f"{name:<10} {s['problems']:>8} {key + ' ' + format(sc['score'], '.3f'):>10}±{sc['ci95']:.3f} "
-                     f"{s['tpf']:>6.2f} {s['tau']:>6.2f} {tps:>8} {speed:>8}")
+                     f"{s['tpf']:>6.2f} {s['tau']:>6.2f} {tps:>8} {speed:>8} {vs:>9} {s['decode_seconds']:>9.0f}")
     return "\n".join(lines)
 
 
