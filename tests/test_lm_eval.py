@@ -39,11 +39,12 @@ def write_tasks(root):
     return root
 
 
-def run(model, model_args, tasks_dir, out):
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def run(model, model_args, tasks_dir, out, tasks="local_mc,local_gen,local_roll", extra=()):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "XDG_CACHE_HOME": str(out.parent / "cache")}
+    include = ["--include_path", str(tasks_dir)] if tasks_dir else []  # none: the wrapper adds ar2dlm's own
     cmd = [sys.executable, "-m", "ar2dlm", "eval", "--lm-eval", "--model", model, "--model_args", model_args,
-           "--tasks", "local_mc,local_gen,local_roll", "--include_path", str(tasks_dir), "--output_path", str(out),
-           "--log_samples", "--batch_size", "2"]
+           "--tasks", tasks, *include, "--output_path", str(out), "--log_samples", "--batch_size", "2", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     samples = {}
@@ -79,3 +80,33 @@ def test_greedy_generations_equal_hf(both):
     assert sum(bool(r[0][0].strip()) for r in a) >= len(CONTEXTS) // 2  # not vacuous: real generations
     stats = json.loads(next((root / "ours").rglob("ar2dlm_stats.json")).read_text())
     assert stats["local_gen"]["requests"] == len(CONTEXTS) and stats["local_gen"]["tpf"] >= 1.0
+
+
+def test_shipped_local_tasks_run_offline_and_equal_hf(base_dirs, converted_dirs, tmp_path):
+    """ar2dlm_heldout (perplexity) and ar2dlm_arith_mc (multiple choice) need no --include_path and no
+    network; their log-likelihoods equal lm-eval's hf model on the base."""
+    from ar2dlm import local_tasks
+
+    tasks, extra = "ar2dlm_heldout,ar2dlm_arith_mc", ("--limit", "6")
+    hf = run("hf", f"pretrained={base_dirs['llama']},dtype=float64", None, tmp_path / "hf", tasks, extra)
+    ours = run("ar2dlm", f"pretrained={converted_dirs['llama']},dtype=float64", None, tmp_path / "ours", tasks,
+               extra)
+    for task in local_tasks.TASKS:
+        assert len(hf[task]) == len(ours[task]) == 6, task
+        for a, b in zip(hf[task], ours[task]):
+            la = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in a["resps"]]
+            lb = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in b["resps"]]
+            assert lb == pytest.approx(la, abs=1e-5), task
+    assert all(len(s["resps"]) == 4 for s in ours["ar2dlm_arith_mc"])  # four choices each
+
+
+def test_arith_mc_docs_have_one_right_answer():
+    from ar2dlm import local_tasks
+
+    docs = local_tasks.arith_docs()
+    assert len(docs) == local_tasks.ARITH_N and docs == local_tasks.arith_docs()  # deterministic
+    for d in docs:
+        a, op, b = d["question"].split("What is ")[1].split("?")[0].split()
+        right = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert [int(c) for c in d["choices"]].count(right) == 1 and int(d["choices"][d["label"]]) == right
+        assert len(set(d["choices"])) == 4

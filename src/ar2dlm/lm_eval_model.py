@@ -13,6 +13,8 @@ registers the model, then hands the rest of the command line to lm-eval's own CL
 - model_args: pretrained (dir or bundled name), sampler, mix_weight, draft_len, proposals, ar
   (the AR loop), batch_size, max_length, dtype, stats_path. TPF, τ and tokens/s of the generation
   requests, per task, are written to stats_path (by the wrapper: beside --output_path).
+- Without an --include_path of its own, the wrapper adds ar2dlm's local tasks (`local_tasks.py`):
+  `ar2dlm_heldout` (held-out perplexity) and `ar2dlm_arith_mc` (multiple choice).
 """
 
 from __future__ import annotations
@@ -207,6 +209,10 @@ def run_cli(argv: list[str]) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(argv)
+    if "--include_path" not in argv and not any(a.startswith("--include_path=") for a in argv):
+        from . import local_tasks  # ar2dlm's own local tasks (ar2dlm_heldout, ar2dlm_arith_mc)
+
+        argv += ["--include_path", str(local_tasks.write(local_tasks.default_folder()))]
     if "--output_path" in argv and "--model_args" in argv and "ar2dlm" in argv:
         i = argv.index("--model_args") + 1
         out = Path(argv[argv.index("--output_path") + 1])
