@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,9 +57,14 @@ def run(model, model_args, tasks_dir, out, tasks="local_mc,local_gen,local_roll"
 
 @pytest.fixture(scope="module")
 def both(base_dirs, converted_dirs, tmp_path_factory):
+    from ar2dlm import local_tasks
+
     root = write_tasks(tmp_path_factory.mktemp("lm_eval"))
-    hf = run("hf", f"pretrained={base_dirs['llama']},dtype=float64", root, root / "hf")
-    ours = run("ar2dlm", f"pretrained={converted_dirs['llama']},dtype=float64", root, root / "ours")
+    local_tasks.write(root)  # ar2dlm's shipped tasks too (each task limited to 6 documents)
+    tasks = "local_mc,local_gen,local_roll," + ",".join(local_tasks.TASKS)
+    hf = run("hf", f"pretrained={base_dirs['llama']},dtype=float64", root, root / "hf", tasks, ("--limit", "6"))
+    ours = run("ar2dlm", f"pretrained={converted_dirs['llama']},dtype=float64", root, root / "ours", tasks,
+               ("--limit", "6"))
     return hf, ours, root
 
 
@@ -82,15 +88,12 @@ def test_greedy_generations_equal_hf(both):
     assert stats["local_gen"]["requests"] == len(CONTEXTS) and stats["local_gen"]["tpf"] >= 1.0
 
 
-def test_shipped_local_tasks_run_offline_and_equal_hf(base_dirs, converted_dirs, tmp_path):
-    """ar2dlm_heldout (perplexity) and ar2dlm_arith_mc (multiple choice) need no --include_path and no
-    network; their log-likelihoods equal lm-eval's hf model on the base."""
+def test_shipped_local_tasks_equal_hf(both):
+    """ar2dlm_heldout (perplexity) and ar2dlm_arith_mc (multiple choice), offline: log-likelihoods equal
+    lm-eval's hf model on the base."""
     from ar2dlm import local_tasks
 
-    tasks, extra = "ar2dlm_heldout,ar2dlm_arith_mc", ("--limit", "6")
-    hf = run("hf", f"pretrained={base_dirs['llama']},dtype=float64", None, tmp_path / "hf", tasks, extra)
-    ours = run("ar2dlm", f"pretrained={converted_dirs['llama']},dtype=float64", None, tmp_path / "ours", tasks,
-               extra)
+    hf, ours, _ = both
     for task in local_tasks.TASKS:
         assert len(hf[task]) == len(ours[task]) == 6, task
         for a, b in zip(hf[task], ours[task]):
@@ -98,6 +101,19 @@ def test_shipped_local_tasks_run_offline_and_equal_hf(base_dirs, converted_dirs,
             lb = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in b["resps"]]
             assert lb == pytest.approx(la, abs=1e-5), task
     assert all(len(s["resps"]) == 4 for s in ours["ar2dlm_arith_mc"])  # four choices each
+
+
+def test_wrapper_adds_the_local_tasks_unless_given_an_include_path(tmp_path, monkeypatch):
+    from ar2dlm.lm_eval_model import cli_argv
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    argv = cli_argv(["--model", "ar2dlm", "--model_args", "pretrained=x", "--tasks", "ar2dlm_heldout",
+                     "--output_path", str(tmp_path / "out")])
+    folder = Path(argv[argv.index("--include_path") + 1])
+    assert (folder / "ar2dlm_heldout.yaml").exists() and (folder / "arith.jsonl").exists()
+    assert argv[argv.index("--model_args") + 1] == f"pretrained=x,stats_path={tmp_path / 'out' / 'ar2dlm_stats.json'}"
+    mine = ["--tasks", "t", "--include_path", "mine"]
+    assert cli_argv(mine) == mine
 
 
 def test_arith_mc_docs_have_one_right_answer():

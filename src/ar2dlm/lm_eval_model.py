@@ -204,10 +204,9 @@ class Ar2dlmLM(TemplateLM):
             Path(self.stats_path).write_text(json.dumps(self.summary(), indent=1))
 
 
-def run_cli(argv: list[str]) -> int:
-    """`lm-eval ARGV` with the `ar2dlm` model registered; TPF/τ/tokens/s go beside --output_path."""
-    from lm_eval.__main__ import cli_evaluate
-
+def cli_argv(argv: list[str]) -> list[str]:
+    """lm-eval's command line as the wrapper runs it: ar2dlm's local tasks on the include path (unless the
+    command line names its own) and the ar2dlm model's stats beside --output_path."""
     argv = list(argv)
     if "--include_path" not in argv and not any(a.startswith("--include_path=") for a in argv):
         from . import local_tasks  # ar2dlm's own local tasks (ar2dlm_heldout, ar2dlm_arith_mc)
@@ -219,8 +218,15 @@ def run_cli(argv: list[str]) -> int:
         folder = out if not out.suffix else out.parent
         if "stats_path=" not in argv[i]:
             argv[i] += f",stats_path={folder / 'ar2dlm_stats.json'}"
+    return argv
+
+
+def run_cli(argv: list[str]) -> int:
+    """`lm-eval ARGV` with the `ar2dlm` model registered; TPF/τ/tokens/s go beside --output_path."""
+    from lm_eval.__main__ import cli_evaluate
+
     saved = sys.argv
-    sys.argv = ["lm-eval", *argv]
+    sys.argv = ["lm-eval", *cli_argv(argv)]
     try:
         cli_evaluate()
     except SystemExit as e:
