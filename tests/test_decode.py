@@ -227,6 +227,31 @@ def test_adaptive_drafting_keeps_greedy_exact_and_adapts(drafter):
     assert ctl.choose()[0] >= 8
 
 
+def test_adaptive_default_that_never_drafts_runs_the_ar_loop(drafter):
+    """When drafting cannot pay at the controller's prior, no step would ever draft: the request runs as the
+    AR loop (one row per forward, no P_0 slots at prefill), and its tokens are AR greedy's."""
+    import dataclasses
+
+    p = drafter.pattern[:3]
+    want = hf_greedy(drafter.model, p, 20, [drafter.mask_token_id])
+    saved = drafter.settings
+    rows = []
+    hook = drafter.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+    try:
+        drafter.settings = dataclasses.replace(saved, forward_cost={1: 1.0, 2: 3.0, 64: 200.0})
+        g = drafter.generate([p], max_new_tokens=20, draft_len=8, proposals=2, adaptive=True)[0]
+        assert g.token_ids == want
+        assert rows == [len(p)] + [1] * (len(rows) - 1) and g.stats.forwards == 20
+        rows.clear()
+        drafter.settings = saved  # the default cost model: drafting pays at the prior, so it drafts
+        drafter.generate([p], max_new_tokens=20, draft_len=8, proposals=2, adaptive=True)
+        assert rows[0] > len(p) and max(rows[1:]) > 1
+    finally:
+        drafter.settings = saved
+        hook.remove()
+
+
 def test_cost_model_interpolates():
     from ar2dlm.decode.policy import CostModel
 

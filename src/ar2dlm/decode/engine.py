@@ -233,12 +233,17 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["Request"
     """Decode every prompt, yielding (request, tokens) as tokens are committed; results land in `outs`."""
     check_request(lm, prompts, cfg)
     K = 1 if cfg.ar else cfg.draft_len
+    adaptive = _controller(lm, cfg, K)
+    if adaptive is not None and adaptive.choose() == (1, 0):
+        # drafting does not pay at the controller's prior, and steps without drafts observe nothing that
+        # could change that: every step would be an AR step, so run the AR loop itself (no slot rows)
+        K, adaptive = 1, None
     n_proposals = 0 if K == 1 else cfg.proposals
-    adaptive, draft_len = _controller(lm, cfg, K), K
+    draft_len = K
     gen = torch.Generator(device=lm.model.device)
     gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item()))
     start = time.perf_counter()
-    with torch.inference_mode(), (lm.base_weights() if cfg.ar else contextlib.nullcontext()):
+    with torch.inference_mode(), (lm.base_weights() if K == 1 else contextlib.nullcontext()):
         state, t = prefill(lm, prompts, K, cfg, gen)
         for out in outs:
             out.stats.prefill_time = time.perf_counter() - start
@@ -264,7 +269,9 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["Request"
                 draft_len, n_proposals = adaptive.choose()
                 n_before = state.n_draft.clamp(max=draft_len).tolist()
             draft = state.draft[:, :draft_len] if adaptive is not None else state.draft
-            r, t = step(lm, state, n_proposals, cfg, gen, draft_len if adaptive is not None else None)
+            # an adaptive AR step has no slot rows: the bare base weights give the same logits, for less
+            with lm.base_weights() if adaptive is not None and draft_len == 1 else contextlib.nullcontext():
+                r, t = step(lm, state, n_proposals, cfg, gen, draft_len if adaptive is not None else None)
             if adaptive is not None:
                 adaptive.update(r.tolist(), n_before)
             # committed this step: the accepted drafts d_2..d_r, then t
