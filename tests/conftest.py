@@ -64,6 +64,23 @@ def save_base(arch: str, path, seed: int = 0, dtype=torch.float32):
     return path
 
 
+def distill_random_prompts(base_dir, root, n: int):
+    """`ar2dlm distill` of n random 6-word prompts through the CLI (40 new tokens each): the base's own greedy
+    continuations, as a drafter trains on them. Returns the distilled JSONL."""
+    import json
+
+    from ar2dlm.cli import main
+
+    g = torch.Generator().manual_seed(1)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(n):
+            words = " ".join(f"w{int(t)}" for t in torch.randint(2, 90, (6,), generator=g))
+            f.write(json.dumps({"id": f"p{i}", "prompt": words}) + "\n")
+    assert main(["distill", str(base_dir), "--prompts", str(root / "prompts.jsonl"), "--out",
+                 str(root / "distilled"), "--max-new-tokens", "40", "--batch-size", "16"]) == 0
+    return root / "distilled" / "distilled.jsonl"
+
+
 @pytest.fixture(scope="session")
 def base_dirs(tmp_path_factory):
     """arch -> directory of a saved tiny base checkpoint."""

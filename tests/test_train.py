@@ -20,7 +20,7 @@ from ar2dlm import objective
 from ar2dlm import train as T
 from ar2dlm.config import ConfigError, TrainConfig
 from ar2dlm.model import DiffusionLM
-from conftest import EOS, save_base
+from conftest import EOS, distill_random_prompts, save_base
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -81,16 +81,7 @@ def test_steps_lower_losses_and_move_only_trainable_parameters(corpus, kind):
 @pytest.fixture(scope="module")
 def distilled(corpus):
     """The tiny base model's own greedy continuations of 60 prompts (through the CLI)."""
-    from ar2dlm.cli import main
-
-    g = torch.Generator().manual_seed(1)
-    with open(corpus / "prompts.jsonl", "w") as f:
-        for i in range(60):
-            words = " ".join(f"w{int(t)}" for t in torch.randint(2, 90, (6,), generator=g))
-            f.write(json.dumps({"id": f"p{i}", "prompt": words}) + "\n")
-    assert main(["distill", str(corpus / "base"), "--prompts", str(corpus / "prompts.jsonl"), "--out",
-                 str(corpus / "distilled"), "--max-new-tokens", "40", "--batch-size", "16"]) == 0
-    return corpus / "distilled" / "distilled.jsonl"
+    return distill_random_prompts(corpus / "base", corpus, 60)
 
 
 def test_distill_matches_ar_greedy_and_resumes(corpus, distilled, tmp_path):

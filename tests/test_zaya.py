@@ -152,19 +152,12 @@ def test_zaya_distill_train_drafting_adapter_end_to_end(tmp_path):
     import yaml
 
     from ar2dlm.cli import main
-    from conftest import make_tokenizer as tok_of
+    from conftest import distill_random_prompts
 
     base = tiny_zaya("cca2x2").float()
     base.save_pretrained(tmp_path / "base")
-    tok_of().save_pretrained(tmp_path / "base")
-    g = torch.Generator().manual_seed(1)
-    with open(tmp_path / "prompts.jsonl", "w") as f:
-        for i in range(48):
-            words = " ".join(f"w{int(t)}" for t in torch.randint(2, 90, (6,), generator=g))
-            f.write(json.dumps({"id": f"p{i}", "prompt": words}) + "\n")
-    assert main(["distill", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
-                 str(tmp_path / "distilled"), "--max-new-tokens", "40", "--batch-size", "16"]) == 0
-    data = tmp_path / "distilled" / "distilled.jsonl"
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    data = distill_random_prompts(tmp_path / "base", tmp_path, 48)
     recipe = {"run_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "base"), "precision": "fp32"},
               "data": {"train": [str(data)], "seq_len": 48, "heldout_fraction": 0.1},
               "objective": {"block_size": 4}, "adapter": {"kind": "drafting", "rank": 8, "alpha": 16},
