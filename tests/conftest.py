@@ -103,10 +103,10 @@ def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: i
     often accepted: greedy tests then exercise the accept branches, not only rejections.
 
     `model`: train this HF model instead of tiny_model(arch). Returns a DiffusionLM (block size 4)."""
-    from ar2dlm.config import DiffusionConfig
-    from ar2dlm.convert import add_mask_token
-    from ar2dlm.model import DiffusionLM
-    from ar2dlm import objective
+    from ar2dlm.core.config import DiffusionConfig
+    from ar2dlm.model.convert import add_mask_token
+    from ar2dlm.model.lm import DiffusionLM
+    from ar2dlm.train import objective
 
     model = tiny_model(arch, seed, dtype, vocab) if model is None else model
     tok = make_tokenizer(vocab)

@@ -52,9 +52,9 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
 
 def test_tune_writes_defaults(drafter, tmp_path, capsys):
     """tune on a drafter that is often accepted picks a drafting setting and writes it to ar2dlm.json."""
-    from ar2dlm.config import DiffusionConfig
-    from ar2dlm.model import DiffusionLM
-    from ar2dlm.tune import predicted_tpf
+    from ar2dlm.core.config import DiffusionConfig
+    from ar2dlm.model.lm import DiffusionLM
+    from ar2dlm.measure.tune import predicted_tpf
 
     out = tmp_path / "drafter"
     drafter.model.save_pretrained(out)
@@ -94,8 +94,8 @@ def test_bench_reference_drift(converted_dirs, base_dirs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ar2dlm import bench as B
-    from ar2dlm.model import DiffusionLM
+    from ar2dlm.measure import bench as B
+    from ar2dlm.model.lm import DiffusionLM
 
     from conftest import EOS, save_base
 

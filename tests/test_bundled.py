@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ar2dlm import bundled
-from ar2dlm.bundled import BUNDLED, resolve_base
+from ar2dlm.model import bundled
+from ar2dlm.model.bundled import BUNDLED, resolve_base
 
 
 def test_missing_path_is_file_not_found(tmp_path):

@@ -13,9 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM, T5Config
 
-from ar2dlm import ConfigError, DiffusionConfig, DiffusionLM, convert, masks
-from ar2dlm.config import SETTINGS_FILE
-from ar2dlm.convert import add_mask_token
+from ar2dlm import ConfigError, DiffusionConfig, DiffusionLM
+from ar2dlm import convert
+from ar2dlm.nn import masks
+from ar2dlm.core.config import SETTINGS_FILE
+from ar2dlm.model.convert import add_mask_token
 from conftest import ARCHS, CORE_ARCHS, VOCAB, make_tokenizer, tiny_model
 
 CONVERT_ARCHS = CORE_ARCHS + ["mistral", "qwen3"]
@@ -89,7 +91,7 @@ def test_converted_is_base_model_plus_mask_row(arch, base_dirs, converted_dirs):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", CONVERT_ARCHS)
 def test_diffusion_forward_with_causal_mask_equals_stock_forward(arch, attn, converted_dirs):
-    from ar2dlm import attention
+    from ar2dlm.nn import attention
 
     lm = DiffusionLM.from_pretrained(converted_dirs[arch], attn_implementation=attn)
     # sdpa runs as attention.py's packed-GQA sdpa: held here to the stock model's own forward

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from ar2dlm import data as D
-from ar2dlm import masks
-from ar2dlm.config import ConfigError, DataSection
+from ar2dlm.train import data as D
+from ar2dlm.nn import masks
+from ar2dlm.core.config import ConfigError, DataSection
 from conftest import EOS, make_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"

@@ -13,11 +13,11 @@ from math import comb
 
 import pytest
 
-from ar2dlm import evaluate as E
-from ar2dlm import tasks as T
+from ar2dlm.evaluate import run as E
+from ar2dlm.evaluate import tasks as T
 from ar2dlm.cli import main
-from ar2dlm.config import ConfigError
-from ar2dlm.sandbox import SandboxLimits
+from ar2dlm.core.config import ConfigError
+from ar2dlm.evaluate.sandbox import SandboxLimits
 
 LIMITS = SandboxLimits(timeout=10.0, memory_mb=512)
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} w3{% endif %}"

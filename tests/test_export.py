@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ar2dlm import bundled, objective
-from ar2dlm import train as T
+from ar2dlm.model import bundled
+from ar2dlm.train import objective
+from ar2dlm.train import trainer as T
 from ar2dlm.cli import main
-from ar2dlm.config import DiffusionConfig, TrainConfig
-from ar2dlm.demo import run_demo
-from ar2dlm.model import DiffusionLM
+from ar2dlm.core.config import DiffusionConfig, TrainConfig
+from ar2dlm.measure.demo import run_demo
+from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, save_base
 
 
@@ -105,7 +106,7 @@ def test_bundled_name_loads_a_local_copy_of_the_shipped_drafter(shipped, tmp_pat
     assert lm.source == copy and lm.settings.adapter == "drafting"
     assert (copy / "adapter_model.safetensors").read_bytes() == (shipped / "adapter_model.safetensors").read_bytes()
 
-    from ar2dlm import tune as T2
+    from ar2dlm.measure import tune as T2
     T2.write_defaults(lm.source, {"best": {"draft_len": 3, "proposals": 2}, "forward_cost": {1: 1.0, 4: 1.5}})
     again = DiffusionLM.from_pretrained("tiny")  # tuned defaults in the copy are kept ...
     assert (again.decode_config().draft_len, again.decode_config().proposals) == (3, 2)

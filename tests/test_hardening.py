@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ar2dlm import DiffusionLM, convert
+from ar2dlm import DiffusionLM
+from ar2dlm import convert
 from ar2dlm.cli import main
-from ar2dlm.config import SETTINGS_FILE, AdapterSection, BenchConfig, ConfigError, DiffusionConfig
+from ar2dlm.core.config import SETTINGS_FILE, AdapterSection, BenchConfig, ConfigError, DiffusionConfig
 from conftest import VOCAB, save_base
 
 PROMPT = "w5 w7 w9"
@@ -73,7 +74,7 @@ def copy(conv, tmp_path):
 @pytest.fixture(scope="module")
 def adapter_dir(conv, base_dirs, tmp_path_factory):
     """A drafting-adapter folder (untrained LoRA) over the tiny llama base, saved as training saves one."""
-    from ar2dlm import adapter
+    from ar2dlm.model import adapter
 
     d = tmp_path_factory.mktemp("adapter") / "final"
     lm = DiffusionLM.from_pretrained(conv)
@@ -101,7 +102,7 @@ def test_mask_token_must_be_new_and_distinct(capsys, base_dirs, tmp_path, args, 
 
 
 def test_mask_token_api(base_dirs, tmp_path):
-    from ar2dlm.convert import add_mask_token
+    from ar2dlm.model.convert import add_mask_token
     from conftest import make_tokenizer, tiny_model
 
     for token, reuse in (("", False), ("\t", False), ("<eos>", True), ("<unk>", True)):
@@ -387,7 +388,7 @@ def test_default_sets_skip_chat_with_a_note(lm, capsys):
 
 
 def test_sets_take_any_existing_file(lm, tmp_path):
-    from ar2dlm.bench import load_prompt_set
+    from ar2dlm.measure.bench import load_prompt_set
 
     (tmp_path / "p.txt").write_text('"w5 w6"\n"w7"\n')
     assert load_prompt_set(lm, str(tmp_path / "p.txt"), 5) == [[5, 6], [7]]
@@ -424,8 +425,8 @@ def test_argparse_errors_name_the_expected_type(capsys, tmp_path, argv):
 
 
 def test_api_errors_name_no_cli_flags(lm, base_dirs, tmp_path):
-    from ar2dlm.convert import add_mask_token
-    from ar2dlm.train import check_run_dir
+    from ar2dlm.model.convert import add_mask_token
+    from ar2dlm.train.trainer import check_run_dir
     from conftest import make_tokenizer, tiny_model
 
     api_error(lm.generate, PROMPT, chat=True)

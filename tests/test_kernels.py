@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ar2dlm import adapter, kernels, masks
-from ar2dlm.config import AdapterSection, DiffusionConfig
-from ar2dlm.convert import add_mask_token
-from ar2dlm.model import DiffusionLM
+from ar2dlm.model import adapter
+from ar2dlm.nn import kernels, masks
+from ar2dlm.core.config import AdapterSection, DiffusionConfig
+from ar2dlm.model.convert import add_mask_token
+from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, make_tokenizer, tiny_model
 
 
@@ -130,7 +131,7 @@ def test_greedy_decoding_with_fused_projections_equals_hf_generate(arch):
 def test_packed_gqa_attention_equals_transformers_sdpa():
     """attention.py on a long cache with ragged holes (decode-step mask, 4 query heads over 2 KV heads) gives
     transformers' own sdpa output, and it is what the model runs."""
-    from ar2dlm import attention
+    from ar2dlm.nn import attention
     from transformers import DynamicCache
 
     lm = adapted("llama", "drafting")

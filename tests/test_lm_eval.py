@@ -57,7 +57,7 @@ def run(model, model_args, tasks_dir, out, tasks="local_mc,local_gen,local_roll"
 
 @pytest.fixture(scope="module")
 def both(base_dirs, converted_dirs, tmp_path_factory):
-    from ar2dlm import local_tasks
+    from ar2dlm.evaluate import local_tasks
 
     root = write_tasks(tmp_path_factory.mktemp("lm_eval"))
     local_tasks.write(root)  # ar2dlm's shipped tasks too (each task limited to 6 documents)
@@ -91,7 +91,7 @@ def test_greedy_generations_equal_hf(both):
 def test_shipped_local_tasks_equal_hf(both):
     """ar2dlm_heldout (perplexity) and ar2dlm_arith_mc (multiple choice), offline: log-likelihoods equal
     lm-eval's hf model on the base."""
-    from ar2dlm import local_tasks
+    from ar2dlm.evaluate import local_tasks
 
     hf, ours, _ = both
     for task in local_tasks.TASKS:
@@ -104,7 +104,7 @@ def test_shipped_local_tasks_equal_hf(both):
 
 
 def test_wrapper_adds_the_local_tasks_unless_given_an_include_path(tmp_path, monkeypatch):
-    from ar2dlm.lm_eval_model import cli_argv
+    from ar2dlm.evaluate.lm_eval_model import cli_argv
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     argv = cli_argv(["--model", "ar2dlm", "--model_args", "pretrained=x", "--tasks", "ar2dlm_heldout",
@@ -117,7 +117,7 @@ def test_wrapper_adds_the_local_tasks_unless_given_an_include_path(tmp_path, mon
 
 
 def test_arith_mc_docs_have_one_right_answer():
-    from ar2dlm import local_tasks
+    from ar2dlm.evaluate import local_tasks
 
     docs = local_tasks.arith_docs()
     assert len(docs) == local_tasks.ARITH_N and docs == local_tasks.arith_docs()  # deterministic

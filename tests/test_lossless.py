@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from ar2dlm.config import DecodeConfig, DiffusionConfig
-from ar2dlm.convert import add_mask_token
+from ar2dlm.core.config import DecodeConfig, DiffusionConfig
+from ar2dlm.model.convert import add_mask_token
 from ar2dlm.decode import verify
-from ar2dlm.model import DiffusionLM
+from ar2dlm.model.lm import DiffusionLM
 from conftest import make_tokenizer, tiny_model, train_drafter
 
 SMALL_V = 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ar2dlm import masks
+from ar2dlm.nn import masks
 
 
 def drawn(rows: list[str]) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ar2dlm.mixing import chain, crop, predecessors
+from ar2dlm.nn.predecessors import chain, crop, predecessors
 
 CONFIGS = {
     "k2x2": dict(cca_time0=2, cca_time1=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ar2dlm import objective
-from ar2dlm.config import DiffusionConfig
-from ar2dlm.convert import add_mask_token
-from ar2dlm.model import DiffusionLM
+from ar2dlm.train import objective
+from ar2dlm.core.config import DiffusionConfig
+from ar2dlm.model.convert import add_mask_token
+from ar2dlm.model.lm import DiffusionLM
 from conftest import make_tokenizer, tiny_model
 
 

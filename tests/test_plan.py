@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ar2dlm import plan as P
+from ar2dlm.measure import plan as P
 from ar2dlm.cli import main
-from ar2dlm.config import ConfigError
-from ar2dlm.tune import predicted_tpf
+from ar2dlm.core.config import ConfigError
+from ar2dlm.measure.tune import predicted_tpf
 
 from conftest import ARCHS, VOCAB
 

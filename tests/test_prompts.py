@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ar2dlm import prompts as P
+from ar2dlm.train import prompts as P
 
 KEYS = {"id", "source", "split", "prompt", "chat"}
 # (min, max) prompts per (source, split).

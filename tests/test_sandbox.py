@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ar2dlm.config import ConfigError
-from ar2dlm.sandbox import SandboxLimits, namespaces_available, run_program
+from ar2dlm.core.config import ConfigError
+from ar2dlm.evaluate.sandbox import SandboxLimits, namespaces_available, run_program
 
 FAST = SandboxLimits(timeout=3.0, memory_mb=256)
 TESTS = "\n\ndef check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n\ncheck(add)\n"

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ar2dlm import convert
-from ar2dlm.bundled import resolve_base
+from ar2dlm.model.bundled import resolve_base
 from ar2dlm.decode.reference import tidar_greedy
-from ar2dlm.model import DiffusionLM
+from ar2dlm.model.lm import DiffusionLM
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,8 @@ def test_engine_equals_reference_and_hf_generate(smol):
 def test_shipped_drafter_is_exact_and_drafts(smol):
     """`smollm2-135m` loads the drafter shipped in the package: greedy == reference == base HF generate,
     and it drafts far better than the untrained conversion on held-out (bench) code prompts."""
-    from ar2dlm.bundled import ar2dlm_home
-    from ar2dlm.prompts import load_prompts
+    from ar2dlm.model.bundled import ar2dlm_home
+    from ar2dlm.train.prompts import load_prompts
 
     lm = DiffusionLM.from_pretrained("smollm2-135m")
     assert lm.settings.adapter == "drafting" and lm.source.parent == ar2dlm_home()

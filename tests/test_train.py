@@ -16,10 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ar2dlm import objective
-from ar2dlm import train as T
-from ar2dlm.config import ConfigError, TrainConfig
-from ar2dlm.model import DiffusionLM
+from ar2dlm.train import objective
+from ar2dlm.train import trainer as T
+from ar2dlm.core.config import ConfigError, TrainConfig
+from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, distill_random_prompts, save_base
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,11 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM
 
-from ar2dlm import masks, objective
-from ar2dlm.config import DiffusionConfig
-from ar2dlm.convert import add_mask_token
-from ar2dlm.model import DiffusionLM
+from ar2dlm.nn import masks
+from ar2dlm.train import objective
+from ar2dlm.core.config import DiffusionConfig
+from ar2dlm.model.convert import add_mask_token
+from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, VOCAB, make_tokenizer, train_drafter
 from test_decode import N_PROMPTS, NEW, SETTINGS, hf_greedy, random_prompts
 
@@ -110,8 +111,8 @@ def test_zaya_trained_drafter_greedy_equals_hf():
 
 def with_drafting_adapter(lm, scale=0.05):
     """The gated drafting adapter on `lm`, with non-zero LoRA B (so the slots differ from the base)."""
-    from ar2dlm import adapter
-    from ar2dlm.config import AdapterSection
+    from ar2dlm.model import adapter
+    from ar2dlm.core.config import AdapterSection
 
     adapter.attach(lm, AdapterSection(kind="drafting", rank=4, alpha=8))
     torch.manual_seed(1)
@@ -126,7 +127,7 @@ def with_drafting_adapter(lm, scale=0.05):
 def test_zaya_drafting_loss_equals_naive(offset):
     """The gated adapter's loss (one doubled forward: slots read their own block's conv state) == one forward
     per block over [clean prefix | block slots], with the adapter on the slot rows only."""
-    from ar2dlm.train import drafting_loss
+    from ar2dlm.train.trainer import drafting_loss
 
     _, lm = converted("cca3x2")
     with_drafting_adapter(lm)
@@ -184,7 +185,7 @@ def test_zaya_lossless_matches_ar_distribution():
     """Speculative sampling on a tiny-vocabulary zaya: the first 3 sampled tokens follow AR's exact joint."""
     from test_lossless import chi_square_p, exact_joint, sample_first_tokens
 
-    from ar2dlm.config import DecodeConfig
+    from ar2dlm.core.config import DecodeConfig
 
     base = tiny_zaya("cca3x2", vocab=8, sharpen=0.25)
     model = copy.deepcopy(base)
@@ -201,7 +202,7 @@ def test_zaya_lossless_matches_ar_distribution():
 def test_zaya_tune_forward_cost_runs():
     """tune's forward-cost timing builds a cache with the CCA state and crops it (no values asserted: speed
     lives in benchmarks)."""
-    from ar2dlm.tune import forward_cost
+    from ar2dlm.measure.tune import forward_cost
 
     _, lm = converted("cca2x2")
     assert set(forward_cost(lm, (1, 4, 8), context=16, reps=1)) == {1, 4, 8}

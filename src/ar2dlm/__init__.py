@@ -6,9 +6,9 @@
     print(lm.generate(["def fib(n):"], max_new_tokens=64)[0].text)
 """
 
-from .config import ConfigError, DecodeConfig, DiffusionConfig
-from .convert import convert
+from .core.config import ConfigError, DecodeConfig, DiffusionConfig
+from .model.convert import convert
 from .decode.engine import Generation, Stats
-from .model import DiffusionLM
+from .model.lm import DiffusionLM
 
 __all__ = ["ConfigError", "DecodeConfig", "DiffusionConfig", "DiffusionLM", "Generation", "Stats", "convert"]

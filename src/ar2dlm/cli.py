@@ -12,7 +12,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import (BENCH_SETS, MASKING_SCHEMES, SAMPLERS, BenchConfig, ConfigError, DecodeConfig, TuneConfig,
+from .core.config import (BENCH_SETS, MASKING_SCHEMES, SAMPLERS, BenchConfig, ConfigError, DecodeConfig, TuneConfig,
                      field_docs)
 
 # DecodeConfig fields that are `generate` flags (eos_token_id is API-only); draft_len and proposals default to
@@ -24,7 +24,7 @@ MODEL_DEFAULT = {"draft_len": None, "proposals": None, "adaptive": None}  # None
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
+    from .model.convert import convert
 
     convert(args.base, args.out, block_size=args.block_size, mask_token=args.mask_token,
             reuse_token=args.reuse_token, masking=args.masking, loss_weight=args.loss_weight, force=args.force)
@@ -33,9 +33,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .data import read_prompt_file
+    from .train.data import read_prompt_file
     from .decode.engine import Request, check_request, generate, stream
-    from .model import DiffusionLM
+    from .model.lm import DiffusionLM
 
     if args.batch_size is not None and not args.json:
         raise ConfigError("--batch-size only applies with --json (streamed text decodes one prompt at a time): "
@@ -86,8 +86,8 @@ def _stats_line(mode: str, s) -> str:
 
 
 def cmd_demo(args) -> int:
-    from .demo import demo_prompts, run_demo
-    from .model import DiffusionLM
+    from .measure.demo import demo_prompts, run_demo
+    from .model.lm import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     settings = {k: getattr(args, k) for k in DEMO_FIELDS}
@@ -106,16 +106,16 @@ def _has_chat_template(lm) -> bool:
 
 
 def cmd_train(args, overrides: list[str]) -> int:
-    from .train import main_train
+    from .train.trainer import main_train
 
     return main_train(args.config, overrides, args.resume)
 
 
 def cmd_distill(args) -> int:
-    from .bundled import BUNDLED, resolve_base
-    from .data import read_prompt_file
-    from .distill import distill
-    from .model import DiffusionLM
+    from .model.bundled import BUNDLED, resolve_base
+    from .train.data import read_prompt_file
+    from .train.distill import distill
+    from .model.lm import DiffusionLM
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -137,8 +137,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from . import files
-    from .model import DiffusionLM
+    from .core import files
+    from .model.lm import DiffusionLM
 
     files.check_output_dir(args.out, args.force)
     lm = DiffusionLM.from_pretrained(args.adapter)
@@ -160,7 +160,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .adapter import export
+    from .model.adapter import export
 
     out = export(args.adapter, args.out, dtype=args.dtype, force=args.force)
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -169,7 +169,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run
+    from .measure.plot import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -177,7 +177,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_prompts(args) -> int:
-    from .prompts import write_prompt_sets
+    from .train.prompts import write_prompt_sets
 
     for split, path in write_prompt_sets(args.out, force=args.force).items():
         print(f"{split}: {path}")
@@ -275,9 +275,9 @@ def _plain_vocab(lm) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from . import bench as B
-    from . import files
-    from .model import DiffusionLM
+    from .measure import bench as B
+    from .core import files
+    from .model.lm import DiffusionLM
 
     cfg = config_from(args, BenchConfig)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -328,9 +328,9 @@ def _drop_chat_set(lm, cfg, model: str, explicit: bool):
 
 
 def cmd_tune(args) -> int:
-    from . import bench as B
-    from . import tune as T
-    from .model import DiffusionLM
+    from .measure import bench as B
+    from .measure import tune as T
+    from .model.lm import DiffusionLM
 
     cfg = config_from(args, TuneConfig)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
@@ -370,8 +370,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate as E
-    from .model import DiffusionLM
+    from .evaluate import run as E
+    from .model.lm import DiffusionLM
 
     if args.lm_eval:
         raise ConfigError("--lm-eval must come right after `eval`: ar2dlm eval --lm-eval --model ar2dlm "
@@ -390,7 +390,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import plan as P
+    from .measure import plan as P
 
     cfg = config_from(args, P.PlanConfig)
     shape = P.model_shape(P.load_config(args.model))
@@ -529,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "resumes. --frontier sweeps ar, ar-sample, greedy, lossless and mix weights and draws "
                         "OUT/frontier.png.")
     ev.add_argument("model", help="converted checkpoint, adapter folder or bundled name (smollm2-135m)")
-    from .evaluate import EvalConfig
-    from .tasks import FORMS, TASKS
+    from .evaluate.run import EvalConfig
+    from .evaluate.tasks import FORMS, TASKS
     add_fields(ev, EvalConfig, [f.name for f in dataclasses.fields(EvalConfig)],
                choices={"task": TASKS, "form": FORMS})
     ev.add_argument("--lm-eval", action="store_true", help="first flag only: `ar2dlm eval --lm-eval LM_EVAL_ARGS...` "
@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "FLOPs with attention), the proposals that fit for free, and the best draft length and "
                         "proposal count for given acceptance rates. The last stdout line is JSON.")
     pn.add_argument("model", help="config.json, checkpoint directory, zaya1-8b (shipped config) or smollm2-135m")
-    from .plan import DTYPE_BYTES, HARDWARE_NAMES, PlanConfig
+    from .measure.plan import DTYPE_BYTES, HARDWARE_NAMES, PlanConfig
     add_fields(pn, PlanConfig, [f.name for f in dataclasses.fields(PlanConfig)],
                choices={"hardware": HARDWARE_NAMES, "dtype": tuple(DTYPE_BYTES)})
     pn.add_argument("--measure", action="store_true", help="also time the model's forwards by slots (tune's "
@@ -575,12 +575,12 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .model import NotConvertedError
+    from .model.lm import NotConvertedError
 
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line
         try:
-            from .lm_eval_model import run_cli
+            from .evaluate.lm_eval_model import run_cli
         except ConfigError as e:
             print(f"ar2dlm eval: error: {e}", file=sys.stderr)
             return 2

@@ -25,8 +25,8 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from .. import masks, mixing
-from ..config import ConfigError, DecodeConfig
+from ..nn import masks, predecessors as mixing
+from ..core.config import ConfigError, DecodeConfig
 from . import verify as V
 from .policy import AdaptiveDraft, CostModel, choose_proposals
 

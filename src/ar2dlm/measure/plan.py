@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, _check, _check_types
+from ..core.config import ConfigError, _check, _check_types
+from ..core.files import ASSETS
 
-ASSETS = Path(__file__).parent / "assets"
 # named model configs shipped with the package (no weights)
 SHIPPED = {"zaya1-8b": ASSETS / "zaya1-8b" / "config.json"}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -160,7 +160,7 @@ def load_config(model: str):
     else:
         path = Path(model)
         if not path.exists():
-            from .bundled import BUNDLED, resolve_base
+            from ..model.bundled import BUNDLED, resolve_base
 
             if model not in BUNDLED:
                 raise ConfigError(f"{model}: no such config.json or checkpoint directory, and not a known name "
@@ -320,7 +320,7 @@ def hardware(name: str, dtype: str) -> Hardware:
 def measured_vs_predicted(model: str, shape: Shape, hw: Hardware, cfg: PlanConfig, slots=(1, 2, 4, 8, 16),
                           reps: int = 11) -> list:
     """`tune.forward_cost` (measured on the model's weights) next to the roofline's relative cost."""
-    from .model import DiffusionLM
+    from ..model.lm import DiffusionLM
     from .tune import forward_cost as measured_cost
 
     lm = DiffusionLM.from_pretrained(model, allow_ar=True, dtype=getattr(torch, cfg.dtype))

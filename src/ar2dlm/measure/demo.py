@@ -14,7 +14,7 @@ import dataclasses
 import sys
 import time
 
-from .decode.engine import Request, generate, stream
+from ..decode.engine import Request, generate, stream
 
 DEMO_PROMPTS = (  # (label, text): asked as a user message of the chat template
     ("chat", "Why does ice float on water?"),

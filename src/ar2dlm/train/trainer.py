@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from . import adapter as adapters
+from ..model import adapter as adapters
 from . import data as data_mod
-from . import mixing, objective
-from .config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
-from .model import DiffusionLM
+from ..nn import predecessors as mixing
+from . import objective
+from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
+from ..model.lm import DiffusionLM
 
 
 # ---------------------------------------------------------------------------- setup
@@ -64,9 +65,9 @@ def load_model(cfg: TrainConfig) -> DiffusionLM:
     A converted checkpoint loads through `DiffusionLM.from_pretrained`, a base
     through `convert.load_base`: both read their files through `checkpoint`.
     """
-    from .bundled import resolve_base
-    from .checkpoint import base_model_name
-    from .convert import add_mask_token, load_base
+    from ..model.bundled import resolve_base
+    from ..model.checkpoint import base_model_name
+    from ..model.convert import add_mask_token, load_base
 
     path = resolve_base(cfg.model.path)
     if (path / SETTINGS_FILE).exists():
@@ -210,7 +211,7 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     slots over prompt tokens without targets cost nothing, and the loss is
     exactly that of running every slot.
 
-    Models whose layers read earlier rows (ZAYA1's CCA, `mixing.py`) run the
+    Models whose layers read earlier rows (ZAYA1's CCA, `nn/predecessors.py`) run the
     doubled sequence in one forward instead: the first slot of each block
     reads the conv state after its own clean predecessor, which a cache
     filled by the whole clean half no longer holds. The gate keeps the clean
@@ -288,7 +289,7 @@ def estimated_tpf(slot_logits: torch.Tensor, tokens: torch.Tensor, loss_mask: to
     fully inside one document's targets: 1 (its first token is the AR's own)
     + the number of leading slots 2..B that match. Returns (mean, blocks).
     """
-    from .decode.verify import exclude_mask_token
+    from ..decode.verify import exclude_mask_token
 
     b, S = tokens.shape
     n = S // block_size * block_size

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import masks, mixing
-from .config import DiffusionConfig
+from ..nn import masks, predecessors as mixing
+from ..core.config import DiffusionConfig
 
 IGNORE = -100
 
@@ -29,7 +29,7 @@ class TrainingBatch:
     mask_slots: torch.Tensor
     labels: torch.Tensor
     masked: torch.Tensor  # [b, S] which slots carry the mask token
-    predecessors: torch.Tensor | None = None  # [b, 2S] each row's previous token (mixing.py), for CCA-like layers
+    predecessors: torch.Tensor | None = None  # [b, 2S] each row's previous token (nn/predecessors.py), for CCA-like layers
 
 
 def masked_slots(scheme: str, doc_shape: tuple[int, int], block_size: int, block_offset, beta: float,

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import torch
 
-from .config import ConfigError, DataSection
-from .files import open_text, read_text
+from ..core.config import ConfigError, DataSection
+from ..core.files import open_text, read_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 

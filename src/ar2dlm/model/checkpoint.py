@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import files
-from .config import SETTINGS_FILE, ConfigError, DiffusionConfig
+from ..core import files
+from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -143,7 +143,7 @@ def check_settings(lm, origin: Path) -> None:
     """Settings of ar2dlm.json that must fit the model they came with (and an architecture it decodes exactly:
     a checkpoint converted before `convert` refused it)."""
     from .architectures import check_architecture
-    from .decode.engine import _embedding_rows
+    from ..decode.engine import _embedding_rows
 
     check_architecture(lm.model.config, str(origin.parent))
     s = lm.settings

@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from ..core.files import ASSETS
 
 __all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "resolve_base", "resolve_model"]
 
@@ -73,7 +74,7 @@ def resolve_base(name_or_path: str) -> Path:
             f"model name (known: {known})"
         )
     if not (path / "config.json").is_file():
-        from .config import ConfigError  # a ValueError a user can act on
+        from ..core.config import ConfigError  # a ValueError a user can act on
 
         raise ConfigError(
             f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)"
@@ -86,7 +87,7 @@ def drafter_asset(name: str) -> Path | None:
     sub = BUNDLED.get(name, {}).get("drafter")
     if not sub:
         return None
-    folder = Path(__file__).parent / "assets" / sub
+    folder = ASSETS / sub
     return folder if (folder / "adapter_config.json").is_file() else None
 
 

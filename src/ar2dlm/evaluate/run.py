@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tasks as T
-from .config import ConfigError, DecodeConfig, _check
+from ..core.config import ConfigError, DecodeConfig, _check
 from .sandbox import SandboxLimits, run_program
 
 SAMPLED = ("ar-sample", "lossless")
@@ -295,7 +295,7 @@ def evaluate(lm, cfg: EvalConfig, out: Path, model_name: str, force: bool = Fals
     """Run (or resume) the evaluation; returns the summary also written to OUT/summary.json."""
     from tqdm import tqdm
 
-    from .decode.engine import generate
+    from ..decode.engine import generate
 
     settings = cfg.all_settings
     if cfg.frontier:

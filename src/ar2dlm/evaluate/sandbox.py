@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
 

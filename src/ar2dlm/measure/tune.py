@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import masks, mixing
-from .config import ConfigError
-from .decode.engine import generate
-from .decode.policy import CostModel
+from ..nn import masks, predecessors as mixing
+from ..core.config import ConfigError
+from ..decode.engine import generate
+from ..decode.policy import CostModel
 
 SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 
@@ -103,7 +103,7 @@ def predicted_tpf(a: list[float], K: int, n: int) -> float:
 def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 64, top: int = 3,
          grid_k=(2, 3, 4, 6, 8, 12, 16), grid_n=(1, 2, 3, 4, 5), log=print) -> dict:
     from .bench import _eos
-    from .config import TuneConfig
+    from ..core.config import TuneConfig
 
     TuneConfig(max_draft_len=max_len, max_new_tokens=max_new_tokens)  # before minutes of timing
     if not prompts:
@@ -215,7 +215,7 @@ def grid_search(lm, prompts, choice: dict, grid_k=(2, 3, 4, 6, 8), grid_n=(1, 2,
 
 
 def write_defaults(model_dir: str | Path, result: dict) -> None:
-    from .config import DiffusionConfig
+    from ..core.config import DiffusionConfig
 
     settings = DiffusionConfig.load(model_dir)
     best = result["best"]

@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import AdapterSection, ConfigError
+from ..core.config import AdapterSection, ConfigError
 
 
 class RowGate(nn.Module):
@@ -217,9 +217,9 @@ def export(src, out, dtype: str = "bfloat16", force: bool = False) -> "Path":
 
     from safetensors.torch import load_file, save_file
 
-    from . import files
+    from ..core import files
     from .checkpoint import check_adapter
-    from .config import DiffusionConfig
+    from ..core.config import DiffusionConfig
 
     src, out = Path(src), Path(out)
     weights = src / "adapter_model.safetensors"

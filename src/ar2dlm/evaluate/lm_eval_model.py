@@ -32,12 +32,12 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval import utils as lm_utils
 except ImportError as e:  # pragma: no cover - the extra is missing
-    from .config import ConfigError
+    from ..core.config import ConfigError
     raise ConfigError("the lm-eval model needs lm-eval: pip install 'ar2dlm[eval]'") from e
 
-from . import masks
-from .config import ConfigError
-from .evaluate import tau
+from ..nn import masks
+from ..core.config import ConfigError
+from .run import tau
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -54,7 +54,7 @@ class Ar2dlmLM(TemplateLM):
                  dtype: str = "float32", stats_path: str | None = None, device: str | None = None,
                  max_batch_size: int | None = None, **unused):
         super().__init__()
-        from .model import DiffusionLM
+        from ..model.lm import DiffusionLM
 
         if unused:
             raise ConfigError(f"ar2dlm lm-eval model: unknown model_args {', '.join(sorted(unused))}; known: "
@@ -147,7 +147,7 @@ class Ar2dlmLM(TemplateLM):
                 **self.drafting}
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .decode.engine import generate
+        from ..decode.engine import generate
 
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         results: list[str | None] = [None] * len(requests)

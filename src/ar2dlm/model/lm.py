@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from . import attention, kernels, masks
-from .config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
+from ..nn import attention, kernels, masks
+from ..core.config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
 
 if TYPE_CHECKING:
-    from .decode.engine import Generation
+    from ..decode.engine import Generation
 
 
 class SlotGate:
@@ -268,7 +268,7 @@ class DiffusionLM:
 
     def generate(self, prompts, chat: bool = False, **settings) -> list["Generation"]:
         """Decode a batch of prompts (strings or token-id lists); one `Generation` per prompt."""
-        from .decode.engine import generate
+        from ..decode.engine import generate
 
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise ConfigError("prompts is empty: give at least one prompt (a string or a list of token ids)")
@@ -276,6 +276,6 @@ class DiffusionLM:
 
     def stream(self, prompt, chat: bool = False, **settings) -> Iterator[str]:
         """Yield text as tokens are committed (one prompt)."""
-        from .decode.engine import stream
+        from ..decode.engine import stream
 
         yield from stream(self, self.encode([prompt], chat)[0], self.decode_config(**settings))

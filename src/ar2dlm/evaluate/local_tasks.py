@@ -25,7 +25,7 @@ ARITH_N = 200
 
 
 def heldout_docs() -> list[dict]:
-    from .prompts import SOURCES, load_prompts
+    from ..train.prompts import SOURCES, load_prompts
 
     return [{"id": r["id"], "source": r["source"], "text": r["prompt"]}
             for s in SOURCES for r in load_prompts(s, "bench")]

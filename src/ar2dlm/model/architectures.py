@@ -13,7 +13,7 @@ causal attention. Every other kind of sequence memory breaks one of the two:
     conv              (LFM2 short conv)       reads the previous rows of the tensor, not each row's
     hybrid_sliding (ZAYA1 CCA + window)       logical predecessor; conv state is set after the last
                                               row fed, not after d_r. (ZAYA1's full-attention 'hybrid'
-                                              layers are exact: mixing.py hooks their CCA projection)
+                                              layers are exact: nn/predecessors.py hooks their CCA projection)
     sliding_attention, chunked_attention      a per-layer window our single 4D mask does not draw,
       (Gemma 2/3, Mistral v0.1, Llama 4)      and a cache that drops tokens so crop cannot undo them
 
@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 # the layer kinds whose only sequence memory is the KV cache; "dummy" = a layer without attention (MLP/MoE only)
 EXACT_LAYER_TYPES = ("full_attention",)
@@ -55,7 +55,7 @@ CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Ml
 TESTED = ("llama", "qwen2", "qwen3", "mistral (sliding_window=None)", "qwen2_moe", "gpt2", "zaya (ZAYA1 CCA)")
 SUPPORTED = ("decoder-only causal LMs whose every layer is full causal attention over a KV cache, with dense or "
              "MoE MLPs, or ZAYA1's CCA attention (its convolutions and delayed value read each row's predecessors, "
-             f"mixing.py) (tested: {', '.join(TESTED)})")
+             f"nn/predecessors.py) (tested: {', '.join(TESTED)})")
 
 
 def layer_kinds(config) -> list[str]:
@@ -78,7 +78,7 @@ def layer_kinds(config) -> list[str]:
 
 
 def stateful_modules(config) -> tuple[list[str], int]:
-    """(class names of the modules that read neighbouring rows or carry state and that `mixing.py` does not
+    """(class names of the modules that read neighbouring rows or carry state and that `nn/predecessors.py` does not
     handle, how many handled mixers there are), from a meta-device instance."""
     from transformers import AutoModelForCausalLM
 
@@ -91,15 +91,15 @@ def stateful_modules(config) -> tuple[list[str], int]:
 
 
 def _handled(model) -> int:
-    from .mixing import MIXERS
+    from ..nn.predecessors import MIXERS
 
     return sum(type(m).__name__ in MIXERS for m in model.modules())
 
 
 def modules_with_state(model) -> list[str]:
-    """Class names of the state-carrying or neighbour-reading modules, except mixers `mixing.py` handles (and
+    """Class names of the state-carrying or neighbour-reading modules, except mixers `nn/predecessors.py` handles (and
     the convolutions inside them)."""
-    from .mixing import MIXERS
+    from ..nn.predecessors import MIXERS
 
     inside = {id(c) for m in model.modules() if type(m).__name__ in MIXERS for c in m.modules()}
     names = set()
@@ -116,7 +116,7 @@ def check_architecture(config, where: str = "") -> None:
     """ConfigError naming the layers (and modules) ar2dlm cannot decode exactly, and what is supported."""
     kinds = layer_kinds(config)
     modules, handled = stateful_modules(config)
-    # a 'hybrid' layer (attention + conv / delayed-value state) is exact when mixing.py hooks its mixer
+    # a 'hybrid' layer (attention + conv / delayed-value state) is exact when nn/predecessors.py hooks its mixer
     exact = EXACT_LAYER_TYPES + (("hybrid",) if handled >= kinds.count("hybrid") > 0 else ())
     bad: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):

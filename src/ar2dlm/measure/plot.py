@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -12,7 +12,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ConfigError(f"{path} does not exist: is {run_dir} a training run folder?")
-    from .data import iter_jsonl
+    from ..train.data import iter_jsonl
 
     train, evals = [], []
     for _, rec in iter_jsonl(path):

@@ -1,0 +1,1 @@
+"""Speed: bench, tune, plan, plots and the demo."""
