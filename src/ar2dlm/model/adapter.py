@@ -23,20 +23,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterSection, ConfigError
-
-
-class RowGate(nn.Module):
-    """x * [row is a mask slot]: x [b, q, d] -> [b, q, d] (zeros when no slot rows are known)."""
-
-    def __init__(self, slot_gate):
-        super().__init__()
-        self.slot_gate = slot_gate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.slot_gate.mask_slots
-        if rows is None or rows.numel() != x.shape[:-1].numel():
-            return torch.zeros_like(x)
-        return x * rows.reshape(*x.shape[:-1], 1).to(x.dtype)  # also [b*q, d] inputs (MoE routers)
+from ..nn.gate import RowGate
 
 
 def lora_config(section: AdapterSection, mask_token_id: int, embed_name: str):

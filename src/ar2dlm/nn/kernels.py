@@ -166,7 +166,7 @@ def _lora_of(module):
     """
     from peft.tuners.lora import Linear as LoraLinear
 
-    from ..model.adapter import RowGate
+    from .gate import RowGate
 
     if type(module) is not LoraLinear or list(module.lora_A.keys()) != ["default"] or not _plain_lora(module):
         return None
