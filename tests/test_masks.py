@@ -12,7 +12,7 @@ def drawn(rows: list[str]) -> torch.Tensor:
 
 
 def test_training_mask_matches_the_drawing():
-    # B = 3, S = 6, as drawn in DESIGN §2 and the docstring
+    # B = 3, S = 6, as drawn in docs/DESIGN.md §2 and the docstring
     expected = drawn([
         "100000 000000", "110000 000000", "111000 000000", "111100 000000", "111110 000000", "111111 000000",
         "000000 111000", "000000 111000", "000000 111000",

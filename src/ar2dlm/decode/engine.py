@@ -3,7 +3,7 @@
 State per batch row: the KV cache holds committed tokens (positions < L);
 `draft` [b, K] is d_1..d_K where d_1 is already decided and d_2.. are guesses
 at positions L+1..; `draft_logits` [b, K, V] are the slot logits that drafted
-them (q). One step feeds [draft | P_r for r in R] (DESIGN §3), verifies the
+them (q). One step feeds [draft | P_r for r in R] (docs/DESIGN.md §3), verifies the
 draft against the AR logits p read at the draft rows, commits d_1..d_r by
 cropping the cache (never recomputing), and takes the next draft from the
 proposal conditioned on the accepted prefix.

@@ -11,7 +11,7 @@ holds row i's previous token, or -1 = the cache's state (the last committed
 token; zeros at the start of a sequence).
 
 ```
-decode step, K = 3, R = {1, 2}  (DESIGN.md §3)
+decode step, K = 3, R = {1, 2}  (docs/DESIGN.md §3)
 row    d1  d2  d3 | P1s1 P1s2 P1s3 | P2s1 P2s2 P2s3
 index   0   1   2 |   3    4    5  |   6    7    8
 pred   -1   0   1 |   0    3    4  |   1    6    7

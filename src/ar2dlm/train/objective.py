@@ -1,4 +1,4 @@
-"""The TiDAR training objective: masking schemes and the one loss (DESIGN §2).
+"""The TiDAR training objective: masking schemes and the one loss (docs/DESIGN.md §2).
 
 A clean row x of S tokens becomes [x_0..x_{S-1} | slots m_0..m_{S-1}] with
 positions [0..S-1, 0..S-1] and `masks.training_mask`. Clean logits are
