@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ar2dlm.train import prompts
+from ar2dlm.train import prompts, stdlib_prompts
 
 KEYS = {"id", "source", "split", "prompt", "chat"}
 # (min, max) prompts per (source, split).
@@ -118,7 +118,7 @@ def test_stdlib_extraction_rules(tmp_path):
         "    def size(self):\n        \"\"\"Return the size of the box in cubic centimetres, rounded down.\"\"\"\n"
         "        return 0\n",
         encoding="utf-8")
-    found = dict(prompts._module_prompts("mod", src))
+    found = dict(stdlib_prompts.module_prompts("mod", src))
     assert list(found) == ["public", "Box.size"]
     assert found["public"] == ("def public(a,\n           b=1):\n"
                                "    '''Add two numbers together and return their sum, which is a number.\n\n"
@@ -132,7 +132,7 @@ def test_loading_is_deterministic():
     first = {s: _both(s) for s in prompts.SOURCES}
     prompts._read_humaneval.cache_clear()
     prompts._build_prose.cache_clear()
-    prompts._build_stdlib.cache_clear()
+    stdlib_prompts.build.cache_clear()
     assert {s: _both(s) for s in prompts.SOURCES} == first
 
 
