@@ -118,7 +118,7 @@ def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
 
 
 def test_zaya_converts_and_decodes_from_disk(tmp_path):
-    """ZAYA1's CCA layers are handled (mixing.py): convert accepts it, and the converted checkpoint decodes
+    """ZAYA1's CCA layers are handled (nn/predecessors.py): convert accepts it, and the converted checkpoint decodes
     through the CLI path's loader (greedy == HF generate is held in test_zaya.py)."""
     check_architecture(ZAYA())
     base = _save(ZAYA(), tmp_path / "base")

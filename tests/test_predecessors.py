@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import ZayaConfig
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, ZayaConfig
 
 from ar2dlm.nn.predecessors import chain, crop, predecessors
 

@@ -1,5 +1,5 @@
 """ZAYA1 (CCA attention + MoE) through the decode engine, held to HF generate: the CCA convolutions and delayed
-value read each row's logical predecessors (mixing.py), so greedy decoding equals AR greedy."""
+value read each row's logical predecessors (nn/predecessors.py), so greedy decoding equals AR greedy."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import ZayaConfig
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, ZayaConfig
 
 from ar2dlm.nn import masks
 from ar2dlm.train import objective
