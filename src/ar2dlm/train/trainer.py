@@ -237,7 +237,7 @@ def _select_slots(ids, pos, mask, labels, S):
     return g(ids), g(pos), new_mask, new_labels, order
 
 
-def _adapter_off(lm):
+def _adapter_off(lm: DiffusionLM):
     """peft's disable_adapter() when there is one (the clean rows run base weights either way)."""
     return lm.model.disable_adapter() if hasattr(lm.model, "disable_adapter") else contextlib.nullcontext()
 
