@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import transformers as T
+import torch
+from transformers import (BambaConfig, FalconMambaConfig, Gemma2Config, Gemma3TextConfig, GraniteMoeHybridConfig,
+                          JambaConfig, Lfm2Config, Llama4TextConfig, Mamba2Config, MambaConfig, MistralConfig,
+                          NemotronHConfig, Qwen3NextConfig, Qwen3_5TextConfig, RecurrentGemmaConfig, ZayaConfig)
 from transformers import AutoModelForCausalLM
 
 from ar2dlm import convert
@@ -20,39 +23,39 @@ _DELTA = dict(head_dim=8, layer_types=["linear_attention", "full_attention"], li
               linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
 # family -> (tiny config, a word the refusal must contain)
 REFUSED = {
-    "mamba": (lambda: T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
-                                    eos_token_id=EOS, pad_token_id=0), "recurrent state"),
-    "mamba2": (lambda: T.Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
-                                      state_size=4, n_groups=1, eos_token_id=EOS, pad_token_id=0), "Mamba"),
-    "falcon_mamba": (lambda: T.FalconMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
-                                                 eos_token_id=EOS, pad_token_id=0), "Mamba"),
-    "jamba": (lambda: T.JambaConfig(**_C, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                                    expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4), "Mamba"),
-    "bamba": (lambda: T.BambaConfig(**_C, **_SSM, attn_layer_indices=[1]), "recurrent state"),
-    "nemotron_h": (lambda: T.NemotronHConfig(**{k: v for k, v in _C.items() if k != "num_hidden_layers"},
-                                             layers_block_type=["mamba", "attention"], mamba_num_heads=4,
-                                             mamba_head_dim=16, ssm_state_size=4, n_groups=1), "Mamba"),
-    "granitemoehybrid": (lambda: T.GraniteMoeHybridConfig(**_C, **_SSM, num_local_experts=2, num_experts_per_tok=1,
-                                                          layer_types=["mamba", "attention"]), "Mamba"),
-    "lfm2": (lambda: T.Lfm2Config(**_C, layer_types=["conv", "full_attention"]), "short convolution"),
-    "qwen3_next": (lambda: T.Qwen3NextConfig(**_C, **_DELTA, num_experts=4, num_experts_per_tok=2,
-                                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "mamba": (lambda: MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                  eos_token_id=EOS, pad_token_id=0), "recurrent state"),
+    "mamba2": (lambda: Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                    state_size=4, n_groups=1, eos_token_id=EOS, pad_token_id=0), "Mamba"),
+    "falcon_mamba": (lambda: FalconMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                               eos_token_id=EOS, pad_token_id=0), "Mamba"),
+    "jamba": (lambda: JambaConfig(**_C, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                  expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4), "Mamba"),
+    "bamba": (lambda: BambaConfig(**_C, **_SSM, attn_layer_indices=[1]), "recurrent state"),
+    "nemotron_h": (lambda: NemotronHConfig(**{k: v for k, v in _C.items() if k != "num_hidden_layers"},
+                                           layers_block_type=["mamba", "attention"], mamba_num_heads=4,
+                                           mamba_head_dim=16, ssm_state_size=4, n_groups=1), "Mamba"),
+    "granitemoehybrid": (lambda: GraniteMoeHybridConfig(**_C, **_SSM, num_local_experts=2, num_experts_per_tok=1,
+                                                        layer_types=["mamba", "attention"]), "Mamba"),
+    "lfm2": (lambda: Lfm2Config(**_C, layer_types=["conv", "full_attention"]), "short convolution"),
+    "qwen3_next": (lambda: Qwen3NextConfig(**_C, **_DELTA, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=32),
                    "DeltaNet"),
-    "qwen3_5_text": (lambda: T.Qwen3_5TextConfig(**_C, **_DELTA), "DeltaNet"),
-    "recurrent_gemma": (lambda: T.RecurrentGemmaConfig(**{k: v for k, v in _C.items() if k != "num_key_value_heads"},
-                                                       lru_width=32, attention_window_size=8), "RG-LRU"),
-    "gemma2": (lambda: T.Gemma2Config(**_C, head_dim=8, sliding_window=8), "sliding-window"),
-    "gemma3_text": (lambda: T.Gemma3TextConfig(**_C, head_dim=8, sliding_window=8,
-                                               layer_types=["sliding_attention", "full_attention"]), "sliding-window"),
-    "mistral_swa": (lambda: T.MistralConfig(**_C, sliding_window=8), "sliding-window"),
-    "llama4_chunked": (lambda: T.Llama4TextConfig(**_C, head_dim=8, attention_chunk_size=8, num_local_experts=2),
+    "qwen3_5_text": (lambda: Qwen3_5TextConfig(**_C, **_DELTA), "DeltaNet"),
+    "recurrent_gemma": (lambda: RecurrentGemmaConfig(**{k: v for k, v in _C.items() if k != "num_key_value_heads"},
+                                                     lru_width=32, attention_window_size=8), "RG-LRU"),
+    "gemma2": (lambda: Gemma2Config(**_C, head_dim=8, sliding_window=8), "sliding-window"),
+    "gemma3_text": (lambda: Gemma3TextConfig(**_C, head_dim=8, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"]), "sliding-window"),
+    "mistral_swa": (lambda: MistralConfig(**_C, sliding_window=8), "sliding-window"),
+    "llama4_chunked": (lambda: Llama4TextConfig(**_C, head_dim=8, attention_chunk_size=8, num_local_experts=2),
                        "chunked attention"),
-    "zaya_sliding": (lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,
-                                          moe_intermediate_size=32, router_hidden_size=16, sliding_window=8,
-                                          layer_types=["hybrid_sliding", "hybrid"]), "sliding-window"),
+    "zaya_sliding": (lambda: ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,
+                                        moe_intermediate_size=32, router_hidden_size=16, sliding_window=8,
+                                        layer_types=["hybrid_sliding", "hybrid"]), "sliding-window"),
 }
-ZAYA = lambda: T.ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,  # noqa: E731
-                            moe_intermediate_size=32, router_hidden_size=16)
+ZAYA = lambda: ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,  # noqa: E731
+                          moe_intermediate_size=32, router_hidden_size=16)
 
 
 def _save(config, path):
@@ -100,7 +103,7 @@ def test_unseen_architecture_caught_by_its_modules():
 
 
 def test_window_as_long_as_the_context_is_full_attention():
-    config = T.MistralConfig(**_C, sliding_window=256, max_position_embeddings=256)
+    config = MistralConfig(**_C, sliding_window=256, max_position_embeddings=256)
     check_architecture(config)
 
 
@@ -115,11 +118,14 @@ def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
 
 
 def test_zaya_converts_and_decodes_from_disk(tmp_path):
-    """ZAYA1's CCA layers are handled (mixing.py): convert accepts it, and the converted checkpoint decodes
+    """ZAYA1's CCA layers are handled (nn/predecessors.py): convert accepts it, and the converted checkpoint decodes
     through the CLI path's loader (greedy == HF generate is held in test_zaya.py)."""
     check_architecture(ZAYA())
     base = _save(ZAYA(), tmp_path / "base")
     out = convert(base, tmp_path / "out", block_size=4)
     lm = DiffusionLM.from_pretrained(out)
     [g] = lm.generate(["w5 w7 w9"], max_new_tokens=6, draft_len=4, proposals=2)
-    assert len(g.token_ids) > 0
+    [prompt] = lm.encode(["w5 w7 w9"])
+    hf = lm.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=0,
+                           suppress_tokens=[lm.mask_token_id])[0, len(prompt):].tolist()
+    assert g.token_ids == hf and len(hf) >= 1

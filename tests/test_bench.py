@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from ar2dlm.cli import main
+from ar2dlm.decode.engine import generate
+from ar2dlm.measure import bench
+from ar2dlm.model.lm import DiffusionLM
+
+from conftest import EOS, save_base
 
 
 def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, capsys):
@@ -13,19 +21,30 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
     out = tmp_path / "bench"
     code = main(["bench", str(converted_dirs["llama"]), "--sets", str(prompts), "--n-prompts", "3",
                  "--batch-sizes", "1,2", "--runs", "1", "--max-new-tokens", "12", "--draft-lens", "2,4",
-                 "--proposals", "1,2", "--mix-weights", "0.5,1", "--samplers", "greedy,lossless,adaptive",
+                 "--proposals", "1,2", "--mix-weights", "0,1", "--samplers", "greedy,lossless,adaptive",
                  "--reference", str(base_dirs["llama"]), "--prompt-lengths", "20,40", "--out", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out.strip().splitlines()
     report = json.loads(stdout[-1])
     rows = report["results"]
     configs = {(r["batch_size"], r["config"]) for r in rows}
+    # greedy_exact_match's oracle: the same prompts decoded here, greedy mix against the AR loop, prompt by prompt
+    lm = DiffusionLM.from_pretrained(converted_dirs["llama"])
+    ids, eos = bench.load_prompt_set(lm, str(prompts), 3), tuple(bench.default_eos(lm))
+    ar = [g.token_ids for g in generate(lm, ids, lm.decode_config(ar=True, max_new_tokens=12, eos_token_id=eos))]
+    mix_match = {}
+    for K in (2, 4):
+        for n in (1, 2):
+            cfg = lm.decode_config(draft_len=K, proposals=n, adaptive=False, sampler="mix", mix_weight=1.0,
+                                   temperature=0.0, max_new_tokens=12, eos_token_id=eos)
+            same = [g.token_ids == a for g, a in zip(generate(lm, ids, cfg), ar)]
+            mix_match[K, n] = round(sum(same) / len(ids), 3)
     for bs in (1, 2):
         assert {(bs, "ar"), (bs, "hf_generate"), (bs, "hf_generate_stock"), (bs, "default"), (bs, "ar_sample"),
                 (bs, "default_lossless")} <= configs
         for K in (2, 4):
             for n in (1, 2):
-                for s in ("greedy", "lossless", "adaptive", "mix0.5", "mix1"):
+                for s in ("greedy", "lossless", "adaptive", "mix0", "mix1"):
                     assert (bs, f"{s}_K{K}_R{n}") in configs
     assert [r["exact_match"] for r in report["reference"]] == [1.0]  # its own base: AR output unchanged
     assert (1, "hf_prompt_lookup") in configs and (2, "hf_prompt_lookup") not in configs  # HF: batch 1 only
@@ -38,7 +57,10 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
         if r.get("sampler") == "greedy" or r["config"] == "default":
             assert r["equals_ar"] is True and r["tpf"] >= 1.0 and sum(r["accepted_hist"].values()) > 0
         if r.get("sampler") == "mix":
-            assert 0.0 <= r["greedy_exact_match"] <= 1.0 and "nll_vs_lossless" in r
+            assert "nll_vs_lossless" in r
+            # w = 0 verifies against the AR logits alone: greedy mix is AR greedy on every prompt
+            assert r["greedy_exact_match"] == (1.0 if r["mix_weight"] == 0 else
+                                               mix_match[r["draft_len"], r["proposals"]]), r["config"]
     assert any("tpf" in line and "speedup_vs_ar" in line for line in stdout)  # the table
     scaling = report["context_scaling"]  # decode-only speed by prompt length
     assert [r["prompt_tokens"] for r in scaling] == [20, 40]
@@ -91,26 +113,18 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
 
 def test_bench_reference_drift(converted_dirs, base_dirs, tmp_path):
     """--reference compares the model's AR greedy output with another model's, against HF generate as oracle."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ar2dlm.measure import bench as B
-    from ar2dlm.model.lm import DiffusionLM
-
-    from conftest import EOS, save_base
-
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) for i in range(2, 6)) + "\n")
     lm = DiffusionLM.from_pretrained(converted_dirs["llama"])
     kw = dict(sets=[str(prompts)], n_prompts=4, batch_sizes=[1], runs=1, max_new_tokens=10, draft_lens=[2],
               proposals=[1], mix_weights=[], samplers=["greedy"], hf=False, log=lambda *a, **k: None)
 
-    same = B.bench(lm, reference=DiffusionLM.from_pretrained(base_dirs["llama"], allow_ar=True), **kw)["reference"]
+    same = bench.bench(lm, reference=DiffusionLM.from_pretrained(base_dirs["llama"], allow_ar=True), **kw)["reference"]
     assert len(same) == 1 and same[0]["exact_match"] == 1.0 and same[0]["reference_nll_drift"] == 0.0
     assert same[0]["mean_common_prefix"] == 10.0  # no EOS: every output is max_new_tokens long
 
     other_dir = save_base("llama", tmp_path / "other", seed=1)
-    report = B.bench(lm, reference=DiffusionLM.from_pretrained(other_dir, allow_ar=True), **kw)
+    report = bench.bench(lm, reference=DiffusionLM.from_pretrained(other_dir, allow_ar=True), **kw)
     drift = report["reference"][0]
     ids = [lm.encode([f"w{i} w{i + 3} w{i + 7}"])[0] for i in range(2, 6)]
     ours, theirs = (
@@ -121,4 +135,4 @@ def test_bench_reference_drift(converted_dirs, base_dirs, tmp_path):
     assert ours != theirs  # the oracle sees two different models
     assert drift["exact_match"] == sum(a == b for a, b in zip(ours, theirs)) / 4
     assert drift["reference_nll"] > drift["reference_nll_own"]  # the reference's own greedy text is likelier to it
-    assert "vs reference" in B.table(report)
+    assert "vs reference" in bench.table(report)

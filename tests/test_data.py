@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ar2dlm.train import data as D
+from ar2dlm.train import data
 from ar2dlm.nn import masks
 from ar2dlm.core.config import ConfigError, DataSection
 from conftest import EOS, make_tokenizer
@@ -30,11 +30,11 @@ def test_text_files_folders_and_globs(tmp_path, tok):
     (tmp_path / "a.txt").write_text("w5 w6 w7")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("w8 w9")
-    rows, _ = D.load(section(tmp_path / "a.txt"), tok)
+    rows, _ = data.load(section(tmp_path / "a.txt"), tok)
     assert rows.tokens[0, :4].tolist() == [5, 6, 7, EOS]
-    rows, _ = D.load(section(tmp_path), tok)  # a folder: every text file in it, recursively
+    rows, _ = data.load(section(tmp_path), tok)  # a folder: every text file in it, recursively
     assert rows.tokens[0, :7].tolist() == [5, 6, 7, EOS, 8, 9, EOS]
-    rows, _ = D.load(section(tmp_path / "**" / "*.md"), tok)
+    rows, _ = data.load(section(tmp_path / "**" / "*.md"), tok)
     assert rows.tokens[0, :3].tolist() == [8, 9, EOS]
 
 
@@ -51,7 +51,7 @@ def test_jsonl_field_parquet_and_datasets_folder(tmp_path, tok):
     Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "ds"))
     expected = [5, 6, EOS, 7, 8, 9, EOS]
     for path in ("d.jsonl", "d.parquet", "ds"):
-        rows, _ = D.load(section(tmp_path / path, field="body"), tok)
+        rows, _ = data.load(section(tmp_path / path, field="body"), tok)
         assert rows.tokens[0, :7].tolist() == expected, path
         assert rows.doc_ids[0, :7].tolist() == [0, 0, 0, 1, 1, 1, 1]
 
@@ -62,7 +62,7 @@ def test_sft_chat_masks_prompt_tokens(tmp_path, tok):
     msgs = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7 w8"},
             {"role": "user", "content": "w9"}, {"role": "assistant", "content": "w10"}]
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
-    rows, _ = D.load(section(tmp_path / "chat.jsonl", chat=True, seq_len=32), tok)
+    rows, _ = data.load(section(tmp_path / "chat.jsonl", chat=True, seq_len=32), tok)
     ids, loss = rows.tokens[0].tolist(), rows.loss_mask[0].tolist()
     targets = [t for t, l in zip(ids, loss) if l]
     assert tok.decode(targets).split() == ["w7", "w8", "<eos>", "w10", "<eos>"]  # assistant turns only
@@ -73,7 +73,7 @@ def test_sft_chat_masks_prompt_tokens(tmp_path, tok):
 def test_distilled_records_train_on_the_continuation(tmp_path, tok):
     rec = {"id": "a", "prompt_ids": [5, 6, 7], "completion_ids": [8, 9]}
     (tmp_path / "distilled.jsonl").write_text(json.dumps(rec) + "\n")
-    rows, _ = D.load(section(tmp_path / "distilled.jsonl"), tok)
+    rows, _ = data.load(section(tmp_path / "distilled.jsonl"), tok)
     assert rows.tokens[0, :5].tolist() == [5, 6, 7, 8, 9]
     assert rows.loss_mask[0, :5].tolist() == [False, False, False, True, True]
 
@@ -90,21 +90,21 @@ def test_malformed_input_names_the_file(tmp_path, tok, content, fmt, message):
     path = tmp_path / fmt
     path.write_text(content)
     with pytest.raises(ConfigError, match=message) as err:
-        D.load(section(path, chat=fmt.startswith("c.")), tok)
+        data.load(section(path, chat=fmt.startswith("c.")), tok)
     assert fmt in str(err.value)
 
 
 def test_missing_input_errors(tmp_path, tok):
     with pytest.raises(ConfigError, match="matches no file"):
-        D.load(section(tmp_path / "nope*.txt"), tok)
+        data.load(section(tmp_path / "nope*.txt"), tok)
     with pytest.raises(ConfigError, match="data.train is empty"):
-        D.load(DataSection(), tok)
+        data.load(DataSection(), tok)
 
 
 def test_packing_keeps_documents_whole_and_apart():
-    docs = [D.Document([5] * 6, [True] * 6, "a"), D.Document([6] * 7, [True] * 7, "b"),
-            D.Document([7] * 20, [True] * 20, "c")]
-    rows = D.pack(docs, 10)
+    docs = [data.Document([5] * 6, [True] * 6, "a"), data.Document([6] * 7, [True] * 7, "b"),
+            data.Document([7] * 20, [True] * 20, "c")]
+    rows = data.pack(docs, 10)
     assert rows.doc_ids.tolist()[:2] == [[0] * 6 + [-1] * 4, [1] * 7 + [-1] * 3]  # b does not fit after a
     assert rows.doc_ids[2:].flatten().tolist().count(2) == 20  # only a too-long document is split
     assert not rows.loss_mask[rows.doc_ids == -1].any()
@@ -118,7 +118,7 @@ def test_heldout_split_is_stable_and_disjoint(tmp_path, tok):
     with open(tmp_path / "d.jsonl", "w") as f:
         for i in range(200):
             f.write(json.dumps({"text": f"w{2 + i % 90}"}) + "\n")
-    a_train, a_held = D.load(section(tmp_path / "d.jsonl", heldout_fraction=0.2, seq_len=4), tok)
-    b_train, b_held = D.load(section(tmp_path / "d.jsonl", heldout_fraction=0.2, seq_len=4), tok)
+    a_train, a_held = data.load(section(tmp_path / "d.jsonl", heldout_fraction=0.2, seq_len=4), tok)
+    b_train, b_held = data.load(section(tmp_path / "d.jsonl", heldout_fraction=0.2, seq_len=4), tok)
     assert torch.equal(a_held.tokens, b_held.tokens) and 10 < len(a_held) < 80
     assert int((a_train.doc_ids >= 0).sum() + (a_held.doc_ids >= 0).sum()) == 2 * 200  # every token, once

@@ -12,6 +12,7 @@ from ar2dlm.nn import masks
 from ar2dlm.core.config import DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.decode import engine
+from ar2dlm.decode.interface import DecodeModel
 from ar2dlm.decode.reference import ar_greedy, tidar_greedy
 from ar2dlm.model.lm import DiffusionLM
 from conftest import CORE_ARCHS, EOS, make_tokenizer, tiny_model
@@ -289,3 +290,42 @@ def test_prefill_keeps_only_the_logits_it_reads(K, monkeypatch):
     assert torch.equal(t, full_t)
     assert torch.allclose(state.draft_logits, full_state.draft_logits, atol=1e-12)
     assert torch.equal(state.draft, full_state.draft)
+
+
+class OnlyTheInterface:
+    """The members of `DecodeModel` and nothing else, delegating to a DiffusionLM."""
+
+    def __init__(self, lm):
+        self.model, self.tokenizer, self.settings, self._lm = lm.model, lm.tokenizer, lm.settings, lm
+
+    @property
+    def mask_token_id(self):
+        return self._lm.mask_token_id
+
+    @property
+    def context_len(self):
+        return self._lm.context_len
+
+    def forward(self, *args, **kwargs):
+        return self._lm.forward(*args, **kwargs)
+
+    def base_weights(self):
+        return self._lm.base_weights()
+
+
+def test_diffusion_lm_meets_the_decode_interface(drafter, converted_dirs):
+    """DiffusionLM (built, and loaded from disk) has every member of DecodeModel; an object with those members
+    alone decodes the same tokens: the engine needs nothing else of a model."""
+    assert isinstance(drafter, DecodeModel)
+    assert isinstance(DiffusionLM.from_pretrained(converted_dirs["llama"]), DecodeModel)
+    assert not isinstance(object(), DecodeModel)
+    only = OnlyTheInterface(drafter)
+    assert isinstance(only, DecodeModel)
+    prompts = [drafter.pattern[:3], drafter.pattern[2:7]]
+    for settings in ({"ar": True}, {"draft_len": 4, "proposals": 2}, {"draft_len": 8, "proposals": 3, "adaptive": True},
+                     {"sampler": "lossless", "temperature": 0.8, "seed": 3, "stop": ("xx",)}):
+        cfg = drafter.decode_config(max_new_tokens=16, **settings)
+        want = engine.generate(drafter, prompts, cfg)
+        got = engine.generate(only, prompts, cfg)
+        assert [g.token_ids for g in got] == [g.token_ids for g in want], settings
+        assert [g.stats.forwards for g in got] == [g.stats.forwards for g in want], settings

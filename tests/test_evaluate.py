@@ -13,8 +13,7 @@ from math import comb
 
 import pytest
 
-from ar2dlm.evaluate import run as E
-from ar2dlm.evaluate import tasks as T
+from ar2dlm.evaluate import run, tasks
 from ar2dlm.cli import main
 from ar2dlm.core.config import ConfigError
 from ar2dlm.evaluate.sandbox import SandboxLimits
@@ -29,53 +28,53 @@ def test_pass_at_k_equals_brute_force(n, c, k):
     outcomes = [True] * c + [False] * (n - c)
     subsets = list(itertools.combinations(range(n), k))
     brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
-    assert E.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert run.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
     assert len(subsets) == comb(n, k)
 
 
 def test_mean_ci_is_normal_approximation():
-    m, ci = E.mean_ci([1, 0, 1, 1])
+    m, ci = run.mean_ci([1, 0, 1, 1])
     assert m == 0.75 and ci == pytest.approx(1.96 * 0.5 / 2)
 
 
 def test_tau_is_mean_committed_per_step():
-    assert E.tau([{"1": 2, "3": 1}, {"4": 1}]) == pytest.approx((1 + 1 + 3 + 4) / 4)
+    assert run.tau([{"1": 2, "3": 1}, {"4": 1}]) == pytest.approx((1 + 1 + 3 + 4) / 4)
 
 
 # ---------------------------------------------------------------------------- humaneval
 @pytest.fixture(scope="module")
 def humaneval():
-    return {p.id: p for p in T.load_problems("humaneval", "raw")}
+    return {p.id: p for p in tasks.load_problems("humaneval", "raw")}
 
 
 def test_humaneval_has_164_problems_and_instruct_prompts(humaneval):
     assert len(humaneval) == 164
-    inst = T.load_problems("humaneval", "instruct")
+    inst = tasks.load_problems("humaneval", "instruct")
     assert all(p.chat and p.data["prompt"] in p.prompt and "```python" in p.prompt for p in inst)
 
 
 @pytest.mark.parametrize("task_id", ["HumanEval/0", "HumanEval/2", "HumanEval/32", "HumanEval/163"])
 def test_canonical_solutions_pass_in_both_forms(humaneval, task_id):
     p = humaneval[task_id]
-    cfg = E.EvalConfig(form="raw")
-    assert E.score_answer(p, p.data["canonical_solution"], cfg, LIMITS)["passed"]
+    cfg = run.EvalConfig(form="raw")
+    assert run.score_answer(p, p.data["canonical_solution"], cfg, LIMITS)["passed"]
     # instruct: the model repeats the whole function in a code block, with chatter around it
     answer = f"Sure! Here it is:\n\n```python\n{p.data['prompt']}{p.data['canonical_solution']}```\nDone."
-    assert E.score_answer(p, answer, E.EvalConfig(form="instruct"), LIMITS)["passed"]
+    assert run.score_answer(p, answer, run.EvalConfig(form="instruct"), LIMITS)["passed"]
 
 
 def test_wrong_or_truncated_answers_fail(humaneval):
     p = humaneval["HumanEval/0"]
-    assert not E.score_answer(p, "    return False\n", E.EvalConfig(form="raw"), LIMITS)["passed"]
+    assert not run.score_answer(p, "    return False\n", run.EvalConfig(form="raw"), LIMITS)["passed"]
     cut = f"```python\n{p.data['prompt']}{p.data['canonical_solution']}"[:-40]  # unclosed block, cut mid-body
-    assert not E.score_answer(p, cut, E.EvalConfig(form="instruct"), LIMITS)["passed"]
+    assert not run.score_answer(p, cut, run.EvalConfig(form="instruct"), LIMITS)["passed"]
 
 
 def test_extract_code():
-    assert T.extract_code("text\n```python\nx = 1\n```\nmore ```python\ny\n```") == "x = 1\n"
-    assert T.extract_code("```\nx = 2\n```") == "x = 2\n"
-    assert T.extract_code("```python\nx = 3\n") == "x = 3\n"  # unclosed: to the end
-    assert T.extract_code("def f(): pass") == "def f(): pass"
+    assert tasks.extract_code("text\n```python\nx = 1\n```\nmore ```python\ny\n```") == "x = 1\n"
+    assert tasks.extract_code("```\nx = 2\n```") == "x = 2\n"
+    assert tasks.extract_code("```python\nx = 3\n") == "x = 3\n"  # unclosed: to the end
+    assert tasks.extract_code("def f(): pass") == "def f(): pass"
 
 
 # ---------------------------------------------------------------------------- ifeval rules
@@ -97,15 +96,15 @@ def test_extract_code():
     ({"kind": "min_sentences", "n": 2}, "One. Two!", "Only one."),
 ])
 def test_ifeval_rules(check, good, bad):
-    p = T.Problem("x", "prompt", True, {"checks": [check]})
-    assert T.ifeval_checks(p, good) == [True]
-    assert T.ifeval_checks(p, bad) == [False]
+    p = tasks.Problem("x", "prompt", True, {"checks": [check]})
+    assert tasks.ifeval_checks(p, good) == [True]
+    assert tasks.ifeval_checks(p, bad) == [False]
 
 
 def test_ifeval_set_uses_only_known_rules():
-    problems = T.load_problems("ifeval", "instruct")
+    problems = tasks.load_problems("ifeval", "instruct")
     assert len(problems) >= 30 and len({p.id for p in problems}) == len(problems)
-    assert all(c["kind"] in T.CHECKS for p in problems for c in p.data["checks"])
+    assert all(c["kind"] in tasks.CHECKS for p in problems for c in p.data["checks"])
 
 
 # ---------------------------------------------------------------------------- runs on a tiny model
@@ -114,8 +113,8 @@ def records(out):
 
 
 def test_greedy_answers_equal_ar_and_summary_matches_records(drafter, tmp_path):
-    cfg = E.EvalConfig(form="raw", limit=3, max_new_tokens=12, batch_size=2)
-    summary = E.evaluate(drafter, cfg, tmp_path, "tiny", progress=False)
+    cfg = run.EvalConfig(form="raw", limit=3, max_new_tokens=12, batch_size=2)
+    summary = run.evaluate(drafter, cfg, tmp_path, "tiny", progress=False)
     rs = records(tmp_path)
     assert len(rs) == 6 and {(r["setting"], r["problem"]) for r in rs} == \
         {(s, f"HumanEval/{i}") for s in ("ar", "greedy") for i in range(3)}
@@ -130,15 +129,15 @@ def test_greedy_answers_equal_ar_and_summary_matches_records(drafter, tmp_path):
 
 
 def test_resume_equals_one_whole_run(drafter, tmp_path):
-    cfg = E.EvalConfig(form="raw", settings=("greedy", "lossless"), n_samples=2, k=(1, 2), max_new_tokens=8,
+    cfg = run.EvalConfig(form="raw", settings=("greedy", "lossless"), n_samples=2, k=(1, 2), max_new_tokens=8,
                        batch_size=2)
     whole, part = tmp_path / "whole", tmp_path / "part"
-    E.evaluate(drafter, dataclasses_replace(cfg, limit=4), whole, "tiny", progress=False)
-    E.evaluate(drafter, dataclasses_replace(cfg, limit=2), part, "tiny", progress=False)
+    run.evaluate(drafter, dataclasses_replace(cfg, limit=4), whole, "tiny", progress=False)
+    run.evaluate(drafter, dataclasses_replace(cfg, limit=2), part, "tiny", progress=False)
     first = (part / "results.jsonl").read_text()
     with open(part / "results.jsonl", "a") as f:
         f.write('{"setting": "greedy", "probl')  # a line cut by an interruption
-    E.evaluate(drafter, dataclasses_replace(cfg, limit=4), part, "tiny", progress=False)
+    run.evaluate(drafter, dataclasses_replace(cfg, limit=4), part, "tiny", progress=False)
     key = lambda r: (r["setting"], r["problem"], r["sample"])
     a, b = records(whole), records(part)  # the cut line is gone, every other line parses
     assert sorted(map(key, a)) == sorted(map(key, b))  # nothing redone, nothing missing
@@ -152,34 +151,34 @@ def dataclasses_replace(cfg, **kw):
 
 
 def test_resume_refuses_other_settings(drafter, tmp_path):
-    E.evaluate(drafter, E.EvalConfig(form="raw", limit=1, max_new_tokens=4), tmp_path, "tiny", progress=False)
+    run.evaluate(drafter, run.EvalConfig(form="raw", limit=1, max_new_tokens=4), tmp_path, "tiny", progress=False)
     with pytest.raises(ConfigError, match="max_new_tokens: 4 -> 5.*--force"):
-        E.evaluate(drafter, E.EvalConfig(form="raw", limit=1, max_new_tokens=5), tmp_path, "tiny", progress=False)
+        run.evaluate(drafter, run.EvalConfig(form="raw", limit=1, max_new_tokens=5), tmp_path, "tiny", progress=False)
 
 
 def test_frontier_writes_table_png_json(drafter, tmp_path):
-    cfg = E.EvalConfig(form="raw", limit=2, max_new_tokens=8, frontier=True, mix_weights=(0.5, 1.0))
-    summary = E.evaluate(drafter, cfg, tmp_path, "tiny", progress=False)
+    cfg = run.EvalConfig(form="raw", limit=2, max_new_tokens=8, frontier=True, mix_weights=(0.5, 1.0))
+    summary = run.evaluate(drafter, cfg, tmp_path, "tiny", progress=False)
     names = ["ar", "ar-sample", "greedy", "lossless", "mix:0.5", "mix:1"]
     assert list(summary["settings"]) == names
     assert all(s["speedup"] > 0 for s in summary["settings"].values())
     sampled = {n for n, s in summary["settings"].items() if "speedup_vs_ar_sample" in s}
     assert sampled == {"ar-sample", "lossless", "mix:0.5", "mix:1"}
     assert (tmp_path / "frontier.png").stat().st_size > 1000
-    assert all(name in E.table(summary["settings"]) for name in names)
+    assert all(name in run.table(summary["settings"]) for name in names)
 
 
 def test_ifeval_through_a_chat_template(drafter, tmp_path):
     drafter.tokenizer.chat_template = CHAT_TEMPLATE
     try:
-        summary = E.evaluate(drafter, E.EvalConfig(task="ifeval", limit=3, max_new_tokens=6), tmp_path, "tiny",
+        summary = run.evaluate(drafter, run.EvalConfig(task="ifeval", limit=3, max_new_tokens=6), tmp_path, "tiny",
                              progress=False)
     finally:
         drafter.tokenizer.chat_template = None
     rs = records(tmp_path)
     for r in rs:
-        p = next(p for p in T.load_problems("ifeval", "instruct") if p.id == r["problem"])
-        assert r["checks"] == T.ifeval_checks(p, r["answer"]) and r["passed"] == all(r["checks"])
+        p = next(p for p in tasks.load_problems("ifeval", "instruct") if p.id == r["problem"])
+        assert r["checks"] == tasks.ifeval_checks(p, r["answer"]) and r["passed"] == all(r["checks"])
     assert "instruction_level" in summary["settings"]["greedy"]["scores"]
 
 
@@ -194,7 +193,7 @@ def test_ifeval_through_a_chat_template(drafter, tmp_path):
 ])
 def test_config_refusals(kw, match):
     with pytest.raises(ConfigError, match=match):
-        E.EvalConfig(**kw)
+        run.EvalConfig(**kw)
 
 
 def test_cli_eval(capsys, drafter_dir, tmp_path):

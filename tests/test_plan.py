@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ar2dlm.measure import plan as P
+from ar2dlm.measure import plan
 from ar2dlm.cli import main
 from ar2dlm.core.config import ConfigError
 from ar2dlm.measure.tune import predicted_tpf
 
 from conftest import ARCHS, VOCAB
 
-HW = P.Hardware("test", bandwidth=1e12, flops=1e14, source="test")
+HW = plan.Hardware("test", bandwidth=1e12, flops=1e14, source="test")
 
 
 def test_dense_terms_by_hand():
@@ -24,22 +24,22 @@ def test_dense_terms_by_hand():
     h, i, L, H, KV, d = c.hidden_size, c.intermediate_size, c.num_hidden_layers, 4, 2, c.hidden_size // 4
     per_layer = h * H * d + 2 * h * KV * d + H * d * h + 3 * h * i + 2 * h
     dense = L * per_layer + h + VOCAB * h
-    s = P.model_shape(c)
+    s = plan.model_shape(c)
     assert s.dense_params == dense
     assert s.dense_params + VOCAB * h == sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
     batch, ctx, n = 3, 50, 7
-    t = P.forward_cost(s, HW, "bfloat16", batch, ctx, n)
+    t = plan.forward_cost(s, HW, "bfloat16", batch, ctx, n)
     assert t["weight_bytes"] == 2 * dense and t["expert_bytes"] == 0
     assert t["kv_bytes"] == 2 * (batch * ctx + batch * n) * L * 2 * KV * d
     assert t["linear_flops"] == 2 * batch * n * dense  # active params + LM head = every dense parameter here
     assert t["attention_flops"] == 4 * batch * n * (ctx + n) * H * d * L
     assert t["seconds"] == max(t["bytes"] / 1e12, t["flops"] / 1e14)
-    assert P.forward_cost(s, HW, "float32", batch, ctx, n)["weight_bytes"] == 4 * dense
+    assert plan.forward_cost(s, HW, "float32", batch, ctx, n)["weight_bytes"] == 4 * dense
 
 
 def test_tied_embedding_counted_once():
     c = ARCHS["gpt2"](VOCAB)
-    s = P.model_shape(c)
+    s = plan.model_shape(c)
     model = AutoModelForCausalLM.from_config(c)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert s.dense_params == sum(p.numel() for p in model.parameters())  # parameters() lists the tied one once
@@ -47,14 +47,14 @@ def test_tied_embedding_counted_once():
 
 def test_moe_experts_by_hand():
     c = ARCHS["qwen2_moe"](VOCAB)
-    s = P.model_shape(c)
+    s = plan.model_shape(c)
     assert (s.experts, s.top_k, s.moe_layers) == (4, 2, 2)
     assert s.expert_params == 3 * c.hidden_size * c.moe_intermediate_size
     model = AutoModelForCausalLM.from_config(c)
     assert s.total_params == sum(p.numel() for p in model.parameters()) - VOCAB * c.hidden_size
-    one = P.forward_cost(s, HW, "bfloat16", 1, 10, 1)
+    one = plan.forward_cost(s, HW, "bfloat16", 1, 10, 1)
     assert one["expert_bytes"] == 2 * 2 * 2 * s.expert_params  # 1 token, top-2: 2 experts in each of 2 layers
-    many = P.forward_cost(s, HW, "bfloat16", 4, 10, 16)
+    many = plan.forward_cost(s, HW, "bfloat16", 4, 10, 16)
     assert many["expert_bytes"] == pytest.approx(2 * 2 * 4 * s.expert_params * (1 - 0.5 ** 64))
 
 
@@ -64,25 +64,25 @@ def test_expected_distinct_experts_formula():
     for E, k, T in [(4, 2, 3), (16, 1, 10), (8, 2, 5)]:
         trials = 20000
         mean = sum(len({e for _ in range(T) for e in rng.sample(range(E), k)}) for _ in range(trials)) / trials
-        assert mean == pytest.approx(P.experts_touched(E, k, T), rel=0.02)
-    assert P.experts_touched(16, 1, 1) == 1 and P.experts_touched(16, 1, 10 ** 4) == pytest.approx(16)
+        assert mean == pytest.approx(plan.experts_touched(E, k, T), rel=0.02)
+    assert plan.experts_touched(16, 1, 1) == 1 and plan.experts_touched(16, 1, 10 ** 4) == pytest.approx(16)
 
 
 def test_cost_is_monotone():
-    s = P.model_shape(ARCHS["qwen2_moe"](VOCAB))
-    secs = [P.forward_cost(s, HW, "bfloat16", 2, 64, n)["seconds"] for n in range(1, 200, 7)]
+    s = plan.model_shape(ARCHS["qwen2_moe"](VOCAB))
+    secs = [plan.forward_cost(s, HW, "bfloat16", 2, 64, n)["seconds"] for n in range(1, 200, 7)]
     assert secs == sorted(secs)
-    assert P.forward_cost(s, HW, "bfloat16", 2, 128, 8)["seconds"] > P.forward_cost(s, HW, "bfloat16", 2, 64, 8)["seconds"]
-    assert P.forward_cost(s, HW, "bfloat16", 4, 64, 8)["seconds"] > P.forward_cost(s, HW, "bfloat16", 2, 64, 8)["seconds"]
-    r = P.plan(s, HW, P.PlanConfig(hardware="mi300x", block_size=8, batch_size=2, context=64))
+    assert plan.forward_cost(s, HW, "bfloat16", 2, 128, 8)["seconds"] > plan.forward_cost(s, HW, "bfloat16", 2, 64, 8)["seconds"]
+    assert plan.forward_cost(s, HW, "bfloat16", 4, 64, 8)["seconds"] > plan.forward_cost(s, HW, "bfloat16", 2, 64, 8)["seconds"]
+    r = plan.plan(s, HW, plan.PlanConfig(hardware="mi300x", block_size=8, batch_size=2, context=64))
     costs = [x["relative_cost"] for x in r["curve"]]
     assert costs == sorted(costs) and costs[0] >= 1
 
 
 def test_plan_uses_tunes_prediction():
-    s = P.model_shape(ARCHS["llama"](VOCAB))
-    cfg = P.PlanConfig(hardware="h100", block_size=6, acceptance=(0.9, 0.7))
-    r = P.plan(s, P.hardware("h100", "bfloat16"), cfg)
+    s = plan.model_shape(ARCHS["llama"](VOCAB))
+    cfg = plan.PlanConfig(hardware="h100", block_size=6, acceptance=(0.9, 0.7))
+    r = plan.plan(s, plan.hardware("h100", "bfloat16"), cfg)
     a = [0.9, 0.7, 0.7, 0.7, 0.7]
     for b in r["best"]:
         assert b["predicted_tpf"] == round(predicted_tpf(a, b["draft_len"], b["proposals"]), 3)
@@ -94,12 +94,12 @@ def test_zaya_shipped_config():
     state per row by hand."""
     from transformers import ZayaConfig
 
-    c = P.load_config("zaya1-8b")
+    c = plan.load_config("zaya1-8b")
     d = ZayaConfig()
     for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
               "num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size", "cca_time0", "cca_time1"):
         assert getattr(c, f) == getattr(d, f)
-    s = P.model_shape(c)
+    s = plan.model_shape(c)
     assert (s.experts, s.top_k, s.q_heads // s.kv_heads) == (16, 1, 4)  # CCGQA 4:1
     assert s.state_per_row == 40 * ((8 + 2) * 128 * (1 + 1) + 2 * 128 // 2)
     with torch.device("meta"):
@@ -108,11 +108,11 @@ def test_zaya_shipped_config():
 
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="float32"):
-        P.PlanConfig(hardware="mi300x", dtype="float32")
+        plan.PlanConfig(hardware="mi300x", dtype="float32")
     with pytest.raises(ConfigError, match="acceptance"):
-        P.PlanConfig(acceptance=(1.5,))
+        plan.PlanConfig(acceptance=(1.5,))
     with pytest.raises(ConfigError, match="hardware must be one of"):
-        P.PlanConfig(hardware="tpu")
+        plan.PlanConfig(hardware="tpu")
 
 
 def test_cli_plan(capsys, tmp_path):

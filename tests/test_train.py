@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ar2dlm.train import objective
-from ar2dlm.train import trainer as T
+from ar2dlm.train import objective, trainer
+from ar2dlm.train.checkpoints import latest_checkpoint
+from ar2dlm.train.heldout import estimated_tpf, heldout_metrics
 from ar2dlm.core.config import ConfigError, TrainConfig
 from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, distill_random_prompts, save_base
@@ -57,17 +59,17 @@ def metrics(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["drafting", "lora", "full"])
 def test_steps_lower_losses_and_move_only_trainable_parameters(corpus, kind):
-    run = T.setup(config(corpus, f"fit-{kind}", kind))
-    batch, _ = T.make_batch(run, list(range(4)))
+    run = trainer.setup(config(corpus, f"fit-{kind}", kind))
+    batch, _ = trainer.make_batch(run, list(range(4)))
     params = dict(run.lm.model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    first = {k: float(v.detach()) for k, v in T.micro_batch(run, batch).items()}
+    first = {k: float(v.detach()) for k, v in trainer.micro_batch(run, batch).items()}
     for _ in range(8):
-        out = T.micro_batch(run, batch)
+        out = trainer.micro_batch(run, batch)
         out["loss"].backward()
         run.optimizer.step()
         run.optimizer.zero_grad()
-    last = {k: float(v.detach()) for k, v in T.micro_batch(run, batch).items()}
+    last = {k: float(v.detach()) for k, v in trainer.micro_batch(run, batch).items()}
     assert last["diff_loss"] < first["diff_loss"]
     if kind != "drafting":
         assert last["ar_loss"] < first["ar_loss"]
@@ -110,16 +112,16 @@ def test_distill_matches_ar_greedy_and_resumes(corpus, distilled, tmp_path):
 def test_drafting_loss_selected_slots_equal_all_slots_and_doubled_forward(corpus, distilled):
     """Running only the slots targets can see gives the loss of every slot, and of the doubled forward."""
     cfg = config(corpus, "select", "drafting", data={"train": [str(distilled)], "seq_len": 48})
-    run = T.setup(cfg)
+    run = trainer.setup(cfg)
     with torch.no_grad():
         for p in run.lm.model.parameters():  # a non-zero adapter
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    batch, loss_mask = T.make_batch(run, list(range(4)))
+    batch, loss_mask = trainer.make_batch(run, list(range(4)))
     assert (~loss_mask).any() and loss_mask.any()  # prompts carry no targets
     with torch.no_grad():
-        sel, sel_logits, idx = T.drafting_loss(run.lm, batch, select=True)
-        every, all_logits, _ = T.drafting_loss(run.lm, batch, select=False)
+        sel, sel_logits, idx = trainer.drafting_loss(run.lm, batch, select=True)
+        every, all_logits, _ = trainer.drafting_loss(run.lm, batch, select=False)
         _, _, doubled = objective.loss(run.lm, batch)
     assert idx.shape[1] < loss_mask.shape[1]  # fewer slots ran
     torch.testing.assert_close(sel, every)
@@ -140,8 +142,8 @@ def test_drafting_adapter_keeps_the_ar_path_exact(corpus, distilled):
     cfg = config(corpus, "gated", "drafting", schedule={"max_steps": 200},
                  data={"train": [str(corpus / "train.distilled.jsonl")], "heldout": [str(corpus / "heldout.distilled.jsonl")],
                        "seq_len": 48}, eval={"every_steps": 100})
-    untrained = T.evaluate(T.setup(dataclasses.replace(cfg, run_dir=cfg.run_dir + "-untrained")))
-    run = T.train(cfg)
+    untrained = heldout_metrics(trainer.setup(dataclasses.replace(cfg, run_dir=cfg.run_dir + "-untrained")))
+    run = trainer.train(cfg)
     trained = [m for m in metrics(cfg.run_dir) if "est_tpf" in m][-1]
     # drafts learned (held-out; a random tiny model's continuations are hard, so the TPF gain is small)
     assert trained["eval_diff_loss"] < untrained["eval_diff_loss"] - 0.2, (untrained, trained)
@@ -175,7 +177,7 @@ def test_ungated_lora_disable_and_merge(corpus, tmp_path):
     from ar2dlm.cli import main
 
     cfg = config(corpus, "ungated", "lora")
-    T.train(cfg)
+    trainer.train(cfg)
     lm = DiffusionLM.from_pretrained(Path(cfg.run_dir) / "final", dtype=torch.float64)
     base = AutoModelForCausalLM.from_pretrained(corpus / "base", dtype=torch.float64).eval()
     x = torch.randint(2, 90, (2, 16))
@@ -190,7 +192,7 @@ def test_ungated_lora_disable_and_merge(corpus, tmp_path):
         torch.testing.assert_close(merged(input_ids=x).logits, on, rtol=1e-5, atol=1e-5)
     # the gated adapter refuses to merge, with a reason
     gated = config(corpus, "gated-merge", "drafting", schedule={"max_steps": 2})
-    T.train(gated)
+    trainer.train(gated)
     assert main(["merge", str(Path(gated.run_dir) / "final"), str(tmp_path / "m2")]) == 2
 
 
@@ -208,7 +210,7 @@ def test_resume_after_a_real_signal_is_exact(corpus, tmp_path):
     n = 40  # long enough (~40 ms a step) that the signal lands mid-run on any machine
     shape = {"optim": {"batch_size": 8}, "data": {"seq_len": 64}}
     straight = config(corpus, "straight", "drafting", schedule={"max_steps": n}, **shape)
-    T.train(straight)
+    trainer.train(straight)
     cut = config(corpus, "cut", "drafting", schedule={"max_steps": n}, **shape)
     yaml = _write(cut, tmp_path / "cut.yaml")
     proc = _launch([PY, "-m", "ar2dlm", "train", "--config", str(yaml)])
@@ -219,7 +221,7 @@ def test_resume_after_a_real_signal_is_exact(corpus, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    stopped = T.latest_checkpoint(Path(cut.run_dir))
+    stopped = latest_checkpoint(Path(cut.run_dir))
     k = int(stopped.name.split("-")[1])
     assert 0 < k < n, f"the signal should land mid-run (stopped at {k})\n{out}"
     proc = _launch([PY, "-m", "ar2dlm", "train", "--config", str(yaml), "--resume"])
@@ -230,8 +232,8 @@ def test_resume_after_a_real_signal_is_exact(corpus, tmp_path):
     assert sorted(b) == list(range(1, n + 1)) or set(a) <= set(b)
     for step in range(1, n + 1):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
-    wa = T.load_file(T.latest_checkpoint(Path(straight.run_dir)) / "trainable.safetensors")
-    wb = T.load_file(T.latest_checkpoint(Path(cut.run_dir)) / "trainable.safetensors")
+    wa = load_file(latest_checkpoint(Path(straight.run_dir)) / "trainable.safetensors")
+    wb = load_file(latest_checkpoint(Path(cut.run_dir)) / "trainable.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name])
 
@@ -263,7 +265,7 @@ def test_context_extension_writes_and_reloads_rope(corpus):
     (corpus / "long.txt").write_text(" ".join(f"w{2 + i % 80}" for i in range(700)))
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "train": [str(corpus / "long.txt")],
                                                            "heldout_fraction": 0.0}})
-    run = T.train(cfg)  # rows of 300 tokens: longer than the old context of 256
+    run = trainer.train(cfg)  # rows of 300 tokens: longer than the old context of 256
     assert run.step == 2
     final = Path(cfg.run_dir) / "final"
     loaded = AutoModelForCausalLM.from_pretrained(final)
@@ -294,9 +296,9 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_existing_run_needs_resume(corpus):
     cfg = config(corpus, "twice", "drafting", schedule={"max_steps": 1})
-    T.train(cfg)
+    trainer.train(cfg)
     with pytest.raises(ConfigError, match="resume=True"):
-        T.train(cfg)
+        trainer.train(cfg)
 
 
 def test_estimated_tpf_counts_leading_matches():
@@ -305,13 +307,13 @@ def test_estimated_tpf_counts_leading_matches():
     pred = [5, 6, 0, 8, 9, 10, 11, 0]  # block 0: slot 2 wrong -> 2; block 1: all of 2..3 right, 4th wrong -> 3
     for i, t in enumerate(pred):
         logits[0, i, t] = 10.0
-    tpf, blocks = T.estimated_tpf(logits, tokens, torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 8), 4)
+    tpf, blocks = estimated_tpf(logits, tokens, torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 8), 4)
     assert blocks == 2 and tpf == (2 + 3) / 2
     # a block that is not all targets, or crosses documents, does not count
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    tpf, blocks = T.estimated_tpf(logits, tokens, mask, torch.zeros(1, 8), 4)
+    tpf, blocks = estimated_tpf(logits, tokens, mask, torch.zeros(1, 8), 4)
     assert blocks == 1 and tpf == 3
-    tpf, blocks = T.estimated_tpf(logits, tokens, torch.ones(1, 8, dtype=torch.bool),
+    tpf, blocks = estimated_tpf(logits, tokens, torch.ones(1, 8, dtype=torch.bool),
                                   torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2]]), 4)
     assert blocks == 1 and tpf == 2
 
@@ -320,7 +322,7 @@ def test_plot_writes_pngs(corpus):
     from ar2dlm.cli import main
 
     cfg = config(corpus, "plotted", "drafting", schedule={"max_steps": 4}, eval={"every_steps": 2})
-    T.train(cfg)
+    trainer.train(cfg)
     assert main(["plot", cfg.run_dir]) == 0
     for name in ("loss.png", "eval.png"):
         png = Path(cfg.run_dir) / name

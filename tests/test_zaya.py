@@ -1,5 +1,5 @@
 """ZAYA1 (CCA attention + MoE) through the decode engine, held to HF generate: the CCA convolutions and delayed
-value read each row's logical predecessors (mixing.py), so greedy decoding equals AR greedy."""
+value read each row's logical predecessors (nn/predecessors.py), so greedy decoding equals AR greedy."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import copy
 
 import pytest
 import torch
-import transformers as T
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, ZayaConfig
 
 from ar2dlm.nn import masks
 from ar2dlm.train import objective
@@ -26,9 +25,9 @@ CONFIGS = {  # different conv kernels, heads and experts
 
 def tiny_zaya(name, seed=0, vocab=VOCAB, sharpen=8.0):
     torch.manual_seed(seed)
-    c = T.ZayaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
-                     router_hidden_size=16, max_position_embeddings=256, eos_token_id=EOS, bos_token_id=None,
-                     pad_token_id=0, **CONFIGS[name])
+    c = ZayaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
+                   router_hidden_size=16, max_position_embeddings=256, eos_token_id=EOS, bos_token_id=None,
+                   pad_token_id=0, **CONFIGS[name])
     model = AutoModelForCausalLM.from_config(c, attn_implementation="sdpa", experts_implementation="eager")
     model = model.double().eval()
     with torch.no_grad():  # sharper logits, and convolutions / delayed values that matter

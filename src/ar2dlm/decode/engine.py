@@ -25,10 +25,11 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from ..nn import masks, predecessors as mixing
 from ..core.config import ConfigError, DecodeConfig
-from . import verify as V
+from ..nn import masks, predecessors
+from .interface import DecodeModel
 from .policy import AdaptiveDraft, CostModel, choose_proposals
+from .verify import draw, verify
 
 
 @dataclass
@@ -77,7 +78,7 @@ class State:
 
 
 # ---------------------------------------------------------------------------- steps
-def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tuple[State, torch.Tensor]:
+def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tuple[State, torch.Tensor]:
     """[prompt (causal) | P_0: K slots] in one forward; returns the state and t [b]."""
     device = lm.model.device
     b = len(prompts)
@@ -91,7 +92,7 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
                      lens[:, None] + torch.arange(slots, device=device)], 1)  # [b, Lp+slots]
     ids = torch.cat([ids, torch.full((b, slots), _mask_id(lm), device=device)], 1)
     mask_slots = (torch.arange(Lp + slots, device=device) >= Lp).expand(b, -1)
-    cache = mixing.new_cache(lm.model)
+    cache = predecessors.new_cache(lm.model)
     # logits only where they are read: each prompt's last token and the P_0 slots (the LM head over a
     # whole prompt costs as much as several decode steps); column[i] = where position i's logits land
     if getattr(lm.model.get_output_embeddings(), "lora_A", None) is not None:
@@ -100,11 +101,11 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
         keep = torch.cat([lens - 1, torch.arange(Lp, Lp + slots, device=device)]).unique()  # sorted
         column = torch.zeros(Lp + slots, dtype=torch.long, device=device)
         column[keep] = torch.arange(len(keep), device=device)
-    with mixing.predecessors(lm.model, lambda: mixing.prefill_predecessors(lens, Lp, slots), cache) as seq:
+    with predecessors.predecessors(lm.model, lambda: predecessors.prefill_predecessors(lens, Lp, slots), cache) as seq:
         logits = lm.forward(ids, _clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache,
                             logits_to_keep=keep)
     seq.commit(lens - 1)  # conv / delayed-value state after each prompt's last token
-    t = V.draw(logits[torch.arange(b, device=device), column[lens - 1]], cfg, lm.mask_token_id, gen)  # [b]
+    t = draw(logits[torch.arange(b, device=device), column[lens - 1]], cfg, lm.mask_token_id, gen)  # [b]
     _crop(cache, slots)
     valid = torch.arange(Lp, device=device)[None, :] < lens[:, None]  # [b, Lp]
     if slots:
@@ -118,7 +119,7 @@ def prefill(lm, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tup
     return state, t
 
 
-def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen, draft_len: int | None = None):
+def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen, draft_len: int | None = None):
     """One forward: verify the draft and pre-draft the next block. Returns (r [b], t [b]).
 
     draft_len changes K for this step (adaptive drafting); the draft is cut or padded to it.
@@ -137,9 +138,9 @@ def step(lm, state: State, n_proposals: int, cfg: DecodeConfig, gen, draft_len: 
                      (state.length[:, None] + R).repeat_interleave(K, 1) + k.repeat(n)], 1)  # [b, K+nK]
     mask_slots = (torch.arange(K + n * K, device=device) >= K).expand(b, -1)
     attn = masks.step_mask(state.cache_valid, K, R)
-    with mixing.predecessors(lm.model, lambda: mixing.step_predecessors(R, K), state.cache) as seq:
+    with predecessors.predecessors(lm.model, lambda: predecessors.step_predecessors(R, K), state.cache) as seq:
         logits = lm.forward(ids, _clamp_pos(lm, pos), attn, mask_slots, state.cache)  # [b, K+nK, V]
-    r, t = V.verify(cfg, logits[:, :K], state.draft, state.draft_logits, state.n_draft, lm.mask_token_id, gen)
+    r, t = verify(cfg, logits[:, :K], state.draft, state.draft_logits, state.n_draft, lm.mask_token_id, gen)
     seq.commit(r - 1)  # conv / delayed-value state after d_r
     commit(state, r, ids.shape[1])
     state.draft_logits, state.n_draft = _proposal_for(logits[:, K:], R, r, K)
@@ -154,9 +155,9 @@ def resize_draft(state: State, K: int) -> None:
         state.draft, state.draft_logits = state.draft[:, :K], state.draft_logits[:, :K]
         state.n_draft = state.n_draft.clamp(max=K)
         return
-    V = state.draft_logits.shape[-1]
+    vocab = state.draft_logits.shape[-1]
     state.draft = torch.cat([state.draft, state.draft.new_zeros(b, K - old)], 1)
-    pad = state.draft_logits.new_zeros(b, K - state.draft_logits.shape[1], V)
+    pad = state.draft_logits.new_zeros(b, K - state.draft_logits.shape[1], vocab)
     state.draft_logits = torch.cat([state.draft_logits, pad], 1)
 
 
@@ -181,15 +182,15 @@ def _proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor, 
     n = R.shape[1]
     if n == 0:
         return block_logits.new_zeros(b, K, block_logits.shape[-1]), torch.ones(b, dtype=torch.long, device=r.device)
-    Vsz = block_logits.shape[-1]
-    blocks = block_logits.view(b, n, K, Vsz)
+    vocab = block_logits.shape[-1]
+    blocks = block_logits.view(b, n, K, vocab)
     idx = (R <= r[:, None]).sum(1) - 1  # [b] index of r' in R, -1 = none
     has = idx >= 0
     idx = idx.clamp(min=0)
     shift = (r - R.gather(1, idx[:, None])[:, 0]).clamp(min=0)  # [b] r - r' (0 where there is no r')
     chosen = blocks[torch.arange(b, device=r.device), idx]  # [b, K, V]
     slot = (shift[:, None] + torch.arange(K, device=r.device)).clamp(max=K - 1)  # [b, K]
-    draft_logits = chosen.gather(1, slot[:, :, None].expand(b, K, Vsz))
+    draft_logits = chosen.gather(1, slot[:, :, None].expand(b, K, vocab))
     n_draft = torch.where(has, K - shift, torch.ones_like(shift))
     return draft_logits, n_draft
 
@@ -198,10 +199,10 @@ def _next_draft(t, draft_logits, cfg, mask_token_id, gen) -> torch.Tensor:
     """[t, tokens drawn from draft_logits slots 1..] -> [b, K]."""
     if draft_logits.shape[1] <= 1:
         return t[:, None]
-    return torch.cat([t[:, None], V.draw(draft_logits[:, 1:], cfg, mask_token_id, gen)], 1)
+    return torch.cat([t[:, None], draw(draft_logits[:, 1:], cfg, mask_token_id, gen)], 1)
 
 
-def _controller(lm, cfg: DecodeConfig, K: int) -> AdaptiveDraft | None:
+def _controller(lm: DecodeModel, cfg: DecodeConfig, K: int) -> AdaptiveDraft | None:
     if not cfg.adaptive or K == 1:
         return None
     table = getattr(lm.settings, "forward_cost", None) if lm.settings is not None else None
@@ -223,13 +224,14 @@ def compact_cache(state: State) -> None:
 
 def select_rows(state: State, keep: torch.Tensor) -> None:
     """Drop finished rows (keep: indices of the rows that go on)."""
-    mixing.select_rows(state.cache, keep)
+    predecessors.select_rows(state.cache, keep)
     for name in ("cache_valid", "length", "draft", "draft_logits", "n_draft", "rows"):
         setattr(state, name, getattr(state, name)[keep])
 
 
 # ---------------------------------------------------------------------------- loop
-def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["Request"]) -> Iterator[tuple[int, list[int]]]:
+def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
+           outs: list["Request"]) -> Iterator[tuple[int, list[int]]]:
     """Decode every prompt, yielding (request, tokens) as tokens are committed; results land in `outs`."""
     check_request(lm, prompts, cfg)
     K = 1 if cfg.ar else cfg.draft_len
@@ -281,7 +283,7 @@ def events(lm, prompts: list[list[int]], cfg: DecodeConfig, outs: list["Request"
                 outs[row].stats.accepted[n] = outs[row].stats.accepted.get(n, 0) + 1
 
 
-def generate(lm, prompts: list[list[int]], cfg: DecodeConfig) -> list[Generation]:
+def generate(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) -> list[Generation]:
     """Decode a batch; one Generation per prompt, in order."""
     outs = [Request(lm, cfg) for _ in prompts]
     for _ in events(lm, prompts, cfg, outs):
@@ -289,7 +291,7 @@ def generate(lm, prompts: list[list[int]], cfg: DecodeConfig) -> list[Generation
     return [o.result() for o in outs]
 
 
-def stream(lm, prompt: list[int], cfg: DecodeConfig, out: "Request | None" = None) -> Iterator[str]:
+def stream(lm: DecodeModel, prompt: list[int], cfg: DecodeConfig, out: "Request | None" = None) -> Iterator[str]:
     """Yield text deltas as tokens are committed (one prompt). Pass `out` to read the stats after."""
     out = out or Request(lm, cfg)
     shown = ""
@@ -306,8 +308,8 @@ def stream(lm, prompt: list[int], cfg: DecodeConfig, out: "Request | None" = Non
 class Request:
     """Accumulates one request's committed tokens and decides when it is finished."""
 
-    def __init__(self, lm, cfg: DecodeConfig):
-        self.lm, self.cfg, self.eos = lm, cfg, set(_eos_ids(lm, cfg))
+    def __init__(self, lm: DecodeModel, cfg: DecodeConfig):
+        self.lm, self.cfg, self.eos = lm, cfg, set(eos_ids(lm, cfg))
         self.tokens: list[int] = []
         self.stats = Stats()
         self.finish_reason = ""
@@ -341,7 +343,7 @@ class Request:
 
 
 # ---------------------------------------------------------------------------- helpers
-def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
+def check_request(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) -> None:
     """Errors a user can fix, before any compute."""
     if not cfg.ar and lm.mask_token_id is None:
         raise ConfigError("this model has no mask token (not converted): use ar=True, or `ar2dlm convert` it")
@@ -349,7 +351,7 @@ def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
         raise ConfigError("prompts is empty: give at least one prompt")
     ctx = lm.context_len
     window = getattr(lm.model.config, "sliding_window", None)
-    vocab = _embedding_rows(lm.model)
+    vocab = embedding_rows(lm.model)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ConfigError(f"prompt {i} is empty: give at least one token")
@@ -368,7 +370,7 @@ def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
             raise ConfigError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1})")
 
 
-def _embedding_rows(model) -> int:
+def embedding_rows(model) -> int:
     """Rows of the input embedding, read off the nn.Embedding itself: a peft wrapper's `.weight`
     builds a merged copy of the whole matrix (~40 ms for SmolLM2 on a CPU)."""
     emb = model.get_input_embeddings()
@@ -378,7 +380,7 @@ def _embedding_rows(model) -> int:
     return emb.weight.shape[0]
 
 
-def _eos_ids(lm, cfg: DecodeConfig) -> list[int]:
+def eos_ids(lm: DecodeModel, cfg: DecodeConfig) -> list[int]:
     if cfg.eos_token_id is not None:
         return list(cfg.eos_token_id)
     eos = getattr(lm.model.generation_config, "eos_token_id", None)
@@ -389,11 +391,11 @@ def _eos_ids(lm, cfg: DecodeConfig) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _mask_id(lm) -> int:
+def _mask_id(lm: DecodeModel) -> int:
     return lm.mask_token_id if lm.mask_token_id is not None else 0
 
 
-def _clamp_pos(lm, pos: torch.Tensor) -> torch.Tensor:
+def _clamp_pos(lm: DecodeModel, pos: torch.Tensor) -> torch.Tensor:
     """Slots past the context only draft tokens beyond max_new_tokens; keep their positions legal."""
     ctx = lm.context_len
     return pos if ctx is None else pos.clamp(max=ctx - 1)
@@ -401,7 +403,7 @@ def _clamp_pos(lm, pos: torch.Tensor) -> torch.Tensor:
 
 def _crop(cache: DynamicCache, n: int) -> None:
     """Drop the last n cache slots (crop(-n); crop(0) would mean 'drop nothing' only for n > 0)."""
-    mixing.crop(cache, n)
+    predecessors.crop(cache, n)
 
 
 def _hold_back(text: str, stops) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import verify as V
+from .verify import draft_valid, exclude_mask_token
 
 _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
@@ -26,8 +26,8 @@ def choose_proposals(draft: torch.Tensor, draft_logits: torch.Tensor, n_draft: t
     b, K = draft.shape
     if n >= K:
         return torch.arange(1, K + 1, device=draft.device).expand(b, K)
-    q = torch.softmax(V.exclude_mask_token(draft_logits[:, 1:].float(), mask_token_id), -1)
-    c = q.gather(2, draft[:, 1:, None])[..., 0].pow(1.0 - mix_weight) * V.draft_valid(n_draft, K)  # [b, K-1]
+    q = torch.softmax(exclude_mask_token(draft_logits[:, 1:].float(), mask_token_id), -1)
+    c = q.gather(2, draft[:, 1:, None])[..., 0].pow(1.0 - mix_weight) * draft_valid(n_draft, K)  # [b, K-1]
     ones = torch.ones(b, 1, device=c.device)
     p_r = torch.cat([ones, c.cumprod(-1)], 1) * torch.cat([1 - c, ones], 1)  # [b, K]
     return (p_r.topk(n, dim=-1).indices + 1).sort(-1).values

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .interface import DecodeModel
 
-def _forward(lm, ids: list[int], pos: list[int], allowed: list[list[bool]], slots: list[bool]) -> torch.Tensor:
+
+def _forward(lm: DecodeModel, ids: list[int], pos: list[int], allowed: list[list[bool]],
+             slots: list[bool]) -> torch.Tensor:
     mask = torch.tensor(allowed, dtype=torch.bool)[None]
     logits = lm.forward(torch.tensor([ids]), torch.tensor([pos]), mask, torch.tensor([slots]))
     return logits[0]
@@ -23,7 +26,7 @@ def _argmax(logits: torch.Tensor, mask_token_id) -> int:
     return int(logits.argmax())
 
 
-def ar_greedy(lm, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> list[int]:
+def ar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> list[int]:
     """Greedy AR decoding, one full causal forward per token."""
     seq, out = list(prompt), []
     with torch.no_grad():
@@ -39,7 +42,7 @@ def ar_greedy(lm, prompt: list[int], max_new_tokens: int, eos: set[int] = frozen
     return out
 
 
-def tidar_greedy(lm, prompt: list[int], max_new_tokens: int, draft_len: int,
+def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_len: int,
                  eos: set[int] = frozenset()) -> tuple[list[int], int]:
     """Greedy TiDAR decoding with every proposal (R = {1..K}); returns (tokens, forward passes).
 

@@ -26,17 +26,20 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import ConfigError
+
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: a registry with ours alone hides them)
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval import utils as lm_utils
 except ImportError as e:  # pragma: no cover - the extra is missing
-    from ..core.config import ConfigError
     raise ConfigError("the lm-eval model needs lm-eval: pip install 'ar2dlm[eval]'") from e
 
+from ..decode.engine import generate
+from ..model.lm import DiffusionLM
 from ..nn import masks
-from ..core.config import ConfigError
+from . import local_tasks
 from .run import tau
 
 DEFAULT_MAX_LENGTH = 2048
@@ -54,8 +57,6 @@ class Ar2dlmLM(TemplateLM):
                  dtype: str = "float32", stats_path: str | None = None, device: str | None = None,
                  max_batch_size: int | None = None, **unused):
         super().__init__()
-        from ..model.lm import DiffusionLM
-
         if unused:
             raise ConfigError(f"ar2dlm lm-eval model: unknown model_args {', '.join(sorted(unused))}; known: "
                               "pretrained, sampler, mix_weight, draft_len, proposals, ar, batch_size, max_length, "
@@ -147,8 +148,6 @@ class Ar2dlmLM(TemplateLM):
                 **self.drafting}
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..decode.engine import generate
-
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -209,8 +208,7 @@ def cli_argv(argv: list[str]) -> list[str]:
     command line names its own) and the ar2dlm model's stats beside --output_path."""
     argv = list(argv)
     if "--include_path" not in argv and not any(a.startswith("--include_path=") for a in argv):
-        from . import local_tasks  # ar2dlm's own local tasks (ar2dlm_heldout, ar2dlm_arith_mc)
-
+        # ar2dlm's own local tasks (ar2dlm_heldout, ar2dlm_arith_mc)
         argv += ["--include_path", str(local_tasks.write(local_tasks.default_folder()))]
     if "--output_path" in argv and "--model_args" in argv and "ar2dlm" in argv:
         i = argv.index("--model_args") + 1

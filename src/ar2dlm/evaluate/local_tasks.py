@@ -20,13 +20,13 @@ import json
 import random
 from pathlib import Path
 
+from ..train.prompts import SOURCES, load_prompts
+
 TASKS = ("ar2dlm_heldout", "ar2dlm_arith_mc")
 ARITH_N = 200
 
 
 def heldout_docs() -> list[dict]:
-    from ..train.prompts import SOURCES, load_prompts
-
     return [{"id": r["id"], "source": r["source"], "text": r["prompt"]}
             for s in SOURCES for r in load_prompts(s, "bench")]
 

@@ -33,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import tasks as T
 from ..core.config import ConfigError, DecodeConfig, _check
+from ..decode.engine import generate
+from ..model.lm import DiffusionLM
+from . import tasks
 from .sandbox import SandboxLimits, run_program
 
 SAMPLED = ("ar-sample", "lossless")
@@ -82,8 +84,8 @@ class EvalConfig:
 
     def __post_init__(self):
         check = _check
-        check(self.task in T.TASKS, f"task must be one of {', '.join(T.TASKS)}, got {self.task!r}")
-        check(self.form in T.FORMS, f"form must be one of {', '.join(T.FORMS)}, got {self.form!r}")
+        check(self.task in tasks.TASKS, f"task must be one of {', '.join(tasks.TASKS)}, got {self.task!r}")
+        check(self.form in tasks.FORMS, f"form must be one of {', '.join(tasks.FORMS)}, got {self.form!r}")
         check(self.task != "ifeval" or self.form == "instruct",
               "task ifeval has only the instruct form (chat prompts): drop --form raw")
         for s in self.settings:
@@ -247,11 +249,11 @@ def plot_frontier(summary: dict, path: Path, title: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- the run
-def score_answer(problem: T.Problem, answer: str, cfg: EvalConfig, limits: SandboxLimits) -> dict:
+def score_answer(problem: tasks.Problem, answer: str, cfg: EvalConfig, limits: SandboxLimits) -> dict:
     if cfg.task == "humaneval":
-        o = run_program(T.humaneval_program(problem, answer, cfg.form), limits)
+        o = run_program(tasks.humaneval_program(problem, answer, cfg.form), limits)
         return {"passed": o.passed, "status": o.status, "detail": o.detail[-300:]}
-    checks = T.ifeval_checks(problem, answer)
+    checks = tasks.ifeval_checks(problem, answer)
     return {"passed": all(checks), "checks": checks}
 
 
@@ -290,24 +292,22 @@ def check_resume(out: Path, identity: dict, force: bool) -> None:
     cfg_path.write_text(json.dumps(identity, indent=1))
 
 
-def evaluate(lm, cfg: EvalConfig, out: Path, model_name: str, force: bool = False, progress: bool = True,
+def evaluate(lm: DiffusionLM, cfg: EvalConfig, out: Path, model_name: str, force: bool = False, progress: bool = True,
              log=print) -> dict:
     """Run (or resume) the evaluation; returns the summary also written to OUT/summary.json."""
     from tqdm import tqdm
-
-    from ..decode.engine import generate
 
     settings = cfg.all_settings
     if cfg.frontier:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--frontier draws a PNG and needs matplotlib: pip install 'ar2dlm[plot]'")
-    problems = T.load_problems(cfg.task, cfg.form)[:cfg.limit]
+    problems = tasks.load_problems(cfg.task, cfg.form)[:cfg.limit]
     chat = any(p.chat for p in problems)
     if chat and not getattr(lm.tokenizer, "chat_template", None):
         raise ConfigError(f"the {cfg.form} form of {cfg.task} needs a chat template, and {model_name}'s tokenizer "
                           f"has none" + (": use --form raw" if cfg.task == "humaneval" else ""))
-    stops = T.stops_for(cfg.task, cfg.form)
+    stops = tasks.stops_for(cfg.task, cfg.form)
     decode = {s: lm.decode_config(max_new_tokens=cfg.max_new_tokens, stop=stops, **decode_settings(s, cfg))
               for s in settings}  # every setting is validated before anything is decoded
     identity = cfg.identity(model_name)
@@ -323,7 +323,7 @@ def evaluate(lm, cfg: EvalConfig, out: Path, model_name: str, force: bool = Fals
                                                   for j in range(samples_of(s, cfg))}),
                desc=f"{cfg.task} ({cfg.form})", unit="answer", disable=not progress, dynamic_ncols=True)
 
-    def finish(record: dict, problem: T.Problem, answer: str):
+    def finish(record: dict, problem: tasks.Problem, answer: str):
         record.update(score_answer(problem, answer, cfg, limits))
         with lock, open(results, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -32,8 +32,11 @@ from pathlib import Path
 import torch
 
 from ..core.config import ConfigError
-from ..decode.engine import generate
 from ..core.files import PACKAGE_DIR
+from ..decode.engine import eos_ids, generate
+from ..model.lm import DiffusionLM
+from ..train.data import read_prompt_file
+from ..train.prompts import load_prompts
 
 PROMPT_SETS = {"code": "code", "prose": "prose", "chat": "chat"}  # name -> prompts.py source
 PLOT_FILES = ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png")  # what `plots` writes
@@ -48,7 +51,7 @@ class Spec:
     settings: dict = field(default_factory=dict)
 
 
-def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
+def specs_for(lm: DiffusionLM, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
               temperature: float = 0.7) -> list[Spec]:
     """The configurations to time. `default` is the model's own default settings (what generate, demo and the
     API run with no flags); lossless and mix sample at `temperature`, against the AR loop sampling at it."""
@@ -56,11 +59,11 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
     if unknown:
         raise ConfigError(f"unknown bench sampler(s) {unknown}: choose from greedy, lossless, adaptive "
                           f"(mix is set with --mix-weights)")
-    T = {"temperature": temperature}
+    sampling = {"temperature": temperature}
     out = [Spec("ar", "ar", {"ar": True}), Spec("default", "ar2dlm", {})]
     if "lossless" in samplers or mix_weights:
-        out += [Spec("ar_sample", "ar", {"ar": True, "sampler": "lossless", **T}),
-                Spec("default_lossless", "ar2dlm", {"sampler": "lossless", **T})]
+        out += [Spec("ar_sample", "ar", {"ar": True, "sampler": "lossless", **sampling}),
+                Spec("default_lossless", "ar2dlm", {"sampler": "lossless", **sampling})]
     if hf:
         # HF generate once more on the plain modules: what the user runs without ar2dlm (DiffusionLM.plain)
         out += [Spec("hf_generate", "hf"), Spec("hf_generate_stock", "hf", {"stock_kernels": True}),
@@ -74,24 +77,20 @@ def specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
             if "greedy" in samplers:
                 out.append(Spec(f"greedy_{tag}", "ar2dlm", {**base, "sampler": "greedy"}))
             if "lossless" in samplers:
-                out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless", **T}))
+                out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless", **sampling}))
             if "adaptive" in samplers:  # greedy with adaptive draft length (up to K, down to AR steps)
                 out.append(Spec(f"adaptive_{tag}", "ar2dlm", {**base, "sampler": "greedy", "adaptive": True}))
             for w in mix_weights:
-                out.append(Spec(f"mix{w:g}_{tag}", "ar2dlm", {**base, "sampler": "mix", "mix_weight": w, **T}))
+                out.append(Spec(f"mix{w:g}_{tag}", "ar2dlm", {**base, "sampler": "mix", "mix_weight": w, **sampling}))
     return out
 
 
-def load_prompt_set(lm, name: str, n: int) -> list[list[int]]:
+def load_prompt_set(lm: DiffusionLM, name: str, n: int) -> list[list[int]]:
     """The first n bench prompts of a named set, or of a JSONL prompts file (name = its path)."""
-    from ..train.prompts import load_prompts
-
     if n < 1:
         raise ConfigError(f"n_prompts must be >= 1, got {n}")
     path = Path(name)
     if path.exists() or path.suffix == ".jsonl":  # a file of prompts, whatever its suffix
-        from ..train.data import read_prompt_file
-
         records = read_prompt_file(path)[:n]
         where = str(path)
     elif name in PROMPT_SETS:
@@ -105,7 +104,7 @@ def load_prompt_set(lm, name: str, n: int) -> list[list[int]]:
     return [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in records]
 
 
-def _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, lookup: bool):
+def _hf_generate(lm: DiffusionLM, prompts, batch_size, max_new_tokens, eos, lookup: bool):
     """HF generate (greedy) on the same weights; left-padded batches. Returns (token lists, seconds)."""
     model = lm.model
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -127,7 +126,7 @@ def _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, lookup: bool):
     return outs, time.perf_counter() - start
 
 
-def run_once(lm, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed: int, eos) -> dict:
+def run_once(lm: DiffusionLM, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed: int, eos) -> dict:
     if spec.kind in ("hf", "hf_pld"):
         if spec.kind == "hf_pld" and batch_size > 1:
             return {}
@@ -150,7 +149,7 @@ def run_once(lm, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed
 
 
 @torch.inference_mode()
-def nll_of(lm, prompts, outputs) -> float:
+def nll_of(lm: DiffusionLM, prompts, outputs) -> float:
     """Mean NLL (nats/token) the AR model assigns to generated tokens, teacher-forced."""
     total, n = 0.0, 0
     model = lm.model
@@ -167,12 +166,12 @@ def nll_of(lm, prompts, outputs) -> float:
     return total / max(n, 1)
 
 
-def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
+def bench(lm: DiffusionLM, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
           draft_lens: list[int], proposals: list[int], mix_weights: list[float], samplers: list[str],
-          seed: int = 0, hf: bool = True, reference=None, log=print, prompt_sets: dict | None = None,
-          temperature: float = 0.7) -> dict:
+          seed: int = 0, hf: bool = True, reference: DiffusionLM | None = None, log=print,
+          prompt_sets: dict | None = None, temperature: float = 0.7) -> dict:
     """prompt_sets: {name: token-id prompts} already loaded (else each set loads here, before any timing)."""
-    eos = _eos(lm)
+    eos = default_eos(lm)
     specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf, temperature)
     if not any(s.kind == "ar2dlm" for s in specs):
         raise ConfigError(f"no ar2dlm configuration to time: every proposal count {list(proposals)} exceeds every "
@@ -201,7 +200,7 @@ def bench(lm, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int
     return report
 
 
-def source_prompt(lm, length: int) -> list[int]:
+def source_prompt(lm: DiffusionLM, length: int) -> list[int]:
     """A prompt of exactly `length` tokens: this package's own source files, in a fixed order."""
     root = PACKAGE_DIR
     text = "\n".join(p.read_text() for p in sorted(root.rglob("*.py")))
@@ -211,7 +210,7 @@ def source_prompt(lm, length: int) -> list[int]:
     return ids[:length]
 
 
-def context_scaling(lm, lengths: list[int], max_new_tokens: int, runs: int, log=print) -> list[dict]:
+def context_scaling(lm: DiffusionLM, lengths: list[int], max_new_tokens: int, runs: int, log=print) -> list[dict]:
     """Decode-only speed (prefill excluded) at each prompt length: the model's default settings vs the AR loop.
 
     The prompt is ar2dlm's own source cut to the length; runs alternate between the two after a warm-up;
@@ -239,7 +238,7 @@ def context_scaling(lm, lengths: list[int], max_new_tokens: int, runs: int, log=
     return rows
 
 
-def reference_drift(ref, name: str, prompts, tokens, max_new_tokens: int, eos) -> dict:
+def reference_drift(ref: DiffusionLM, name: str, prompts, tokens, max_new_tokens: int, eos) -> dict:
     """How far greedy `tokens` (one list per prompt) are from the reference model's own greedy output."""
     cfg = ref.decode_config(ar=True, max_new_tokens=max_new_tokens, eos_token_id=tuple(eos))
     own = [g.token_ids for g in generate(ref, prompts, cfg)]
@@ -255,7 +254,7 @@ def reference_drift(ref, name: str, prompts, tokens, max_new_tokens: int, eos) -
             "reference_nll_drift": round(nll - nll_own, 4)}
 
 
-def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> list[dict]:
+def summarize(lm: DiffusionLM, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> list[dict]:
     rows = []
     ar_runs = per["ar"]
     ar_speed = statistics.median(r["new"] / r["seconds"] for r in ar_runs)
@@ -296,10 +295,9 @@ def summarize(lm, name, bs, prompts, specs, per, max_new_tokens, seed, eos) -> l
     return rows
 
 
-def _eos(lm) -> list[int]:
-    from ..decode.engine import _eos_ids
-
-    return _eos_ids(lm, lm.decode_config(ar=True))
+def default_eos(lm: DiffusionLM) -> list[int]:
+    """The EOS ids decoding stops at by default (the checkpoint's generation config, else the tokenizer's)."""
+    return eos_ids(lm, lm.decode_config(ar=True))
 
 
 def table(report: dict) -> str:

@@ -15,6 +15,7 @@ import sys
 import time
 
 from ..decode.engine import Request, generate, stream
+from ..model.lm import DiffusionLM
 
 DEMO_PROMPTS = (  # (label, text): asked as a user message of the chat template
     ("chat", "Why does ice float on water?"),
@@ -28,7 +29,7 @@ def demo_prompts() -> list[tuple[str, str, bool]]:
     return [(label, text, True) for label, text in DEMO_PROMPTS]
 
 
-def _timed_stream(lm, ids, cfg, write) -> tuple[Request, float]:
+def _timed_stream(lm: DiffusionLM, ids, cfg, write) -> tuple[Request, float]:
     out = Request(lm, cfg)
     t = time.perf_counter()
     for piece in stream(lm, ids, cfg, out):
@@ -36,7 +37,7 @@ def _timed_stream(lm, ids, cfg, write) -> tuple[Request, float]:
     return out, time.perf_counter() - t
 
 
-def run_demo(lm, prompts=None, max_new_tokens: int = 96, out=sys.stdout, **settings) -> list[dict]:
+def run_demo(lm: DiffusionLM, prompts=None, max_new_tokens: int = 96, out=sys.stdout, **settings) -> list[dict]:
     prompts = prompts if prompts is not None else demo_prompts()
     cfg = lm.decode_config(max_new_tokens=max_new_tokens, **settings)
     ar_cfg = lm.decode_config(max_new_tokens=max_new_tokens, ar=True)

@@ -40,6 +40,9 @@ import torch
 
 from ..core.config import ConfigError, _check, _check_types
 from ..core.files import ASSETS
+from ..model.bundled import BUNDLED, resolve_base
+from ..model.lm import DiffusionLM
+from . import tune
 
 # named model configs shipped with the package (no weights)
 SHIPPED = {"zaya1-8b": ASSETS / "zaya1-8b" / "config.json"}
@@ -160,8 +163,6 @@ def load_config(model: str):
     else:
         path = Path(model)
         if not path.exists():
-            from ..model.bundled import BUNDLED, resolve_base
-
             if model not in BUNDLED:
                 raise ConfigError(f"{model}: no such config.json or checkpoint directory, and not a known name "
                                   f"({', '.join([*SHIPPED, *BUNDLED])})")
@@ -245,8 +246,6 @@ def forward_cost(shape: Shape, hw: Hardware, dtype: str, batch: int, context: in
 
 def plan(shape: Shape, hw: Hardware, cfg: PlanConfig) -> dict:
     """Relative forward costs, the memory-bound knee at K = block size, and the best (K, |R|) by predicted speedup."""
-    from .tune import predicted_tpf
-
     def cost(n):
         return forward_cost(shape, hw, cfg.dtype, cfg.batch_size, cfg.context, n)
 
@@ -263,7 +262,7 @@ def plan(shape: Shape, hw: Hardware, cfg: PlanConfig) -> dict:
     best = []
     for k in range(2, K + 1):
         for n in range(1, min(k, cfg.max_proposals) + 1):
-            tpf = predicted_tpf(a, k, n)
+            tpf = tune.predicted_tpf(a, k, n)
             rel = cost(k + n * k)["seconds"] / ar["seconds"]
             best.append({"draft_len": k, "proposals": n, "slots": k + n * k, "predicted_tpf": round(tpf, 3),
                          "relative_cost": round(rel, 3), "predicted_speedup": round(tpf / rel, 3)})
@@ -320,11 +319,8 @@ def hardware(name: str, dtype: str) -> Hardware:
 def measured_vs_predicted(model: str, shape: Shape, hw: Hardware, cfg: PlanConfig, slots=(1, 2, 4, 8, 16),
                           reps: int = 11) -> list:
     """`tune.forward_cost` (measured on the model's weights) next to the roofline's relative cost."""
-    from ..model.lm import DiffusionLM
-    from .tune import forward_cost as measured_cost
-
     lm = DiffusionLM.from_pretrained(model, allow_ar=True, dtype=getattr(torch, cfg.dtype))
-    measured = measured_cost(lm, slots, context=cfg.context, reps=reps, batch=cfg.batch_size)
+    measured = tune.forward_cost(lm, slots, context=cfg.context, reps=reps, batch=cfg.batch_size)
     ar = forward_cost(shape, hw, cfg.dtype, cfg.batch_size, cfg.context, 1)["seconds"]
     rows = []
     for n in slots:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.config import ConfigError
+from ..train.data import iter_jsonl
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -12,8 +13,6 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ConfigError(f"{path} does not exist: is {run_dir} a training run folder?")
-    from ..train.data import iter_jsonl
-
     train, evals = [], []
     for _, rec in iter_jsonl(path):
         (evals if "est_tpf" in rec else train).append(rec)

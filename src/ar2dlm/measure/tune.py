@@ -22,16 +22,18 @@ from pathlib import Path
 
 import torch
 
-from ..nn import masks, predecessors as mixing
-from ..core.config import ConfigError
+from ..core.config import ConfigError, DiffusionConfig, TuneConfig
 from ..decode.engine import generate
 from ..decode.policy import CostModel
+from ..model.lm import DiffusionLM
+from ..nn import masks, predecessors
+from .bench import default_eos
 
 SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
 @torch.inference_mode()
-def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1,
+def forward_cost(lm: DiffusionLM, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1,
                  machinery: bool = True) -> dict[int, float]:
     """Median wall time of a step forward with n slots over a cached context, relative to a 1-token AR forward.
 
@@ -39,7 +41,7 @@ def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int 
     on them). False: the bare base forward of the same rows (the adapter off), to price the machinery.
     """
     ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, context))
-    cache = mixing.new_cache(lm.model)  # timing only: a mixer's rows may read their tensor neighbours here
+    cache = predecessors.new_cache(lm.model)  # timing only: a mixer's rows may read their tensor neighbours here
     lm.forward(ids, torch.arange(context).expand(batch, -1), masks.causal_mask(context, batch), None, cache)
     samples = {n: [] for n in slots}
     for rep in range(reps + 1):  # rounds over every n: a busy moment of the machine hits all of them alike
@@ -52,12 +54,12 @@ def forward_cost(lm, slots=SLOTS, context: int = 128, reps: int = 5, batch: int 
                 lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
                 if rep:
                     samples[n].append(time.perf_counter() - t)
-            mixing.crop(cache, n)
+            predecessors.crop(cache, n)
     one = statistics.median(samples[1])
     return {n: round(statistics.median(samples[n]) / one, 4) for n in slots}
 
 
-def acceptance(lm, prompts: list[list[int]], max_len: int, max_new_tokens: int, eos) -> list[float]:
+def acceptance(lm: DiffusionLM, prompts: list[list[int]], max_len: int, max_new_tokens: int, eos) -> list[float]:
     """a_j, j = 1..max_len-1, from greedy decoding with every proposal (censored at the first rejection)."""
     acc, seen = [0.0] * (max_len - 1), [0] * (max_len - 1)
     for g in generate(lm, prompts, lm.decode_config(draft_len=max_len, proposals=max_len, sampler="greedy",
@@ -100,15 +102,12 @@ def predicted_tpf(a: list[float], K: int, n: int) -> float:
                            if any(x <= r for x in chosen) else 1.0) for r in range(1, K + 1))
 
 
-def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 64, top: int = 3,
+def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 64, top: int = 3,
          grid_k=(2, 3, 4, 6, 8, 12, 16), grid_n=(1, 2, 3, 4, 5), log=print) -> dict:
-    from .bench import _eos
-    from ..core.config import TuneConfig
-
     TuneConfig(max_draft_len=max_len, max_new_tokens=max_new_tokens)  # before minutes of timing
     if not prompts:
         raise ConfigError("prompts is empty: tune needs at least one prompt")
-    eos = _eos(lm)
+    eos = default_eos(lm)
     log("tune: measuring forward cost by token slots ...", file=sys.stderr)
     slots = [s for s in SLOTS if s <= max_len * (1 + max(grid_n))]
     with torch.inference_mode():
@@ -148,7 +147,7 @@ def tune(lm, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 
             "ar_engine_cost": engine[0]}
 
 
-def measure(lm, prompts, settings: list[dict], max_new_tokens: int, eos, runs: int = 3,
+def measure(lm: DiffusionLM, prompts, settings: list[dict], max_new_tokens: int, eos, runs: int = 3,
             engine_cost: bool = False):
     """Median tokens/s of each setting over interleaved runs (after a warm-up).
 
@@ -194,17 +193,15 @@ def measure(lm, prompts, settings: list[dict], max_new_tokens: int, eos, runs: i
     return medians, [round((tot - fwd) / max(n, 1) / ar_forward, 4) for fwd, tot, n in inside]
 
 
-def grid_search(lm, prompts, choice: dict, grid_k=(2, 3, 4, 6, 8), grid_n=(1, 2, 3), max_new_tokens: int = 64,
-                runs: int = 2, log=print) -> dict:
+def grid_search(lm: DiffusionLM, prompts, choice: dict, grid_k=(2, 3, 4, 6, 8), grid_n=(1, 2, 3),
+                max_new_tokens: int = 64, runs: int = 2, log=print) -> dict:
     """Time every (K, |R|) of the grid and the AR loop on the same prompts (interleaved runs after a warm-up);
     report where `choice` (tune's pick) lands against the fastest."""
-    from .bench import _eos
-
     grid = [{"draft_len": K, "proposals": n} for K in grid_k for n in grid_n if n <= K]
     if not any(g == {"draft_len": choice["draft_len"], "proposals": choice["proposals"]} for g in grid):
         grid.append({"draft_len": choice["draft_len"], "proposals": choice["proposals"]})
     log(f"tune --grid: timing {len(grid)} settings and the AR loop ...", file=sys.stderr)
-    speeds = measure(lm, prompts, [{"ar": True}] + grid, max_new_tokens, _eos(lm), runs=runs)
+    speeds = measure(lm, prompts, [{"ar": True}] + grid, max_new_tokens, default_eos(lm), runs=runs)
     ar, rows = speeds[0], []
     for g, v in zip(grid, speeds[1:]):
         rows.append({**g, "tokens_per_s": round(v, 2), "speedup": round(v / ar, 3)})
@@ -215,8 +212,6 @@ def grid_search(lm, prompts, choice: dict, grid_k=(2, 3, 4, 6, 8), grid_n=(1, 2,
 
 
 def write_defaults(model_dir: str | Path, result: dict) -> None:
-    from ..core.config import DiffusionConfig
-
     settings = DiffusionConfig.load(model_dir)
     best = result["best"]
     settings = dataclasses.replace(settings, draft_len=best["draft_len"], proposals=best["proposals"],

@@ -19,22 +19,21 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import read_prompt_file
+from ..core.config import ConfigError
 from ..core.files import read_text
+from ..decode.engine import generate
+from ..model.lm import DiffusionLM
+from .data import read_prompt_file
 
 
-
-def distill(lm, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: int = 128, batch_size: int = 8,
-            sampler: str = "greedy", temperature: float = 1.0, seed: int = 0, limit: int | None = None) -> Path:
+def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: int = 128,
+            batch_size: int = 8, sampler: str = "greedy", temperature: float = 1.0, seed: int = 0,
+            limit: int | None = None) -> Path:
     """Write `out_dir/distilled.jsonl` with the AR continuation of every prompt (resumable)."""
-    from ..decode.engine import generate
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "distilled.jsonl"
     if limit is not None and limit < 1:
-        from ..core.config import ConfigError
-
         raise ConfigError(f"limit must be >= 1 (the first N prompts) or None, got {limit}")
     records = read_prompt_file(prompts_file)[:limit]
     done = set()

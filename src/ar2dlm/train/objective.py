@@ -8,13 +8,14 @@ Loss = (alpha L_AR + L_diff) / (1 + alpha), each a mean token cross-entropy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from ..nn import masks, predecessors as mixing
 from ..core.config import DiffusionConfig
+from ..model.lm import DiffusionLM
+from ..nn import masks, predecessors
 
 IGNORE = -100
 
@@ -30,6 +31,10 @@ class TrainingBatch:
     labels: torch.Tensor
     masked: torch.Tensor  # [b, S] which slots carry the mask token
     predecessors: torch.Tensor | None = None  # [b, 2S] each row's previous token (nn/predecessors.py), for CCA-like layers
+
+    def to(self, device) -> "TrainingBatch":
+        return TrainingBatch(*(getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None
+                               for f in fields(self)))
 
 
 def masked_slots(scheme: str, doc_shape: tuple[int, int], block_size: int, block_offset, beta: float,
@@ -98,11 +103,12 @@ def build_batch(input_ids: torch.Tensor, cfg: DiffusionConfig, doc_ids: torch.Te
         mask_slots=(torch.arange(2 * S, device=device) >= S).expand(b, 2 * S),
         labels=torch.cat([ar_labels, diff_labels], 1),
         masked=masked,
-        predecessors=mixing.training_predecessors(S, cfg.block_size, doc_ids, block_offset),
+        predecessors=predecessors.training_predecessors(S, cfg.block_size, doc_ids, block_offset),
     )
 
 
-def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over the labels that are not IGNORE (0, with a gradient, when there are none)."""
     if (labels != IGNORE).sum() == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
@@ -111,19 +117,19 @@ def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0):
     """(loss, ar_loss, diff_loss) from logits [b, 2S, V] and labels [b, 2S]."""
     S = labels.shape[1] // 2
-    ar = _mean_ce(logits[:, :S], labels[:, :S])
-    diff = _mean_ce(logits[:, S:], labels[:, S:])
+    ar = mean_ce(logits[:, :S], labels[:, :S])
+    diff = mean_ce(logits[:, S:], labels[:, S:])
     return (alpha * ar + diff) / (1 + alpha), ar, diff
 
 
-def loss(lm, batch: TrainingBatch, alpha: float = 1.0):
+def loss(lm: DiffusionLM, batch: TrainingBatch, alpha: float = 1.0):
     """One forward of the doubled batch through `lm` (a DiffusionLM) -> (loss, ar_loss, diff_loss)."""
-    with mixing.predecessors(lm.model, batch.predecessors):
+    with predecessors.predecessors(lm.model, batch.predecessors):
         logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots)
     return tidar_loss(logits, batch.labels, alpha)
 
 
-def naive_loss(lm, batch: TrainingBatch, block_size: int, block_offset: int = 0, alpha: float = 1.0):
+def naive_loss(lm: DiffusionLM, batch: TrainingBatch, block_size: int, block_offset: int = 0, alpha: float = 1.0):
     """Reference for `loss` on single-document rows: one forward per block.
 
     AR: one causal forward of the clean row. Diffusion: for each block, a

