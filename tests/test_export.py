@@ -19,6 +19,7 @@ from ar2dlm.cli import main
 from ar2dlm.core.config import DiffusionConfig, TrainConfig
 from ar2dlm.measure.demo import run_demo
 from ar2dlm.model.lm import DiffusionLM
+from ar2dlm.nn.lora import AdapterLinear, TokenRows
 from conftest import EOS, save_base
 
 
@@ -135,22 +136,23 @@ def test_demo_measures_each_prompt_against_ar(final):
 
 
 def test_fast_adapter_forwards_equal_peft(final):
-    """gated_forward / token_rows_forward (installed on load) == peft's own forward with the RowGate,
-    in values and in gradients, for the adapter on and off."""
+    """lora.AdapterLinear / lora.TokenRows (the peft layers, re-typed on load): their forward == their
+    `reference`, peft's own forward with the RowGate, in values and in gradients, for the adapter on and off."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     lm = DiffusionLM.from_pretrained(final)
-    gated = [m for m in lm.model.modules() if type(m) is LoraLinear]
-    tokens = [m for m in lm.model.modules() if type(m) is TrainableTokensLayer]
-    assert gated and all("forward" in vars(m) for m in gated) and len(tokens) == 2
+    gated = [m for m in lm.model.modules() if isinstance(m, LoraLinear)]
+    tokens = [m for m in lm.model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert gated and all(type(m) is AdapterLinear for m in gated) and len(tokens) == 2
+    assert all(type(m) is TokenRows for m in tokens)
     mask_id = lm.mask_token_id
     for p in lm.model.parameters():
         p.requires_grad_(True)
 
     def both(module, x, slots):
         out = []
-        for fn in (module.forward, lambda v: type(module).forward(module, v)):
+        for fn in (module.forward, module.reference):
             lm.model.zero_grad()
             with lm.slot_gate.rows(slots):
                 y = fn(x)
@@ -186,12 +188,12 @@ def test_fused_gated_adapter_equals_peft(final):
     from peft.tuners.lora import Linear as LoraLinear
 
     lm = DiffusionLM.from_pretrained(final)
-    gated = [m for m in lm.model.modules() if type(m) is LoraLinear]
+    gated = [m for m in lm.model.modules() if isinstance(m, LoraLinear)]
     with torch.inference_mode():
         for rows in (1, 3, 8, 40):
             for slots in (torch.arange(rows)[None] >= rows // 2, torch.arange(rows)[None] % 3 != 0):
                 for m in gated[:7]:
                     x = torch.randn(1, rows, m.in_features)
                     with lm.slot_gate.rows(slots):
-                        fast, ref = m.forward(x), type(m).forward(m, x)
+                        fast, ref = m.forward(x), m.reference(x)
                     torch.testing.assert_close(fast, ref)

@@ -1,14 +1,18 @@
-"""Inference fast paths held to the plain modules: fused projections (kernels.py) and packed grouped-query
-attention (attention.py). The logits of every ar2dlm layout with the drafting adapter, an ungated LoRA and no
-adapter; greedy decoding equals HF generate of the plain base."""
+"""Inference fast paths held to the plain modules: fused projections (kernels.py, the layers of lora.py) and
+packed grouped-query attention (attention.py). Each fused layer alone equals its plain forward; the logits of
+every ar2dlm layout with the drafting adapter, an ungated LoRA and no adapter; greedy decoding equals HF generate
+of the plain base."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from ar2dlm.model import adapter
-from ar2dlm.nn import kernels, masks
+from ar2dlm.nn import attention, kernels, masks
+from ar2dlm.nn.lora import AdapterLinear
 from ar2dlm.core.config import AdapterSection, DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
@@ -73,6 +77,67 @@ def test_fused_logits_equal_the_plain_modules(arch, kind):
                         plain = [lm.forward(ids, pos, mask, slots)]
             for f, p in zip(fused, plain):
                 torch.testing.assert_close(f, p, msg=f"{arch} {kind} {name} base_only={base_only}")
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "drafting"), ("llama", "lora"), ("qwen2", None)])
+def test_each_fused_layer_equals_its_plain_forward(arch, kind):
+    """A fused layer (lora.AdapterLinear, kernels.FusedLinear) alone: its forward, the group's stacked matmul,
+    equals its `reference` (peft's LoRA forward with the RowGate: W x + [row is slot] s B A x; nn.Linear's
+    forward) to float rounding, on slot-suffix rows, all-clean rows, outside a forward and with the adapter
+    disabled; with scattered slots it runs the gated path, held to the same reference."""
+    lm = adapted(arch, kind)
+    layers = [m for m in lm.model.modules() if isinstance(m, (AdapterLinear, kernels.FusedLinear))]
+    assert layers and all(m.fused is not None for m in layers)
+    assert any(isinstance(m, AdapterLinear) for m in layers) == (kind is not None)
+    gates = {m.slot_gate for m in layers if isinstance(m, AdapterLinear)}
+    assert gates == ({lm.slot_gate} if kind == "drafting" else {None} if kind else set())
+    q = 7
+    rows = {"slot_suffix": (torch.arange(q) >= 3).expand(2, -1), "all_clean": torch.zeros(2, q, dtype=torch.bool),
+            "no_forward": None, "scattered": (torch.arange(q) % 3 == 1).expand(2, -1)}
+    g = torch.Generator().manual_seed(3)
+    for adapter_on in (True, False):
+        off = lm.model.disable_adapter() if not adapter_on and kind else contextlib.nullcontext()
+        with torch.inference_mode(), off:
+            for name, slots in rows.items():
+                for m in layers:
+                    x = torch.randn(2, q, m.in_features, generator=g)
+                    with lm.slot_gate.rows(slots):
+                        fused_path = m.fused[0].usable(x)
+                        got, want = m(x), m.reference(x)
+                    assert fused_path == (name != "scattered" or kind is None or not adapter_on), name
+                    torch.testing.assert_close(got, want, msg=f"{name} adapter_on={adapter_on} {type(m).__name__}")
+                    if kind == "drafting" and adapter_on and slots is not None and name != "all_clean":
+                        assert not torch.equal(got, m.base_layer(x))  # the update is there ...
+                    if isinstance(m, AdapterLinear) and (not adapter_on or (kind == "drafting" and name in (
+                            "all_clean", "no_forward"))):
+                        assert torch.equal(got, m.base_layer(x))  # ... and clean rows run the base weight alone
+                    if kind == "drafting" and slots is not None:
+                        clean = ~slots[0]
+                        assert torch.equal(got[:, clean], m.base_layer(x)[:, clean])
+
+
+def test_fast_paths_are_scoped_to_one_model():
+    """plain() of one model leaves another's fused path on; the packed GQA mask is built once per forward and
+    not kept after it."""
+    a, b = adapted("llama", "drafting"), adapted("llama", "drafting", seed=1)
+    ids, pos, mask, slots = layouts()["prefill"]
+    group_a = a.model.base_model.model.model.layers[0].self_attn.q_proj.fused[0]
+    group_b = b.model.base_model.model.model.layers[0].self_attn.q_proj.fused[0]
+    x = torch.randn(2, 10, group_a.weight.shape[1])
+    with torch.inference_mode(), a.plain(), a.slot_gate.rows(slots), b.slot_gate.rows(slots):
+        assert not group_a.usable(x) and group_b.usable(x)
+    packed = []
+    original = attention._packed_mask
+    attention._packed_mask = lambda *args: packed.append(args[0]) or original(*args)
+    try:
+        with torch.inference_mode():
+            a.forward(ids, pos, mask, slots)
+            b.forward(ids, pos, mask, slots)
+    finally:
+        attention._packed_mask = original
+    n_layers = len(a.model.base_model.model.model.layers)
+    assert n_layers > 1 and len(packed) == 2 and packed[0] is not packed[1]  # one per forward, not per layer
+    assert a.packed_masks._mask is None and not a.packed_masks._packed
 
 
 def test_the_fused_path_runs_and_shares_the_weights():

@@ -16,7 +16,6 @@ fine-tuning ("full") adapt every row and train with the AR + diffusion loss.
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..core.config import AdapterSection, ConfigError
 from ..nn.gate import RowGate
+from ..nn.lora import AdapterLinear, TokenRows
 
 
 def lora_config(section: AdapterSection, mask_token_id: int, embed_name: str):
@@ -64,49 +64,26 @@ def install_gates(lm) -> int:
     """Gate every LoRA layer on lm.slot_gate; returns how many.
 
     Each LoRA dropout becomes a RowGate (the definition: peft's own forward
-    then computes B A (x * gate)), and each LoRA linear gets `gated_forward`,
-    the same function in fewer ops: two small
-    matmuls (the scale and the add folded into one addmm) per layer instead of
-    peft's generic path.
+    then computes B A (x * gate)), and each LoRA linear becomes a
+    `lora.AdapterLinear` (same object and keys), whose forward computes the
+    same function in fewer ops.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
     n = 0
     for module in lm.model.modules():
         drop = getattr(module, "lora_dropout", None)
-        if isinstance(drop, nn.ModuleDict):
+        if not isinstance(drop, nn.ModuleDict):
+            continue
+        if type(module) in (LoraLinear, AdapterLinear):
+            AdapterLinear.adopt(module, lm.slot_gate)
+        else:  # another peft LoRA layer: its own forward, with the gate where the dropout was
             for name in list(drop.keys()):
                 drop[name] = RowGate(lm.slot_gate)
-                n += 1
-            if type(module) is LoraLinear and not module.lora_variant and module.base_layer.bias is None:
-                module.forward = types.MethodType(gated_forward, module)
-                module._ar2dlm_slot_gate = lm.slot_gate
+        n += len(drop)
     if n == 0:
         raise ConfigError("no LoRA layers found to gate")
     return n
-
-
-def gated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's LoRA Linear forward with the row gate, in three ops: y = W x + s B (gate * (A x)).
-
-    The gate is a [rows, 1] column of 0/1 (one per forward, cached on the
-    SlotGate); multiplying A x by it equals multiplying x by it, as RowGate does.
-    """
-    if self.disable_adapters or self.merged:
-        return self.base_layer(x, *args, **kwargs)
-    gate = self._ar2dlm_slot_gate.column(x)
-    if gate is None:
-        return self.base_layer(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    flat = x.reshape(-1, x.shape[-1])
-    out = result.reshape(-1, result.shape[-1])
-    for name in self.active_adapters:
-        if name not in self.lora_A.keys():
-            continue
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        h = torch.nn.functional.linear(flat.to(A.dtype), A) * gate.to(A.dtype)
-        out = torch.addmm(out, h.to(out.dtype), B.t().to(out.dtype), alpha=self.scaling[name])
-    return out.view_as(result)
 
 
 def load(lm, adapter_dir) -> None:
@@ -121,47 +98,15 @@ def load(lm, adapter_dir) -> None:
 
 
 def install_token_rows(lm) -> int:
-    """Give every peft trainable-token layer (the mask row) `token_rows_forward`; returns how many."""
+    """Make every peft trainable-token layer (the mask row) a `lora.TokenRows`; returns how many."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     n = 0
     for module in lm.model.modules():
-        if type(module) is TrainableTokensLayer:
-            module.forward = types.MethodType(token_rows_forward, module)
+        if type(module) in (TrainableTokensLayer, TokenRows):
+            TokenRows.adopt(module)
             n += 1
     return n
-
-
-def token_rows_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's trainable-token forward without its per-forward copy of the whole vocabulary matrix.
-
-    peft builds W' = W with the trained rows replaced (a full [vocab, d] copy,
-    twice per forward with tied embeddings: ~50 ms on a CPU for SmolLM2) and
-    runs the layer with W'. The same result: run the base layer, then replace
-    what the trained rows produce: the embedding of those token ids, or the
-    logit columns of those tokens (a tied LM head).
-    """
-    active = [a for a in self.active_adapters if a in self.trainable_tokens_delta]
-    if self.disable_adapters or not active or self.merged:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    out = base(x, *args, **kwargs)
-    for name in active:
-        index = torch.tensor(self.token_indices[name], device=out.device)
-        delta = self.trainable_tokens_delta[name]
-        if isinstance(base, nn.Embedding):
-            hit = x[..., None] == index  # [..., n]
-            if bool(hit.any()):
-                rows = torch.nn.functional.embedding(hit.float().argmax(-1), delta.to(out.dtype))
-                scale = self._get_embed_scale()
-                if scale is not None:
-                    rows = rows * scale.to(rows.dtype)
-                out = torch.where(hit.any(-1, keepdim=True), rows, out)
-        elif isinstance(base, nn.Linear):  # a tied LM head: the trained rows are output columns
-            out = out.index_copy_(-1, index, torch.nn.functional.linear(x, delta.to(x.dtype)))
-        else:
-            return type(self).forward(self, x, *args, **kwargs)
-    return out
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ class DiffusionLM:
         self.tokenizer = tokenizer
         self.settings = settings
         self.slot_gate = SlotGate()
+        self.kernels = kernels.Switch.from_env()  # whether the fused groups run (fuse, plain, AR2DLM_KERNELS)
+        self.packed_masks = attention.PackedMasks()  # the packed GQA masks of the forward in progress
         self.source: Path | None = None  # the directory it was loaded from
         self.wrapped = None  # the module that runs the forward when it differs from self.model (DDP in training)
 
@@ -102,11 +104,12 @@ class DiffusionLM:
         return lm
 
     def fuse(self) -> int:
-        """Inference fast paths: one matmul per group of linears reading the same input, with the LoRA A of
-        each (kernels.py; returns how many groups), and grouped-query attention without per-head K/V copies
-        (attention.py). Autograd runs the plain modules; `plain()` runs the plain path everywhere."""
-        attention.install(self.model)
-        return kernels.install(self.model, self.slot_gate)
+        """Inference fast paths of this model: one matmul per group of linears reading the same input, with
+        the LoRA A of each (kernels.py; the members become `FusedLinear` / `lora.AdapterLinear`; returns how
+        many groups), and grouped-query attention without per-head K/V copies (attention.py). Autograd runs
+        the plain forwards; `plain()` runs the plain path everywhere."""
+        attention.install(self.model, self.packed_masks)
+        return kernels.install(self.model, self.slot_gate, self.kernels)
 
     @contextlib.contextmanager
     def plain(self):
@@ -116,7 +119,7 @@ class DiffusionLM:
         if switched:
             self.model.set_attn_implementation("sdpa")
         try:
-            with kernels.stock():
+            with self.kernels.off():
                 yield
         finally:
             if switched:
@@ -139,7 +142,7 @@ class DiffusionLM:
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
         kwargs go to the HF forward (e.g. logits_to_keep).
         """
-        with self.slot_gate.rows(mask_slots), attention.one_forward():
+        with self.slot_gate.rows(mask_slots), self.packed_masks.one_forward():
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(attention_mask, self.model),
                                                past_key_values=past_key_values,

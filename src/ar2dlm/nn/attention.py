@@ -39,44 +39,64 @@ def sdpa_packed_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     packed = query.reshape(b, H // n_rep, n_rep * q, d)
-    mask = _packed_mask(attention_mask, b, q, n_rep)
+    packed_masks = getattr(module, "packed_masks", None)  # the model's (install); absent: pack per layer
+    mask = (packed_masks.get(attention_mask, b, q, n_rep) if packed_masks is not None
+            else _packed_mask(attention_mask, b, q, n_rep))
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling)
     return out.reshape(b, H, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-_forward_masks: dict | None = None  # id(mask) -> (mask, packed) while one DiffusionLM forward runs
+class PackedMasks:
+    """The packed masks of one model's forward in progress: built by its first layer, reused by the others.
 
+    Owned by the DiffusionLM; each attention module that packs rows holds it
+    (`install`). Every layer of one forward gets the same mask object (the
+    ready 4D mask transformers passes on), so it is the key; outside
+    `one_forward()` nothing is kept.
+    """
 
-@contextlib.contextmanager
-def one_forward():
-    """Inside: every layer gets the same mask object, so its packed form is built once (DiffusionLM.forward)."""
-    global _forward_masks
-    previous, _forward_masks = _forward_masks, {}
-    try:
-        yield
-    finally:
-        _forward_masks = previous
+    def __init__(self):
+        self._mask: torch.Tensor | None = None
+        self._packed: dict[int, torch.Tensor] = {}  # n_rep -> [b, 1, n_rep * q, k]
+        self._active = False
+
+    @contextlib.contextmanager
+    def one_forward(self):
+        previous = self._active, self._mask, self._packed
+        self._active, self._mask, self._packed = True, None, {}
+        try:
+            yield
+        finally:
+            self._active, self._mask, self._packed = previous
+
+    def get(self, mask: torch.Tensor, b: int, q: int, n_rep: int) -> torch.Tensor:
+        if self._active and mask is self._mask and n_rep in self._packed:
+            return self._packed[n_rep]
+        packed = _packed_mask(mask, b, q, n_rep)
+        if self._active:
+            if mask is not self._mask:
+                self._mask, self._packed = mask, {}
+            self._packed[n_rep] = packed
+        return packed
 
 
 def _packed_mask(mask: torch.Tensor, b: int, q: int, n_rep: int) -> torch.Tensor:
     """[b, 1, q, k] -> [b, 1, n_rep * q, k] (the same q rows, n_rep times)."""
-    key = (id(mask), n_rep)
-    if _forward_masks is not None and key in _forward_masks and _forward_masks[key][0] is mask:
-        return _forward_masks[key][1]
-    packed = mask.expand(b, 1, q, mask.shape[-1]).repeat(1, 1, n_rep, 1)
-    if _forward_masks is not None:
-        _forward_masks[key] = (mask, packed)
-    return packed
+    return mask.expand(b, 1, q, mask.shape[-1]).repeat(1, 1, n_rep, 1)
 
 
 AttentionInterface.register(NAME, sdpa_packed_gqa)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # HF generate on the same model builds its masks as for sdpa
 
 
-def install(model) -> bool:
-    """Use `sdpa_packed_gqa` for a model that runs transformers' sdpa; returns whether it was switched."""
+def install(model, packed_masks: PackedMasks) -> bool:
+    """Use `sdpa_packed_gqa` for a model that runs transformers' sdpa, its attention modules sharing
+    `packed_masks`; returns whether it was switched."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
+    for module in model.modules():
+        if hasattr(module, "num_key_value_groups"):
+            module.packed_masks = packed_masks
     model.set_attn_implementation(NAME)
     return True

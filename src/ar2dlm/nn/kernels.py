@@ -22,35 +22,71 @@ Every output element is the same dot product as in the plain path; only the
 matmul's blocking can differ, so results agree to float rounding (the tests
 hold decoding with it to HF `generate` without it). Inference only (no_grad /
 inference_mode): under autograd, with other adapters, LoRA variants or dropout, or when the weights
-were replaced after fusing, a module runs its own forward. `AR2DLM_KERNELS=stock`
-in the environment or `with stock():` runs the plain modules everywhere.
+were replaced after fusing, a layer runs its plain forward.
+
+The members are the model's own modules, re-typed in place so their forward
+is the one that runs: a LoRA linear becomes `lora.AdapterLinear`, a bare
+linear `FusedLinear`; each keeps its parameters and state-dict keys. The
+groups of one model share a `Switch` owned by its DiffusionLM: off under
+`DiffusionLM.plain()` or with `AR2DLM_KERNELS=stock` in the environment at load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import types
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
+
+from .gate import RowGate, SlotGate
+from .lora import AdapterLinear
 
 # children of one parent that read the same input tensor (Llama, Qwen, Mistral, Gemma, ... naming)
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+ENV = "AR2DLM_KERNELS"  # "stock": load with the fused groups off
 
-_enabled = os.environ.get("AR2DLM_KERNELS", "fused") != "stock"
+
+class Switch:
+    """Whether one model's fused groups run (shared by its groups, owned by its DiffusionLM)."""
+
+    def __init__(self, on: bool = True):
+        self.on = on
+
+    @classmethod
+    def from_env(cls) -> "Switch":
+        return cls(os.environ.get(ENV, "fused") != "stock")
+
+    @contextlib.contextmanager
+    def off(self):
+        """Run the plain forwards inside (the reference the fused path is held to)."""
+        previous, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = previous
 
 
-@contextlib.contextmanager
-def stock():
-    """Run the plain modules everywhere inside (the reference the fused path is held to)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
+class FusedLinear(nn.Linear):
+    """A bare linear of a fused group: its columns of the group's stacked matmul, else nn.Linear's forward."""
+
+    fused = None  # (FusedGroup, index in it)
+
+    @classmethod
+    def adopt(cls, module: nn.Linear) -> "FusedLinear":
+        """Re-type an nn.Linear in place (same parameters, same keys)."""
+        module.__class__ = cls
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and self.fused[0].usable(x):
+            return self.fused[0].output(self.fused[1], x)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear.forward(self, x)
 
 
 class _Member:
@@ -59,16 +95,14 @@ class _Member:
     def __init__(self, module: nn.Module, base: nn.Linear, lora: tuple | None, out: slice, h: slice | None):
         self.module, self.base, self.out, self.h = module, base, out, h
         self.lora = lora  # (B [out, r], scale, gated) or None
-        # the module's own (reference) forward, also when it was fused before (fused again over new weights)
-        self.forward = getattr(module, "_ar2dlm_plain_forward", module.forward)
-        module._ar2dlm_plain_forward = self.forward
 
 
 class FusedGroup:
     """Linears reading one input: stacked weight [W_1; ..; W_n; A_1; ..; A_n] and their outputs for that input."""
 
-    def __init__(self, members: list[tuple[nn.Module, nn.Linear, tuple | None]], slot_gate):
-        self.slot_gate = slot_gate
+    def __init__(self, members: list[tuple[nn.Module, nn.Linear, tuple | None]], slot_gate: SlotGate,
+                 switch: Switch):
+        self.slot_gate, self.switch = slot_gate, switch
         bases = [b for _, b, _ in members]
         As = [m.lora_A["default"].weight for m, _, l in members if l is not None]
         weight = torch.cat([b.weight.detach() for b in bases] + [a.detach() for a in As])
@@ -102,7 +136,7 @@ class FusedGroup:
         self._outputs: dict[int, torch.Tensor] = {}
 
     def usable(self, x: torch.Tensor) -> bool:
-        if not _enabled or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+        if not self.switch.on or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return False
         if self.members[0].base.weight.data_ptr() != self._ptr:  # weights replaced (e.g. .to()): plain path
             return False
@@ -164,11 +198,9 @@ def _lora_of(module):
 
     gated: its update reaches the slot rows only (the drafting adapter's RowGate sits where the dropout was).
     """
-    from peft.tuners.lora import Linear as LoraLinear
-
-    from .gate import RowGate
-
-    if type(module) is not LoraLinear or list(module.lora_A.keys()) != ["default"] or not _plain_lora(module):
+    if type(module) not in (LoraLinear, AdapterLinear) or list(module.lora_A.keys()) != ["default"]:
+        return None
+    if not _plain_lora(module):
         return None
     A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
     if A.dtype != module.base_layer.weight.dtype:
@@ -178,19 +210,20 @@ def _lora_of(module):
 
 def _base_of(module) -> nn.Linear | None:
     base = getattr(module, "base_layer", module)
-    return base if type(base) is nn.Linear else None
+    return base if type(base) in (nn.Linear, FusedLinear) else None
 
 
-def install(model: nn.Module, slot_gate) -> int:
-    """Fuse every group of sibling linears (and each adapted linear alone) of `model`; returns how many groups."""
-    from peft.tuners.lora import Linear as LoraLinear
+def install(model: nn.Module, slot_gate: SlotGate, switch: Switch) -> int:
+    """Fuse every group of sibling linears (and each adapted linear alone) of `model`; returns how many groups.
 
+    Fusing again (e.g. after `.double()`) builds new groups over the current weights.
+    """
     n = 0
     done: set[int] = set()
     for parent in model.modules():
         children = dict(parent.named_children())
         groups = [[children[name] for name in names] for names in GROUPS if all(nm in children for nm in names)]
-        groups += [[c] for c in children.values() if type(c) is LoraLinear]  # any other adapted linear alone
+        groups += [[c] for c in children.values() if isinstance(c, LoraLinear)]  # any other adapted linear alone
         for group in groups:
             if any(id(c) in done for c in group):
                 continue
@@ -206,20 +239,11 @@ def install(model: nn.Module, slot_gate) -> int:
                 continue  # a lone plain linear gains nothing
             if len({(b.weight.dtype, b.weight.device, b.in_features) for _, b, _ in members}) != 1:
                 continue
-            fused = FusedGroup(members, slot_gate)
+            fused = FusedGroup(members, slot_gate, switch)
             for i, member in enumerate(fused.members):
-                member.module.forward = types.MethodType(_fused_forward(fused, i), member.module)
-                done.add(id(member.module))
+                module = member.module
+                layer = FusedLinear.adopt(module) if module is member.base else AdapterLinear.adopt(module)
+                layer.fused = (fused, i)
+                done.add(id(module))
             n += 1
     return n
-
-
-def _fused_forward(group: FusedGroup, index: int):
-    reference = group.members[index].forward
-
-    def forward(self, x, *args, **kwargs):
-        if args or kwargs or not group.usable(x):
-            return reference(x, *args, **kwargs)
-        return group.output(index, x)
-
-    return forward
