@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from ..nn import masks, predecessors as mixing
+from ..nn.vocab import embedding_rows
 from ..core.config import ConfigError, DecodeConfig
 from . import verify as V
 from .policy import AdaptiveDraft, CostModel, choose_proposals
@@ -349,7 +350,7 @@ def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
         raise ConfigError("prompts is empty: give at least one prompt")
     ctx = lm.context_len
     window = getattr(lm.model.config, "sliding_window", None)
-    vocab = _embedding_rows(lm.model)
+    vocab = embedding_rows(lm.model)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ConfigError(f"prompt {i} is empty: give at least one token")
@@ -366,16 +367,6 @@ def check_request(lm, prompts: list[list[int]], cfg: DecodeConfig) -> None:
                               f"max_new_tokens to at most {ctx - len(p)}")
         if max(p) >= vocab or min(p) < 0:
             raise ConfigError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1})")
-
-
-def _embedding_rows(model) -> int:
-    """Rows of the input embedding, read off the nn.Embedding itself: a peft wrapper's `.weight`
-    builds a merged copy of the whole matrix (~40 ms for SmolLM2 on a CPU)."""
-    emb = model.get_input_embeddings()
-    for m in emb.modules():
-        if isinstance(m, torch.nn.Embedding):
-            return m.num_embeddings
-    return emb.weight.shape[0]
 
 
 def _eos_ids(lm, cfg: DecodeConfig) -> list[int]:

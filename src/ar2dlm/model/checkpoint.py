@@ -143,11 +143,11 @@ def check_settings(lm, origin: Path) -> None:
     """Settings of ar2dlm.json that must fit the model they came with (and an architecture it decodes exactly:
     a checkpoint converted before `convert` refused it)."""
     from .architectures import check_architecture
-    from ..decode.engine import _embedding_rows
+    from ..nn.vocab import embedding_rows
 
     check_architecture(lm.model.config, str(origin.parent))
     s = lm.settings
-    rows = _embedding_rows(lm.model)
+    rows = embedding_rows(lm.model)
     if not 0 <= s.mask_token_id < rows:
         raise ConfigError(f"{origin}: mask_token_id {s.mask_token_id} is outside the model's vocabulary "
                           f"(0..{rows - 1}); re-run `ar2dlm convert`")
