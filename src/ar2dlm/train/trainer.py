@@ -59,7 +59,7 @@ class Run:
     elapsed: float = 0.0
 
 
-def load_model(cfg: TrainConfig) -> DiffusionLM:
+def load_model_to_train(cfg: TrainConfig) -> DiffusionLM:
     """The converted model to train (a base is converted in memory), with the objective's settings.
 
     A converted checkpoint loads through `DiffusionLM.from_pretrained`, a base
@@ -129,7 +129,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)  # adapter init
-    lm = load_model(cfg)
+    lm = load_model_to_train(cfg)
     if cfg.model.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable()
     adapters.attach(lm, cfg.adapter)
