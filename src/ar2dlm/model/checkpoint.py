@@ -111,16 +111,16 @@ def load_adapter(lm, path: Path) -> None:
 def base_model_name(base: str | Path) -> str:
     """What a converted checkpoint or adapter records as its base: a bundled name as is, a path made absolute
     (so the folder loads from any working directory)."""
-    from .bundled import BUNDLED
+    from .bundled import is_bundled
 
-    if str(base) in BUNDLED and not Path(base).exists():
+    if is_bundled(str(base)):
         return str(base)
     return str(Path(base).expanduser().resolve())
 
 
 def adapter_base(path: Path, settings: DiffusionConfig) -> Path:
     """The base directory an adapter folder names in its ar2dlm.json; errors say where the name came from."""
-    from .bundled import BUNDLED, resolve_base
+    from .bundled import is_bundled, resolve_base
 
     name, origin = settings.base_model, path / SETTINGS_FILE
     if not name:
@@ -128,7 +128,7 @@ def adapter_base(path: Path, settings: DiffusionConfig) -> Path:
     inside = path / name  # a base shipped inside the folder (context extension), relative to it
     if (inside / "config.json").is_file():
         return inside
-    if name in BUNDLED and not Path(name).exists():
+    if is_bundled(name):
         return resolve_base(name)
     where = Path(name).expanduser()
     if (where / "config.json").is_file():  # absolute, or (older folders) relative to the working directory

@@ -55,7 +55,7 @@ class DiffusionLM:
         from . import checkpoint
         from .bundled import resolve_model
 
-        path = Path(path) if Path(path).exists() else resolve_model(str(path))
+        path = resolve_model(str(path))
         if not path.is_dir():
             raise ConfigError(f"{path} is a file; give a checkpoint directory (config.json, weights, tokenizer)")
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
