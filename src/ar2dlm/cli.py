@@ -160,7 +160,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .model.adapter import export
+    from .model.checkpoint import export
 
     out = export(args.adapter, args.out, dtype=args.dtype, force=args.force)
     size = sum(f.stat().st_size for f in out.iterdir())

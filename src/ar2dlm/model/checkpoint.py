@@ -1,4 +1,5 @@
-"""Loading checkpoint files: every loader of a model, tokenizer or adapter goes through here.
+"""Checkpoint folders: reading, checking and writing them (loading a model, tokenizer or adapter; exporting
+an adapter folder). Every loader of a model, tokenizer or adapter reads its files through here.
 
 `DiffusionLM.from_pretrained` (converted checkpoints, adapter folders),
 `convert.load_base` and training's `load_model` all call these, so a
@@ -9,15 +10,20 @@ names the file, never a traceback from deep inside transformers or peft.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from ..core import files
 from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-# what transformers and peft raise for unreadable or inconsistent files
-_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
+"""What transformers and peft raise for unreadable or inconsistent files."""
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def load_model(path: Path, exact: bool = False, **kwargs):
@@ -32,7 +38,7 @@ def load_model(path: Path, exact: bool = False, **kwargs):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: unreadable config.json ({_first_line(e)})") from e
+        raise ConfigError(f"{path}: unreadable config.json ({first_line(e)})") from e
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(f"{path} is not a causal-LM checkpoint (model_type {config.model_type!r}): transformers "
                           f"has no causal-LM class for it")
@@ -49,9 +55,9 @@ def load_model(path: Path, exact: bool = False, **kwargs):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as e:
         raise ConfigError(f"{path} is not a causal-LM checkpoint (model_type {config.model_type!r}): "
-                          f"{_first_line(e)}") from e
-    except _LOAD_ERRORS as e:
-        raise ConfigError(f"{path}: cannot load the weights ({_first_line(e)}); is the checkpoint complete?") from e
+                          f"{first_line(e)}") from e
+    except LOAD_ERRORS as e:
+        raise ConfigError(f"{path}: cannot load the weights ({first_line(e)}); is the checkpoint complete?") from e
 
 
 def load_tokenizer(path: Path):
@@ -68,8 +74,8 @@ def load_tokenizer(path: Path):
             files.read_json(path / name, "tokenizer file")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except _LOAD_ERRORS as e:
-        raise ConfigError(f"{path}: cannot load its tokenizer from {', '.join(present)} ({_first_line(e)})") from e
+    except LOAD_ERRORS as e:
+        raise ConfigError(f"{path}: cannot load its tokenizer from {', '.join(present)} ({first_line(e)})") from e
 
 
 def check_adapter(path: Path) -> None:
@@ -87,25 +93,12 @@ def check_adapter(path: Path) -> None:
         with warnings.catch_warnings():  # peft warns again when it loads the folder
             warnings.simplefilter("ignore")
             PeftConfig.from_peft_type(**raw)
-    except _LOAD_ERRORS as e:
-        raise ConfigError(f"adapter config {cfg_file} is malformed: {_first_line(e)}") from e
+    except LOAD_ERRORS as e:
+        raise ConfigError(f"adapter config {cfg_file} is malformed: {first_line(e)}") from e
     weights = path / "adapter_model.safetensors"
     if not weights.exists():
         raise ConfigError(f"{path} has no adapter_model.safetensors; is the adapter folder complete?")
     files.check_safetensors(weights, "adapter weights")
-
-
-def load_adapter(lm, path: Path) -> None:
-    """adapter.load, with peft's errors about the folder's files turned into a ConfigError naming it."""
-    from . import adapter
-
-    try:
-        adapter.load(lm, path)
-    except ConfigError:
-        raise
-    except _LOAD_ERRORS as e:
-        raise ConfigError(f"{path}: cannot apply the adapter in adapter_config.json / adapter_model.safetensors "
-                          f"to its base ({_first_line(e)})") from e
 
 
 def base_model_name(base: str | Path) -> str:
@@ -158,6 +151,39 @@ def check_settings(lm, origin: Path) -> None:
                           f"model's context of {ctx} tokens")
 
 
-def _first_line(e: BaseException) -> str:
+def export(src, out, dtype: str = "bfloat16", force: bool = False) -> Path:
+    """Copy an adapter folder into OUT with its weights cast to `dtype`, without tokenizer files.
+
+    The tokenizer is rebuilt on load from the base model (plus the mask token,
+    whose id is checked against ar2dlm.json), so OUT holds only
+    adapter_config.json, adapter_model.safetensors and ar2dlm.json. OUT must
+    not exist or be empty (force=True replaces it).
+    """
+    src, out = Path(src), Path(out)
+    weights = src / "adapter_model.safetensors"
+    if not (src / "adapter_config.json").is_file() or not weights.is_file():
+        raise ConfigError(f"{src} is not an adapter folder (needs adapter_config.json and "
+                          f"adapter_model.safetensors, as written to a run's final/)")
+    settings = DiffusionConfig.load(src)
+    if not settings.adapter:
+        raise ConfigError(f"{src}: ar2dlm.json has no adapter kind; export takes a drafting or lora adapter folder")
+    target = EXPORT_DTYPES.get(dtype)
+    if target is None:
+        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    check_adapter(src)
+    only_gitkeep = out.is_dir() and all(p.name == ".gitkeep" for p in out.iterdir())
+    files.check_output_dir(out, force or only_gitkeep)
+    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    with files.output_dir(out, force or only_gitkeep) as tmp:
+        config = files.read_json(src / "adapter_config.json", "adapter config")
+        config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        settings.save(tmp)
+    return out
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a loader's error (at most 300 characters), to quote in a ConfigError."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

@@ -98,7 +98,7 @@ class DiffusionLM:
         if (path / "tokenizer_config.json").exists():  # else the base's, with the mask token just added
             tokenizer = checkpoint.load_tokenizer(path)
         lm = cls(model, tokenizer, settings)
-        checkpoint.load_adapter(lm, path)
+        adapter.load(lm, path)
         return lm
 
     def fuse(self) -> int:
