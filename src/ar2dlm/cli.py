@@ -575,7 +575,7 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .model.lm import NotConvertedError
+    from .model import NotConvertedError
 
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line
