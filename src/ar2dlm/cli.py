@@ -160,7 +160,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .model.adapter import export
+    from .model.checkpoint import export
 
     out = export(args.adapter, args.out, dtype=args.dtype, force=args.force)
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -575,7 +575,7 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .model.lm import NotConvertedError
+    from .model import NotConvertedError
 
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line

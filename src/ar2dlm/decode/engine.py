@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from ..core.config import ConfigError, DecodeConfig
 from ..nn import masks, predecessors
+from ..nn.vocab import embedding_rows
 from .interface import DecodeModel
 from .policy import AdaptiveDraft, CostModel, choose_proposals
 from .verify import draw, verify
@@ -368,16 +369,6 @@ def check_request(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) 
                               f"max_new_tokens to at most {ctx - len(p)}")
         if max(p) >= vocab or min(p) < 0:
             raise ConfigError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1})")
-
-
-def embedding_rows(model) -> int:
-    """Rows of the input embedding, read off the nn.Embedding itself: a peft wrapper's `.weight`
-    builds a merged copy of the whole matrix (~40 ms for SmolLM2 on a CPU)."""
-    emb = model.get_input_embeddings()
-    for m in emb.modules():
-        if isinstance(m, torch.nn.Embedding):
-            return m.num_embeddings
-    return emb.weight.shape[0]
 
 
 def eos_ids(lm: DecodeModel, cfg: DecodeConfig) -> list[int]:

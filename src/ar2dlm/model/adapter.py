@@ -11,19 +11,24 @@ untouched base weights: AR logits and the KV cache are the base model's, and
 greedy output equals the original model's. Outside a DiffusionLM forward (no
 slot rows known) the adapter is off. Ungated LoRA ("lora") and full
 fine-tuning ("full") adapt every row and train with the AR + diffusion loss.
+
+This module applies the LoRA to a model (attach, load, trainable groups);
+adapter folders are read, checked and exported by `checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
+from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..core.config import AdapterSection, ConfigError
 from ..nn.gate import RowGate
 from ..nn.lora import AdapterLinear, TokenRows
+from . import checkpoint
 
 
 def lora_config(section: AdapterSection, mask_token_id: int, embed_name: str):
@@ -86,12 +91,18 @@ def install_gates(lm) -> int:
     return n
 
 
-def load(lm, adapter_dir) -> None:
-    """Load a saved adapter (folder with adapter_config.json) onto lm (a converted base)."""
+def load(lm, folder: Path) -> None:
+    """Load a saved adapter folder (its files checked by `checkpoint.read_settings`) onto lm, its base with the
+    mask token; what peft raises about the folder's files becomes a ConfigError naming them."""
     from peft import PeftModel
 
-    with _quiet_peft():
-        lm.model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
+    try:
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(lm.model, str(folder)).eval()
+    except checkpoint.LOAD_ERRORS as e:
+        raise ConfigError(f"{folder}: cannot apply the adapter in adapter_config.json / adapter_model.safetensors "
+                          f"to its base ({checkpoint.first_line(e)})") from e
+    lm.model = model
     if lm.settings.adapter == "drafting":
         install_gates(lm)
     install_token_rows(lm)
@@ -118,8 +129,6 @@ def _quiet_peft():
 
 
 def _with_adapter(settings, kind):
-    import dataclasses
-
     return dataclasses.replace(settings, adapter=kind if kind in ("drafting", "lora") else "")
 
 
@@ -134,44 +143,3 @@ def trainable_groups(model, section: AdapterSection, lr: float, mask_row_lr: flo
     if row:
         groups.append({"params": row, "lr": mask_row_lr, "name": "mask_row", "weight_decay": 0.0})
     return groups
-
-
-def export(src, out, dtype: str = "bfloat16", force: bool = False) -> "Path":
-    """Copy an adapter folder into OUT with its weights cast to `dtype`, without tokenizer files.
-
-    The tokenizer is rebuilt on load from the base model (plus the mask token,
-    whose id is checked against ar2dlm.json), so OUT holds only
-    adapter_config.json, adapter_model.safetensors and ar2dlm.json. OUT must
-    not exist or be empty (force=True replaces it).
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
-
-    from ..core import files
-    from .checkpoint import check_adapter
-    from ..core.config import DiffusionConfig
-
-    src, out = Path(src), Path(out)
-    weights = src / "adapter_model.safetensors"
-    if not (src / "adapter_config.json").is_file() or not weights.is_file():
-        raise ConfigError(f"{src} is not an adapter folder (needs adapter_config.json and "
-                          f"adapter_model.safetensors, as written to a run's final/)")
-    settings = DiffusionConfig.load(src)
-    if not settings.adapter:
-        raise ConfigError(f"{src}: ar2dlm.json has no adapter kind; export takes a drafting or lora adapter folder")
-    target = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
-    if target is None:
-        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
-    check_adapter(src)
-    only_gitkeep = out.is_dir() and all(p.name == ".gitkeep" for p in out.iterdir())
-    files.check_output_dir(out, force or only_gitkeep)
-    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    with files.output_dir(out, force or only_gitkeep) as tmp:
-        config = files.read_json(src / "adapter_config.json", "adapter config")
-        config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        settings.save(tmp)
-    return out

@@ -32,6 +32,7 @@ import re
 import torch
 
 from ..core.config import ConfigError
+from ..nn.predecessors import MIXERS
 
 # the layer kinds whose only sequence memory is the KV cache; "dummy" = a layer without attention (MLP/MoE only)
 EXACT_LAYER_TYPES = ("full_attention",)
@@ -91,16 +92,12 @@ def stateful_modules(config) -> tuple[list[str], int]:
 
 
 def _handled(model) -> int:
-    from ..nn.predecessors import MIXERS
-
     return sum(type(m).__name__ in MIXERS for m in model.modules())
 
 
 def modules_with_state(model) -> list[str]:
     """Class names of the state-carrying or neighbour-reading modules, except mixers `nn/predecessors.py` handles (and
     the convolutions inside them)."""
-    from ..nn.predecessors import MIXERS
-
     inside = {id(c) for m in model.modules() if type(m).__name__ in MIXERS for c in m.modules()}
     names = set()
     for module in model.modules():

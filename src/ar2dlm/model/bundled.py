@@ -29,9 +29,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ..core.config import ConfigError
 from ..core.files import ASSETS
 
-__all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "resolve_base", "resolve_model"]
+__all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "is_bundled", "resolve_base", "resolve_model"]
 
 BUNDLED: dict[str, dict[str, str]] = {
     "smollm2-135m": {
@@ -56,6 +58,11 @@ def ar2dlm_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "ar2dlm"
 
 
+def is_bundled(name: str) -> bool:
+    """`name` is a bundled model's name and no local path of that name shadows it: a local folder always wins."""
+    return name in BUNDLED and not Path(name).expanduser().exists()
+
+
 def resolve_base(name_or_path: str) -> Path:
     """Return a local HF checkpoint directory for a bundled name or a path.
 
@@ -63,23 +70,21 @@ def resolve_base(name_or_path: str) -> Path:
     model (created on first use).  Anything else must be an existing directory
     that contains ``config.json``.
     """
-    if name_or_path in BUNDLED:
+    if is_bundled(name_or_path):
         return _materialise(name_or_path)
-
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        known = ", ".join(sorted(BUNDLED))
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither a local checkpoint directory nor a bundled "
-            f"model name (known: {known})"
-        )
+    path = _existing(name_or_path)
     if not (path / "config.json").is_file():
-        from ..core.config import ConfigError  # a ValueError a user can act on
-
-        raise ConfigError(
-            f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)"
-        )
+        raise ConfigError(f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)")
     return path
+
+
+def _existing(path: str) -> Path:
+    """`path` (~ expanded), which must exist; else the error says what else it could have been."""
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise FileNotFoundError(f"{path!r} is neither a local checkpoint directory nor a bundled model name "
+                                f"(known: {', '.join(sorted(BUNDLED))})")
+    return found
 
 
 def drafter_asset(name: str) -> Path | None:
@@ -92,7 +97,7 @@ def drafter_asset(name: str) -> Path | None:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A directory to load as a DiffusionLM: a path as given, or a bundled name's trained drafter.
+    """A path to load as a DiffusionLM: a path as given, or a bundled name's trained drafter.
 
     The bundled name resolves to ``$AR2DLM_HOME/<name>``: a copy of the
     drafting adapter shipped in the package (LoRA + mask-token row +
@@ -100,8 +105,8 @@ def resolve_model(name_or_path: str) -> Path:
     ``ar2dlm tune`` can write this machine's defaults into its ``ar2dlm.json``;
     a newer shipped adapter replaces the copy (and its tuned defaults).
     """
-    if name_or_path not in BUNDLED or Path(name_or_path).exists():
-        return resolve_base(name_or_path)
+    if not is_bundled(name_or_path):  # a folder of any kind: the loader checks which
+        return _existing(name_or_path)
     asset = drafter_asset(name_or_path)
     if asset is None:  # no drafter shipped: the base (callers decide whether an AR model will do)
         return resolve_base(name_or_path)

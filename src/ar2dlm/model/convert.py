@@ -13,16 +13,21 @@ from pathlib import Path
 
 import torch
 
-from .bundled import resolve_base
+from ..core import files
 from ..core.config import ConfigError, DiffusionConfig
+from . import checkpoint
+from .bundled import resolve_base
 
 
-def load_base(base: str | Path, dtype="auto"):
-    """(model, tokenizer) of a local HF causal-LM directory or a bundled name; errors say which file."""
-    from . import checkpoint
+def load_base(base: str | Path, dtype="auto", settings: DiffusionConfig | None = None):
+    """(model, tokenizer) of a local HF causal-LM directory or a bundled name; errors say which file.
 
+    The architecture (and that the context holds the blocks of `settings`, the
+    conversion's) is checked from config.json before any weight loads.
+    """
     path = resolve_base(str(base))
-    model = checkpoint.load_model(path, exact=True, dtype=dtype)
+    config = checkpoint.check_architecture(path, settings)
+    model = checkpoint.load_weights(path, config, dtype=dtype)
     if not is_causal(model):
         raise ConfigError(f"{path} ({model.config.model_type}) is not a causal LM: its early logits depend on later "
                           f"tokens (bidirectional attention); ar2dlm converts decoder-only causal LMs")
@@ -117,15 +122,10 @@ def convert(base: str | Path, out: str | Path, block_size: int = 16, mask_token:
     temporary sibling first and renames, so an interrupted conversion never
     leaves a half-written OUT.
     """
-    from . import checkpoint
-    from ..core import files
-
     out = files.check_output_dir(out, force)
-    DiffusionConfig(block_size=block_size, mask_token=mask_token, **settings)  # bad settings fail before loading
-    model, tokenizer = load_base(base)
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and block_size >= ctx:
-        raise ConfigError(f"block_size {block_size} must be below the model's context of {ctx} tokens")
+    # bad settings fail before loading, blocks longer than the context before the weights load
+    model, tokenizer = load_base(base, settings=DiffusionConfig(block_size=block_size, mask_token=mask_token,
+                                                                 **settings))
     mask_id = add_mask_token(model, tokenizer, mask_token, reuse_token)
     diffusion = DiffusionConfig(block_size=block_size, mask_token_id=mask_id, mask_token=mask_token,
                                 base_model=checkpoint.base_model_name(base), **settings)

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from ..core.config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
+from ..decode.engine import Generation, generate, stream
 from ..nn import attention, kernels, masks
 from ..nn.gate import SlotGate
-from ..core.config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
-
-if TYPE_CHECKING:
-    from ..decode.engine import Generation
-
-
-class NotConvertedError(ConfigError):
-    """A model without ar2dlm.json where a converted one is needed."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        super().__init__(f"{path} has no {SETTINGS_FILE}: it is an unconverted AR model. Convert it with "
-                         f"`ar2dlm convert {path} OUT_DIR`, or load it with allow_ar=True for plain AR decoding")
+from . import adapter, checkpoint
+from .bundled import resolve_model
+from .convert import add_mask_token
 
 
 class DiffusionLM:
@@ -51,56 +43,24 @@ class DiffusionLM:
                         attn_implementation: str = "sdpa", allow_ar: bool = False) -> "DiffusionLM":
         """Load a converted checkpoint, an adapter folder, or a bundled name (its shipped drafter).
 
-        `allow_ar=True` also accepts an unconverted AR model. Every file it reads
-        is checked first; a bad one is named in a ConfigError.
+        `allow_ar=True` also accepts an unconverted AR model. Loading reads
+        straight down: resolve the name -> read and check the settings (and an
+        adapter folder's files and base) -> check the architecture (config.json
+        alone) -> load the weights and tokenizer -> attach the adapter ->
+        install the fast paths. Each check runs once, before the step it
+        protects, so a bad file is named in a ConfigError before the weights load.
         """
-        from . import checkpoint
-        from .bundled import resolve_model
-
-        path = Path(path) if Path(path).exists() else resolve_model(str(path))
-        if not path.is_dir():
-            raise ConfigError(f"{path} is a file; give a checkpoint directory (config.json, weights, tokenizer)")
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise ConfigError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-        settings = None
-        if (path / SETTINGS_FILE).exists():
-            settings = DiffusionConfig.load(path)
-        elif not allow_ar:
-            raise NotConvertedError(path)
-        if settings is not None and settings.adapter:
-            lm = cls._from_adapter(path, settings, dtype, attn_implementation)
-        else:
-            model = checkpoint.load_model(path, dtype=dtype, attn_implementation=attn_implementation)
-            lm = cls(model, checkpoint.load_tokenizer(path), settings)
-        lm.source = path
-        if settings is not None:
-            checkpoint.check_settings(lm, path / SETTINGS_FILE)
-        lm.fuse()
-        return lm
-
-    @classmethod
-    def _from_adapter(cls, path: Path, settings: DiffusionConfig, dtype, attn_implementation) -> "DiffusionLM":
-        """An adapter folder: its base (settings.base_model) + the mask token + the LoRA."""
-        from . import adapter, checkpoint
-        from .convert import add_mask_token
-
-        if not (path / "adapter_config.json").exists():
-            raise ConfigError(f"{path}: ar2dlm.json says adapter={settings.adapter!r} but adapter_config.json is missing")
-        checkpoint.check_adapter(path)
-        base = checkpoint.adapter_base(path, settings)
-        model = checkpoint.load_model(base, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = checkpoint.load_tokenizer(base)
-        if (base / SETTINGS_FILE).exists():  # the adapter was trained on an already converted checkpoint
-            mask_id = DiffusionConfig.load(base).mask_token_id
-        else:
-            mask_id = add_mask_token(model, tokenizer, settings.mask_token)
-        if mask_id != settings.mask_token_id:
-            raise ConfigError(f"{path}: the mask token of base {settings.base_model} would be id {mask_id}, the "
-                              f"adapter expects {settings.mask_token_id}: wrong base model?")
-        if (path / "tokenizer_config.json").exists():  # else the base's, with the mask token just added
-            tokenizer = checkpoint.load_tokenizer(path)
+        folder = resolve_model(str(path))
+        settings, base = checkpoint.read_settings(folder, allow_ar)
+        config = checkpoint.check_architecture(base, settings, exact=settings is not None,
+                                               origin=folder / SETTINGS_FILE)
+        model, tokenizer = load_weights_and_tokenizer(folder, base, config, settings, dtype=dtype,
+                                                      attn_implementation=attn_implementation)
         lm = cls(model, tokenizer, settings)
-        checkpoint.load_adapter(lm, path)
+        lm.source = folder
+        if settings is not None and settings.adapter:
+            adapter.load(lm, folder)
+        lm.fuse()
         return lm
 
     def fuse(self) -> int:
@@ -221,16 +181,38 @@ class DiffusionLM:
             ids.append(toks)
         return ids
 
-    def generate(self, prompts, chat: bool = False, **settings) -> list["Generation"]:
+    def generate(self, prompts, chat: bool = False, **settings) -> list[Generation]:
         """Decode a batch of prompts (strings or token-id lists); one `Generation` per prompt."""
-        from ..decode.engine import generate
-
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise ConfigError("prompts is empty: give at least one prompt (a string or a list of token ids)")
         return generate(self, self.encode(prompts, chat), self.decode_config(**settings))
 
     def stream(self, prompt, chat: bool = False, **settings) -> Iterator[str]:
         """Yield text as tokens are committed (one prompt)."""
-        from ..decode.engine import stream
-
         yield from stream(self, self.encode([prompt], chat)[0], self.decode_config(**settings))
+
+
+def load_weights_and_tokenizer(folder: Path, base: Path, config, settings: DiffusionConfig | None, **kwargs):
+    """(model, tokenizer) from `base`, the folder itself or an adapter folder's base; kwargs go to from_pretrained.
+
+    An adapter's base gets the mask token the adapter was trained with (added
+    as `convert` adds it, unless the base is converted already) and the
+    adapter folder's own tokenizer when it has one. A converted model's mask
+    token must be a row of the weights.
+    """
+    model = checkpoint.load_weights(base, config, **kwargs)
+    tokenizer = checkpoint.load_tokenizer(base)
+    if settings is None:
+        return model, tokenizer
+    if settings.adapter:
+        if (base / SETTINGS_FILE).exists():  # the adapter was trained on an already converted checkpoint
+            mask_id = DiffusionConfig.load(base).mask_token_id
+        else:
+            mask_id = add_mask_token(model, tokenizer, settings.mask_token)
+        if mask_id != settings.mask_token_id:
+            raise ConfigError(f"{folder}: the mask token of base {settings.base_model} would be id {mask_id}, the "
+                              f"adapter expects {settings.mask_token_id}: wrong base model?")
+        if (folder / "tokenizer_config.json").exists():  # else the base's, with the mask token just added
+            tokenizer = checkpoint.load_tokenizer(folder)
+    checkpoint.check_mask_token(model, settings, folder / SETTINGS_FILE)
+    return model, tokenizer
