@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from ar2dlm import convert
 from ar2dlm.model.architectures import check_architecture, layer_kinds, modules_with_state
-from ar2dlm.core.config import ConfigError
+from ar2dlm.core.errors import ConfigError
 from ar2dlm.model.lm import DiffusionLM
 
 from conftest import ARCHS, EOS, VOCAB, make_tokenizer
@@ -106,7 +106,7 @@ def test_window_as_long_as_the_context_is_full_attention():
 
 def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
     """A checkpoint converted before convert refused it fails on load with the reason, not an IndexError."""
-    from ar2dlm.core.config import DiffusionConfig
+    from ar2dlm.model.settings import DiffusionConfig
 
     d = _save(REFUSED["lfm2"][0](), tmp_path / "lfm2")
     DiffusionConfig(block_size=4, mask_token_id=5).save(d)

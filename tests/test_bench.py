@@ -52,7 +52,7 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
 
 def test_tune_writes_defaults(drafter, tmp_path, capsys):
     """tune on a drafter that is often accepted picks a drafting setting and writes it to ar2dlm.json."""
-    from ar2dlm.core.config import DiffusionConfig
+    from ar2dlm.model.settings import DiffusionConfig
     from ar2dlm.model.lm import DiffusionLM
     from ar2dlm.measure.tune import predicted_tpf
 

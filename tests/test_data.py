@@ -9,7 +9,8 @@ import torch
 
 from ar2dlm.train import data as D
 from ar2dlm.nn import masks
-from ar2dlm.core.config import ConfigError, DataSection
+from ar2dlm.core.errors import ConfigError
+from ar2dlm.train.config import DataSection
 from conftest import EOS, make_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from ar2dlm.nn import masks
-from ar2dlm.core.config import DiffusionConfig
+from ar2dlm.model.settings import DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.decode import engine
 from ar2dlm.decode.reference import ar_greedy, tidar_greedy
@@ -261,7 +261,7 @@ def test_cost_model_interpolates():
 
 
 def test_sliding_window_models_decode_within_the_window():
-    from ar2dlm.core.config import ConfigError
+    from ar2dlm.core.errors import ConfigError
 
     base = tiny_model("mistral", 0, torch.float64)
     base.config.sliding_window = 24

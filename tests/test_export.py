@@ -16,7 +16,8 @@ from ar2dlm.model import bundled
 from ar2dlm.train import objective
 from ar2dlm.train import trainer as T
 from ar2dlm.cli import main
-from ar2dlm.core.config import DiffusionConfig, TrainConfig
+from ar2dlm.model.settings import DiffusionConfig
+from ar2dlm.train.config import TrainConfig
 from ar2dlm.measure.demo import run_demo
 from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, save_base

@@ -9,7 +9,7 @@ import torch
 
 from ar2dlm.model import adapter
 from ar2dlm.nn import kernels, masks
-from ar2dlm.core.config import AdapterSection, DiffusionConfig
+from ar2dlm.model.settings import AdapterSection, DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, make_tokenizer, tiny_model

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from ar2dlm.core.config import DecodeConfig, DiffusionConfig
+from ar2dlm.decode.config import DecodeConfig
+from ar2dlm.model.settings import DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.decode import verify
 from ar2dlm.model.lm import DiffusionLM

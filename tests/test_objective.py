@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ar2dlm.train import objective
-from ar2dlm.core.config import DiffusionConfig
+from ar2dlm.model.settings import DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from conftest import make_tokenizer, tiny_model

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from ar2dlm.nn import masks
 from ar2dlm.train import objective
-from ar2dlm.core.config import DiffusionConfig
+from ar2dlm.model.settings import DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, VOCAB, make_tokenizer, train_drafter
@@ -112,7 +112,7 @@ def test_zaya_trained_drafter_greedy_equals_hf():
 def with_drafting_adapter(lm, scale=0.05):
     """The gated drafting adapter on `lm`, with non-zero LoRA B (so the slots differ from the base)."""
     from ar2dlm.model import adapter
-    from ar2dlm.core.config import AdapterSection
+    from ar2dlm.model.settings import AdapterSection
 
     adapter.attach(lm, AdapterSection(kind="drafting", rank=4, alpha=8))
     torch.manual_seed(1)
@@ -185,7 +185,7 @@ def test_zaya_lossless_matches_ar_distribution():
     """Speculative sampling on a tiny-vocabulary zaya: the first 3 sampled tokens follow AR's exact joint."""
     from test_lossless import chi_square_p, exact_joint, sample_first_tokens
 
-    from ar2dlm.core.config import DecodeConfig
+    from ar2dlm.decode.config import DecodeConfig
 
     base = tiny_zaya("cca3x2", vocab=8, sharpen=0.25)
     model = copy.deepcopy(base)

@@ -32,11 +32,11 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval import utils as lm_utils
 except ImportError as e:  # pragma: no cover - the extra is missing
-    from ..core.config import ConfigError
+    from ..core.errors import ConfigError
     raise ConfigError("the lm-eval model needs lm-eval: pip install 'ar2dlm[eval]'") from e
 
 from ..nn import masks
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 from .run import tau
 
 DEFAULT_MAX_LENGTH = 2048

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 from ..decode.engine import generate
 from ..core.files import PACKAGE_DIR
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:

@@ -22,7 +22,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..core.config import AdapterSection, ConfigError
+from ..core.errors import ConfigError
+from .settings import AdapterSection
 from ..nn.gate import RowGate
 
 
@@ -189,44 +190,3 @@ def trainable_groups(model, section: AdapterSection, lr: float, mask_row_lr: flo
     if row:
         groups.append({"params": row, "lr": mask_row_lr, "name": "mask_row", "weight_decay": 0.0})
     return groups
-
-
-def export(src, out, dtype: str = "bfloat16", force: bool = False) -> "Path":
-    """Copy an adapter folder into OUT with its weights cast to `dtype`, without tokenizer files.
-
-    The tokenizer is rebuilt on load from the base model (plus the mask token,
-    whose id is checked against ar2dlm.json), so OUT holds only
-    adapter_config.json, adapter_model.safetensors and ar2dlm.json. OUT must
-    not exist or be empty (force=True replaces it).
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
-
-    from ..core import files
-    from .checkpoint import check_adapter
-    from ..core.config import DiffusionConfig
-
-    src, out = Path(src), Path(out)
-    weights = src / "adapter_model.safetensors"
-    if not (src / "adapter_config.json").is_file() or not weights.is_file():
-        raise ConfigError(f"{src} is not an adapter folder (needs adapter_config.json and "
-                          f"adapter_model.safetensors, as written to a run's final/)")
-    settings = DiffusionConfig.load(src)
-    if not settings.adapter:
-        raise ConfigError(f"{src}: ar2dlm.json has no adapter kind; export takes a drafting or lora adapter folder")
-    target = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
-    if target is None:
-        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
-    check_adapter(src)
-    only_gitkeep = out.is_dir() and all(p.name == ".gitkeep" for p in out.iterdir())
-    files.check_output_dir(out, force or only_gitkeep)
-    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    with files.output_dir(out, force or only_gitkeep) as tmp:
-        config = files.read_json(src / "adapter_config.json", "adapter config")
-        config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        settings.save(tmp)
-    return out

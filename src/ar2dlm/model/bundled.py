@@ -29,6 +29,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ..core.errors import ConfigError
 from ..core.files import ASSETS
 
 __all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "resolve_base", "resolve_model"]
@@ -74,8 +76,6 @@ def resolve_base(name_or_path: str) -> Path:
             f"model name (known: {known})"
         )
     if not (path / "config.json").is_file():
-        from ..core.config import ConfigError  # a ValueError a user can act on
-
         raise ConfigError(
             f"{str(path)!r} is not a Hugging Face checkpoint directory (no config.json)"
         )

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core import files
-from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig
+from ..core.errors import ConfigError
+from .settings import SETTINGS_FILE, DiffusionConfig
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -150,12 +151,12 @@ def check_settings(lm, origin: Path) -> None:
     rows = _embedding_rows(lm.model)
     if not 0 <= s.mask_token_id < rows:
         raise ConfigError(f"{origin}: mask_token_id {s.mask_token_id} is outside the model's vocabulary "
-                          f"(0..{rows - 1}); re-run `ar2dlm convert`")
+                          f"(0..{rows - 1}); re-run `ar2dlm convert`", field="mask_token_id")
     ctx = lm.context_len
-    K = s.draft_len or s.block_size
+    K = s.decode_defaults()[0]
     if ctx is not None and max(K, s.block_size) >= ctx:
         raise ConfigError(f"{origin}: block_size {s.block_size} / draft_len {s.draft_len} must be below the "
-                          f"model's context of {ctx} tokens")
+                          f"model's context of {ctx} tokens", field="draft_len" if K > s.block_size else "block_size")
 
 
 def _first_line(e: BaseException) -> str:

@@ -19,7 +19,8 @@ from typing import Iterator
 
 import torch
 
-from ..core.config import ConfigError, DataSection
+from ..core.errors import ConfigError
+from .config import DataSection
 from ..core.files import open_text, read_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}

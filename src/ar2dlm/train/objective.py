@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import masks, predecessors as mixing
-from ..core.config import DiffusionConfig
+from ..model.settings import DiffusionConfig
 
 IGNORE = -100
 

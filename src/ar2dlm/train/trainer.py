@@ -39,7 +39,9 @@ from ..model import adapter as adapters
 from . import data as data_mod
 from ..nn import predecessors as mixing
 from . import objective
-from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
+from ..core.errors import ConfigError
+from ..model.settings import SETTINGS_FILE, DiffusionConfig
+from .config import TrainConfig
 from ..model.lm import DiffusionLM
 
 
