@@ -7,8 +7,16 @@ import os
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2MoeConfig, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+)
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
@@ -103,9 +111,9 @@ def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: i
     often accepted: greedy tests then exercise the accept branches, not only rejections.
 
     `model`: train this HF model instead of tiny_model(arch). Returns a DiffusionLM (block size 4)."""
-    from ar2dlm.core.config import DiffusionConfig
     from ar2dlm.model.convert import add_mask_token
     from ar2dlm.model.lm import DiffusionLM
+    from ar2dlm.model.settings import DiffusionConfig
     from ar2dlm.train import objective
 
     model = tiny_model(arch, seed, dtype, vocab) if model is None else model
@@ -133,3 +141,36 @@ def train_drafter(arch: str = "llama", seed: int = 0, steps: int = 150, vocab: i
 @pytest.fixture(scope="session")
 def drafter():
     return train_drafter()
+
+
+class Refusal(str):
+    """The one error line of a refused CLI command, and the `field` of the ConfigError behind it (or None)."""
+
+    field: str | None = None
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str, list]:
+    """(exit code, stdout, stderr, the errors the CLI reported) of `ar2dlm ARGV`; usage errors give SystemExit's
+    code."""
+    from ar2dlm import cli
+
+    seen, real = [], cli.refuse
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "refuse", lambda verb, e, parser: (seen.append(e), real(verb, e, parser))[1])
+        try:
+            rc = cli.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse usage errors
+            rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err, seen
+
+
+def refusal(err: str, verb: str, seen: list) -> Refusal:
+    """The single `ar2dlm VERB: error: ...` line of err, with the reported error's field."""
+    lines = [line for line in err.splitlines() if line.startswith(f"ar2dlm {verb}: error: ")]
+    assert len(lines) == 1 and len(seen) == 1, err
+    r = Refusal(lines[0])
+    r.field = getattr(seen[0], "field", None)
+    assert r.removeprefix(f"ar2dlm {verb}: error: ").strip(), "an empty error message"
+    return r

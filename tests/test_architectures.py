@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (BambaConfig, FalconMambaConfig, Gemma2Config, Gemma3TextConfig, GraniteMoeHybridConfig,
-                          JambaConfig, Lfm2Config, Llama4TextConfig, Mamba2Config, MambaConfig, MistralConfig,
-                          NemotronHConfig, Qwen3NextConfig, Qwen3_5TextConfig, RecurrentGemmaConfig, ZayaConfig)
-from transformers import AutoModelForCausalLM
+from conftest import ARCHS, EOS, VOCAB, make_tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    BambaConfig,
+    FalconMambaConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GraniteMoeHybridConfig,
+    JambaConfig,
+    Lfm2Config,
+    Llama4TextConfig,
+    Mamba2Config,
+    MambaConfig,
+    MistralConfig,
+    NemotronHConfig,
+    Qwen3_5TextConfig,
+    Qwen3NextConfig,
+    RecurrentGemmaConfig,
+    ZayaConfig,
+)
 
 from ar2dlm import convert
+from ar2dlm.core.errors import ConfigError
 from ar2dlm.model.architectures import check_architecture, layer_kinds, modules_with_state
-from ar2dlm.core.config import ConfigError
 from ar2dlm.model.lm import DiffusionLM
-
-from conftest import ARCHS, EOS, VOCAB, make_tokenizer
 
 _C = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
           intermediate_size=64, eos_token_id=EOS, pad_token_id=0, bos_token_id=None)
@@ -109,7 +123,7 @@ def test_window_as_long_as_the_context_is_full_attention():
 
 def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
     """A checkpoint converted before convert refused it fails on load with the reason, not an IndexError."""
-    from ar2dlm.core.config import DiffusionConfig
+    from ar2dlm.model.settings import DiffusionConfig
 
     d = _save(REFUSED["lfm2"][0](), tmp_path / "lfm2")
     DiffusionConfig(block_size=4, mask_token_id=5).save(d)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import EOS, save_base
 from transformers import AutoModelForCausalLM
 
 from ar2dlm.cli import main
 from ar2dlm.decode.engine import generate
 from ar2dlm.measure import bench
 from ar2dlm.model.lm import DiffusionLM
-
-from conftest import EOS, save_base
 
 
 def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, capsys):
@@ -74,9 +73,9 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
 
 def test_tune_writes_defaults(drafter, tmp_path, capsys):
     """tune on a drafter that is often accepted picks a drafting setting and writes it to ar2dlm.json."""
-    from ar2dlm.core.config import DiffusionConfig
-    from ar2dlm.model.lm import DiffusionLM
     from ar2dlm.measure.tune import predicted_tpf
+    from ar2dlm.model.lm import DiffusionLM
+    from ar2dlm.model.settings import DiffusionConfig
 
     out = tmp_path / "drafter"
     drafter.model.save_pretrained(out)

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-
-from ar2dlm.train import data
-from ar2dlm.nn import masks
-from ar2dlm.core.config import ConfigError, DataSection
 from conftest import EOS, make_tokenizer
+
+from ar2dlm.core.errors import ConfigError
+from ar2dlm.nn import masks
+from ar2dlm.train import data
+from ar2dlm.train.config import DataSection
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")

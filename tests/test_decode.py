@@ -6,16 +6,16 @@ import copy
 
 import pytest
 import torch
+from conftest import CORE_ARCHS, EOS, make_tokenizer, tiny_model
 from transformers import DynamicCache
 
-from ar2dlm.nn import masks
-from ar2dlm.core.config import DiffusionConfig
-from ar2dlm.model.convert import add_mask_token
 from ar2dlm.decode import engine
 from ar2dlm.decode.interface import DecodeModel
 from ar2dlm.decode.reference import ar_greedy, tidar_greedy
+from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
-from conftest import CORE_ARCHS, EOS, make_tokenizer, tiny_model
+from ar2dlm.model.settings import DiffusionConfig
+from ar2dlm.nn import masks
 
 SETTINGS = [(1, 1), (4, 1), (4, 3), (4, 4), (16, 1), (16, 3), (16, 16)]  # (K, |R|)
 N_PROMPTS, NEW = 20, 24
@@ -262,7 +262,7 @@ def test_cost_model_interpolates():
 
 
 def test_sliding_window_models_decode_within_the_window():
-    from ar2dlm.core.config import ConfigError
+    from ar2dlm.core.errors import ConfigError
 
     base = tiny_model("mistral", 0, torch.float64)
     base.config.sliding_window = 24

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import EOS, save_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from ar2dlm.cli import main
+from ar2dlm.measure.demo import run_demo
 from ar2dlm.model import bundled
+from ar2dlm.model.lm import DiffusionLM
+from ar2dlm.model.settings import DiffusionConfig
+from ar2dlm.nn.lora import AdapterLinear, TokenRows
 from ar2dlm.train import objective
 from ar2dlm.train import trainer as T
-from ar2dlm.cli import main
-from ar2dlm.core.config import DiffusionConfig, TrainConfig
-from ar2dlm.measure.demo import run_demo
-from ar2dlm.model.lm import DiffusionLM
-from ar2dlm.nn.lora import AdapterLinear, TokenRows
-from conftest import EOS, save_base
+from ar2dlm.train.config import TrainConfig
 
 
 @pytest.fixture(scope="module")

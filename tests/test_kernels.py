@@ -9,14 +9,14 @@ import contextlib
 
 import pytest
 import torch
+from conftest import EOS, make_tokenizer, tiny_model
 
 from ar2dlm.model import adapter
-from ar2dlm.nn import attention, kernels, masks
-from ar2dlm.nn.lora import AdapterLinear
-from ar2dlm.core.config import AdapterSection, DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
-from conftest import EOS, make_tokenizer, tiny_model
+from ar2dlm.model.settings import AdapterSection, DiffusionConfig
+from ar2dlm.nn import attention, kernels, masks
+from ar2dlm.nn.lora import AdapterLinear
 
 
 def adapted(arch: str, kind: str | None, seed: int = 0) -> DiffusionLM:
@@ -196,8 +196,9 @@ def test_greedy_decoding_with_fused_projections_equals_hf_generate(arch):
 def test_packed_gqa_attention_equals_transformers_sdpa():
     """attention.py on a long cache with ragged holes (decode-step mask, 4 query heads over 2 KV heads) gives
     transformers' own sdpa output, and it is what the model runs."""
-    from ar2dlm.nn import attention
     from transformers import DynamicCache
+
+    from ar2dlm.nn import attention
 
     lm = adapted("llama", "drafting")
     assert lm.model.config._attn_implementation == attention.NAME

@@ -44,3 +44,16 @@ def test_an_upward_import_breaks_the_contract(package_copy, tmp_path, module, wr
     assert result.returncode != 0
     importer = "ar2dlm." + module.removesuffix(".py").replace("/", ".")
     assert importer in result.stdout, result.stdout
+
+
+def test_no_import_cycle_between_modules():
+    """No two modules reach each other by imports: a circle means neither can be read, tested or moved alone.
+
+    Every import counts, those inside functions too (a deferred import hides a circle from Python's loader, not
+    from a reader), and so do the packages' `__init__` re-exports (none is needed to keep this test green).
+    """
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("ar2dlm")
+    circles = [(a, b) for a in sorted(graph.modules) for b in sorted(graph.find_modules_directly_imported_by(a))
+               if graph.chain_exists(importer=b, imported=a)]
+    assert not circles, "import circles (a imports b, b reaches a): " + ", ".join(f"{a} <-> {b}" for a, b in circles)

@@ -8,13 +8,14 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_model, train_drafter
 from scipy.stats import chisquare
 
-from ar2dlm.core.config import DecodeConfig, DiffusionConfig
-from ar2dlm.model.convert import add_mask_token
 from ar2dlm.decode import verify
+from ar2dlm.decode.config import DecodeConfig
+from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
-from conftest import make_tokenizer, tiny_model, train_drafter
+from ar2dlm.model.settings import DiffusionConfig
 
 SMALL_V = 8
 

@@ -86,8 +86,8 @@ def test_step_mask_definition():
 
 
 def test_additive_mask_and_eager_equal_sdpa():
-    from transformers import AutoModelForCausalLM
     from conftest import ARCHS
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     sd = AutoModelForCausalLM.from_config(ARCHS["llama"](96), attn_implementation="sdpa").double().eval()

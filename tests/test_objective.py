@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_model
 
-from ar2dlm.train import objective
-from ar2dlm.core.config import DiffusionConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
-from conftest import make_tokenizer, tiny_model
+from ar2dlm.model.settings import DiffusionConfig
+from ar2dlm.train import objective
 
 
 def tiny_lm(arch="llama", dtype=torch.float64, **cfg):

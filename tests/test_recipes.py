@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ar2dlm.core.config import TrainConfig
+from ar2dlm.train.config import TrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

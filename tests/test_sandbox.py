@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ar2dlm.core.config import ConfigError
+from ar2dlm.core.errors import ConfigError
 from ar2dlm.evaluate.sandbox import SandboxLimits, namespaces_available, run_program
 
 FAST = SandboxLimits(timeout=3.0, memory_mb=256)
@@ -149,7 +149,7 @@ def test_isolation_uses_namespaces():
 
 
 def test_limits_validated():
-    with pytest.raises(ConfigError, match="timeout"):
-        SandboxLimits(timeout=0)
-    with pytest.raises(ConfigError, match="memory_mb"):
-        SandboxLimits(memory_mb=1)
+    for kw, field in (({"timeout": 0}, "timeout"), ({"memory_mb": 1}, "memory_mb")):
+        with pytest.raises(ConfigError) as e:
+            SandboxLimits(**kw)
+        assert e.value.field == field

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ar2dlm import convert
-from ar2dlm.model.bundled import resolve_base
 from ar2dlm.decode.reference import tidar_greedy
+from ar2dlm.model.bundled import resolve_base
 from ar2dlm.model.lm import DiffusionLM
 
 pytestmark = pytest.mark.slow

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EOS, distill_random_prompts, save_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from ar2dlm.core.errors import ConfigError
+from ar2dlm.model.lm import DiffusionLM
 from ar2dlm.train import objective, trainer
 from ar2dlm.train.checkpoints import latest_checkpoint
+from ar2dlm.train.config import TrainConfig
 from ar2dlm.train.heldout import estimated_tpf, heldout_metrics
-from ar2dlm.core.config import ConfigError, TrainConfig
-from ar2dlm.model.lm import DiffusionLM
-from conftest import EOS, distill_random_prompts, save_base
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -279,13 +280,17 @@ def test_context_extension_writes_and_reloads_rope(corpus):
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: fast\n")
-    with pytest.raises(ConfigError, match="optim.lr"):
-        TrainConfig.from_yaml(bad)
-    bad.write_text("optim:\n  lrr: 1\n")
-    with pytest.raises(ConfigError, match="lrr"):
-        TrainConfig.from_yaml(bad)
-    with pytest.raises(ConfigError, match="adapter.kind"):
+    for text, field in (("optim:\n  lr: fast\n", "optim.lr"), ("optim:\n  lrr: 1\n", "optim.lrr"),
+                        ("optim:\n  batch_size: 0\n", "optim.batch_size"), ("data:\n  train: 3\n", "data.train"),
+                        ("objective:\n  block_size: 99\n", "objective.block_size"), ("seed: x\n", "seed"),
+                        ("eval: 3\n", "eval")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            TrainConfig.from_yaml(bad)
+        assert e.value.field == field and "bad.yaml" in str(e.value), (text, e.value)
+    with pytest.raises(ConfigError) as e:
         TrainConfig.from_dict({"adapter": {"kind": "qlora"}})
+    assert e.value.field == "adapter.kind"
     good = tmp_path / "good.yaml"
     good.write_text("optim:\n  lr: 0.001\n")
     cfg = TrainConfig.from_yaml(good, ["--optim.lr", "2e-4", "--schedule.max_steps", "7"])

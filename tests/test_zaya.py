@@ -7,15 +7,15 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, ZayaConfig
-
-from ar2dlm.nn import masks
-from ar2dlm.train import objective
-from ar2dlm.core.config import DiffusionConfig
-from ar2dlm.model.convert import add_mask_token
-from ar2dlm.model.lm import DiffusionLM
 from conftest import EOS, VOCAB, make_tokenizer, train_drafter
 from test_decode import N_PROMPTS, NEW, SETTINGS, hf_greedy, random_prompts
+from transformers import AutoModelForCausalLM, ZayaConfig
+
+from ar2dlm.model.convert import add_mask_token
+from ar2dlm.model.lm import DiffusionLM
+from ar2dlm.model.settings import DiffusionConfig
+from ar2dlm.nn import masks
+from ar2dlm.train import objective
 
 CONFIGS = {  # different conv kernels, heads and experts
     "cca2x2": dict(cca_time0=2, cca_time1=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4),
@@ -111,7 +111,7 @@ def test_zaya_trained_drafter_greedy_equals_hf():
 def with_drafting_adapter(lm, scale=0.05):
     """The gated drafting adapter on `lm`, with non-zero LoRA B (so the slots differ from the base)."""
     from ar2dlm.model import adapter
-    from ar2dlm.core.config import AdapterSection
+    from ar2dlm.model.settings import AdapterSection
 
     adapter.attach(lm, AdapterSection(kind="drafting", rank=4, alpha=8))
     torch.manual_seed(1)
@@ -150,9 +150,9 @@ def test_zaya_distill_train_drafting_adapter_end_to_end(tmp_path):
     import json
 
     import yaml
+    from conftest import distill_random_prompts
 
     from ar2dlm.cli import main
-    from conftest import distill_random_prompts
 
     base = tiny_zaya("cca2x2").float()
     base.save_pretrained(tmp_path / "base")
@@ -184,7 +184,7 @@ def test_zaya_lossless_matches_ar_distribution():
     """Speculative sampling on a tiny-vocabulary zaya: the first 3 sampled tokens follow AR's exact joint."""
     from test_lossless import chi_square_p, exact_joint, sample_first_tokens
 
-    from ar2dlm.core.config import DecodeConfig
+    from ar2dlm.decode.config import DecodeConfig
 
     base = tiny_zaya("cca3x2", vocab=8, sharpen=0.25)
     model = copy.deepcopy(base)

@@ -6,9 +6,11 @@
     print(lm.generate(["def fib(n):"], max_new_tokens=64)[0].text)
 """
 
-from .core.config import ConfigError, DecodeConfig, DiffusionConfig
-from .model.convert import convert
+from .core.errors import ConfigError
+from .decode.config import DecodeConfig
 from .decode.engine import Generation, Stats
+from .model.convert import convert
 from .model.lm import DiffusionLM
+from .model.settings import DiffusionConfig
 
 __all__ = ["ConfigError", "DecodeConfig", "DiffusionConfig", "DiffusionLM", "Generation", "Stats", "convert"]

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .config import ConfigError
+from .errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The installed ar2dlm package."""

@@ -25,9 +25,10 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from ..core.config import ConfigError, DecodeConfig
+from ..core.errors import ConfigError
 from ..nn import masks, predecessors
 from ..nn.vocab import embedding_rows
+from .config import DecodeConfig
 from .interface import DecodeModel
 from .policy import AdaptiveDraft, CostModel, choose_proposals
 from .verify import draw, verify
@@ -347,7 +348,8 @@ class Request:
 def check_request(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) -> None:
     """Errors a user can fix, before any compute."""
     if not cfg.ar and lm.mask_token_id is None:
-        raise ConfigError("this model has no mask token (not converted): use ar=True, or `ar2dlm convert` it")
+        raise ConfigError("this model has no mask token (not converted): use ar=True, or `ar2dlm convert` it",
+                          field="ar")
     if len(prompts) == 0:
         raise ConfigError("prompts is empty: give at least one prompt")
     ctx = lm.context_len
@@ -359,14 +361,15 @@ def check_request(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) 
         if window and len(p) + cfg.max_new_tokens > window:
             # our masks are full attention; past the window they would not match the model's own
             raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens={cfg.max_new_tokens} exceed the "
-                              f"model's sliding attention window ({window}); ar2dlm decodes within the window only")
+                              f"model's sliding attention window ({window}); ar2dlm decodes within the window only",
+                              field="max_new_tokens")
         if ctx is not None and len(p) >= ctx:
             raise ConfigError(f"prompt {i} has {len(p)} tokens, as many as the model's context of {ctx} tokens or "
                               f"more: shorten it to at most {ctx - 1} tokens")
         if ctx is not None and len(p) + cfg.max_new_tokens > ctx:
             raise ConfigError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} that "
                               f"exceeds the model's context of {ctx} tokens: shorten the prompt or lower "
-                              f"max_new_tokens to at most {ctx - len(p)}")
+                              f"max_new_tokens to at most {ctx - len(p)}", field="max_new_tokens")
         if max(p) >= vocab or min(p) < 0:
             raise ConfigError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1})")
 

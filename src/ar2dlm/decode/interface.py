@@ -26,7 +26,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..core.config import DiffusionConfig
+
+class DraftingSettings(Protocol):
+    """What the engine reads of a model's diffusion settings (`model.settings.DiffusionConfig` has it)."""
+
+    forward_cost: dict  # {slots per row: cost of a forward relative to 1 slot}, measured by `ar2dlm tune`
 
 
 @runtime_checkable
@@ -35,7 +39,7 @@ class DecodeModel(Protocol):
 
     model: Any  # transformers.PreTrainedModel, or a peft model wrapping one
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
-    settings: DiffusionConfig | None
+    settings: DraftingSettings | None
 
     @property
     def mask_token_id(self) -> int | None: ...

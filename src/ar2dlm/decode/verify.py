@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.config import DecodeConfig
+from .config import DecodeConfig
 
 
 def process_logits(logits: torch.Tensor, cfg: DecodeConfig, mask_token_id: int | None) -> torch.Tensor:

@@ -26,16 +26,17 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: a registry with ours alone hides them)
+    from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval import utils as lm_utils
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ConfigError("the lm-eval model needs lm-eval: pip install 'ar2dlm[eval]'") from e
 
+from ..core.errors import ConfigError
 from ..decode.engine import generate
 from ..model.lm import DiffusionLM
 from ..nn import masks

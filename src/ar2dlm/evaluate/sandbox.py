@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
 
@@ -54,12 +54,13 @@ class SandboxLimits:
 
     def __post_init__(self):
         if not self.timeout > 0:
-            raise ConfigError(f"sandbox timeout must be > 0 seconds, got {self.timeout}")
+            raise ConfigError(f"sandbox timeout must be > 0 seconds, got {self.timeout}", field="timeout")
         if self.memory_mb < 64:
-            raise ConfigError(f"sandbox memory_mb must be >= 64 (an interpreter needs that much), got {self.memory_mb}")
+            raise ConfigError(f"sandbox memory_mb must be >= 64 (an interpreter needs that much), got {self.memory_mb}",
+                              field="memory_mb")
         if self.cpu_seconds < 0 or self.file_mb < 1:
             raise ConfigError(f"sandbox cpu_seconds must be >= 0 and file_mb >= 1, got {self.cpu_seconds}, "
-                              f"{self.file_mb}")
+                              f"{self.file_mb}", field="cpu_seconds" if self.cpu_seconds < 0 else "file_mb")
 
 
 @dataclass(frozen=True)

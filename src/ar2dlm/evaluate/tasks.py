@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 
 TASKS = ("humaneval", "ifeval")
 FORMS = ("instruct", "raw")

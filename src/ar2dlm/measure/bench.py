@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 from ..core.files import PACKAGE_DIR
 from ..decode.engine import eos_ids, generate
 from ..model.lm import DiffusionLM

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ConfigError, _check, _check_types
+from ..core.errors import ConfigError
 from ..core.files import ASSETS
+from ..core.validation import check, check_types
 from ..model.bundled import BUNDLED, resolve_base
 from ..model.lm import DiffusionLM
 from . import tune
@@ -108,19 +109,19 @@ class PlanConfig:
     """Largest |R| considered."""
 
     def __post_init__(self):
-        _check_types(self)
-        _check(self.hardware in HARDWARE_NAMES, f"hardware must be one of {', '.join(HARDWARE_NAMES)}, got "
-                                                f"{self.hardware!r}")
-        _check(self.dtype in DTYPE_BYTES, f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        _check(self.dtype != "float32" or self.hardware == "this-cpu",
-               f"dtype float32: the published peaks of {self.hardware} are for bf16/fp16 tensor cores; use "
-               f"--dtype bfloat16, or --hardware this-cpu")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.context >= 1, f"context must be >= 1 cached token, got {self.context}")
-        _check(1 <= self.block_size <= 64, f"block_size must be in 1..64, got {self.block_size}")
-        _check(len(self.acceptance) >= 1 and all(0.0 <= a <= 1.0 for a in self.acceptance),
-               f"acceptance must be one or more rates in [0, 1], got {self.acceptance}")
-        _check(self.max_proposals >= 1, f"max_proposals must be >= 1, got {self.max_proposals}")
+        check_types(self)
+        check(self.hardware in HARDWARE_NAMES, f"hardware must be one of {', '.join(HARDWARE_NAMES)}, got "
+                                               f"{self.hardware!r}", "hardware")
+        check(self.dtype in DTYPE_BYTES, f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}", "dtype")
+        check(self.dtype != "float32" or self.hardware == "this-cpu",
+              f"dtype float32: the published peaks of {self.hardware} are for bf16/fp16 tensor cores; use "
+              f"--dtype bfloat16, or --hardware this-cpu", "dtype")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}", "batch_size")
+        check(self.context >= 1, f"context must be >= 1 cached token, got {self.context}", "context")
+        check(1 <= self.block_size <= 64, f"block_size must be in 1..64, got {self.block_size}", "block_size")
+        check(len(self.acceptance) >= 1 and all(0.0 <= a <= 1.0 for a in self.acceptance),
+              f"acceptance must be one or more rates in [0, 1], got {self.acceptance}", "acceptance")
+        check(self.max_proposals >= 1, f"max_proposals must be >= 1, got {self.max_proposals}", "max_proposals")
 
     def rates(self) -> list[float]:
         a = list(self.acceptance)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 from ..train.data import iter_jsonl
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ConfigError, DiffusionConfig, TuneConfig
+from ..core.errors import ConfigError
 from ..decode.engine import generate
 from ..decode.policy import CostModel
 from ..model.lm import DiffusionLM
+from ..model.settings import DiffusionConfig
 from ..nn import masks, predecessors
 from .bench import default_eos
+from .tune_config import TuneConfig
 
 SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 
@@ -218,3 +220,31 @@ def write_defaults(model_dir: str | Path, result: dict) -> None:
                                    adaptive=bool(best.get("adaptive", False)),
                                    forward_cost={str(k): v for k, v in result["forward_cost"].items()})
     settings.save(model_dir)
+
+
+def format_tune(result: dict) -> str:
+    """The forward-cost table and the candidates of `tune`, as `ar2dlm tune` prints them."""
+    lines = ["forward cost by token slots, in AR forwards (1 slot = one AR step):",
+             "  slots   decode step (adapter on slots)   bare base forward   drafting machinery"]
+    for n, c in result["forward_cost"].items():
+        b = result["base_forward_cost"][n]
+        lines.append(f"  {n:>5}   {c:>30.3f}   {b:>17.3f}   {c - b:>+18.3f}")
+    lines.append(f"engine work outside the forward, per step in AR forwards: AR loop {result['ar_engine_cost']:+.3f}")
+    for c in result["candidates"]:
+        mode = " adaptive" if c.get("adaptive") else ""
+        pred = (f"predicted TPF {c['predicted_tpf']:.2f}, predicted speedup {c['predicted_speedup']:.2f}x, "
+                if "predicted_tpf" in c else "")
+        lines.append(f"K={c['draft_len']:>2} |R|={c['proposals']}{mode}: {pred}measured {c['measured_speedup']:.2f}x "
+                     f"({c['measured_tokens_per_s']:.1f} tok/s vs AR {result['ar_tokens_per_s']:.1f}); engine work "
+                     f"{c['engine_cost']:+.3f} AR forwards per step")
+    return "\n".join(lines)
+
+
+def format_grid(gs: dict, best: dict) -> str:
+    """The grid search of `tune --grid`, and how close tune's choice came to its best."""
+    lines = [f"grid K={r['draft_len']:>2} |R|={r['proposals']}: {r['tokens_per_s']:.1f} tok/s, {r['speedup']:.2f}x AR"
+             for r in gs["grid"]]
+    lines.append(f"tune's choice K={best['draft_len']} |R|={best['proposals']}: {gs['chosen']['tokens_per_s']:.1f} "
+                 f"tok/s = {gs['chosen_vs_best']:.2f} of the grid's best (K={gs['best']['draft_len']} "
+                 f"|R|={gs['best']['proposals']}, {gs['best']['tokens_per_s']:.1f} tok/s; AR {gs['ar_tokens_per_s']:.1f})")
+    return "\n".join(lines)

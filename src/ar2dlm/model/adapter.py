@@ -25,10 +25,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..core.config import AdapterSection, ConfigError
+from ..core.errors import ConfigError
 from ..nn.gate import RowGate
 from ..nn.lora import AdapterLinear, TokenRows
 from . import checkpoint
+from .settings import AdapterSection
 
 
 def lora_config(section: AdapterSection, mask_token_id: int, embed_name: str):

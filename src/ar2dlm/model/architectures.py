@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 from ..nn.predecessors import MIXERS
 
 # the layer kinds whose only sequence memory is the KV cache; "dummy" = a layer without attention (MLP/MoE only)

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..core.config import ConfigError
+from ..core.errors import ConfigError
 from ..core.files import ASSETS
 
 __all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "is_bundled", "resolve_base", "resolve_model"]

@@ -13,23 +13,19 @@ alone) before the weights.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from ..core import files
-from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig
+from ..core.errors import ConfigError
 from ..nn.vocab import embedding_rows
 from . import architectures, bundled
+from .settings import SETTINGS_FILE, DiffusionConfig
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 """What transformers and peft raise for unreadable or inconsistent files."""
-EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class NotConvertedError(ConfigError):
@@ -145,11 +141,12 @@ def check_architecture(folder: Path, settings: DiffusionConfig | None = None, ex
         architectures.check_architecture(config, str(folder))
     ctx = getattr(config, "max_position_embeddings", None)
     if settings is not None and ctx is not None:
-        longest = max(settings.draft_len or settings.block_size, settings.block_size)
-        if longest >= ctx:
+        K = settings.decode_defaults()[0]
+        if max(K, settings.block_size) >= ctx:
             draft = f" / draft_len {settings.draft_len}" if settings.draft_len else ""
             raise ConfigError(f"{f'{origin}: ' if origin else ''}block_size {settings.block_size}{draft} must be "
-                              f"below the model's context of {ctx} tokens")
+                              f"below the model's context of {ctx} tokens",
+                              field="draft_len" if K > settings.block_size else "block_size")
     return config
 
 
@@ -195,42 +192,10 @@ def check_mask_token(model, settings: DiffusionConfig, origin: Path) -> None:
     rows = embedding_rows(model)
     if not 0 <= settings.mask_token_id < rows:
         raise ConfigError(f"{origin}: mask_token_id {settings.mask_token_id} is outside the model's vocabulary "
-                          f"(0..{rows - 1}); re-run `ar2dlm convert`")
+                          f"(0..{rows - 1}); re-run `ar2dlm convert`", field="mask_token_id")
 
 
-# ---------------------------------------------------------------------------- writing
-def export(src, out, dtype: str = "bfloat16", force: bool = False) -> Path:
-    """Copy an adapter folder into OUT with its weights cast to `dtype`, without tokenizer files.
-
-    The tokenizer is rebuilt on load from the base model (plus the mask token,
-    whose id is checked against ar2dlm.json), so OUT holds only
-    adapter_config.json, adapter_model.safetensors and ar2dlm.json. OUT must
-    not exist or be empty (force=True replaces it).
-    """
-    src, out = Path(src), Path(out)
-    weights = src / "adapter_model.safetensors"
-    if not (src / "adapter_config.json").is_file() or not weights.is_file():
-        raise ConfigError(f"{src} is not an adapter folder (needs adapter_config.json and "
-                          f"adapter_model.safetensors, as written to a run's final/)")
-    settings = DiffusionConfig.load(src)
-    if not settings.adapter:
-        raise ConfigError(f"{src}: ar2dlm.json has no adapter kind; export takes a drafting or lora adapter folder")
-    target = EXPORT_DTYPES.get(dtype)
-    if target is None:
-        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
-    check_adapter(src)
-    only_gitkeep = out.is_dir() and all(p.name == ".gitkeep" for p in out.iterdir())
-    files.check_output_dir(out, force or only_gitkeep)
-    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    with files.output_dir(out, force or only_gitkeep) as tmp:
-        config = files.read_json(src / "adapter_config.json", "adapter config")
-        config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        settings.save(tmp)
-    return out
-
-
+# ---------------------------------------------------------------------------- errors
 def first_line(e: BaseException) -> str:
     """The first line of a loader's error (at most 300 characters), to quote in a ConfigError."""
     text = str(e).strip() or type(e).__name__

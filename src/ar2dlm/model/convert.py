@@ -8,15 +8,17 @@ distribution"). Nothing else in the weights changes.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from ..core import files
-from ..core.config import ConfigError, DiffusionConfig
+from ..core.errors import ConfigError
 from . import checkpoint
 from .bundled import resolve_base
+from .settings import ConvertConfig, DiffusionConfig
 
 
 def load_base(base: str | Path, dtype="auto", settings: DiffusionConfig | None = None):
@@ -59,24 +61,27 @@ def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool =
     if not isinstance(mask_token, str) or not mask_token or mask_token != mask_token.strip() or \
             any(c.isspace() for c in mask_token):
         raise ConfigError(f"mask_token must be a non-empty text without whitespace (such as <|mask|>), got "
-                          f"{mask_token!r}")
+                          f"{mask_token!r}", field="mask_token")
     vocab = tokenizer.get_vocab()
     exists = mask_token in vocab
     if reuse:
         if not exists:
             raise ConfigError(f"reuse_token=True: {mask_token!r} is not in the vocabulary; name a reserved token "
-                              f"that exists, or drop reuse_token=True to add a new one")
+                              f"that exists, or drop reuse_token=True to add a new one", field="mask_token")
         mask_id = int(vocab[mask_token])
         roles = _special_roles(model, tokenizer)
         if mask_id in roles:
             raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) is the model's {roles[mask_id]} "
-                              f"token; the mask token must be an unused reserved token (its logit is never emitted)")
+                              f"token; the mask token must be an unused reserved token (its logit is never emitted)",
+                              field="mask_token")
         if mask_id >= model.get_input_embeddings().weight.shape[0]:
-            raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) has no embedding row in the model")
+            raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) has no embedding row in the model",
+                              field="mask_token")
         return mask_id
     if exists:
         raise ConfigError(f"mask token {mask_token!r} collides with existing token id {vocab[mask_token]}; choose "
-                          f"another mask_token, or pass reuse_token=True if that token is an unused reserved one")
+                          f"another mask_token, or pass reuse_token=True if that token is an unused reserved one",
+                          field="mask_token")
     probe = "Hello world, 1 2 3: the mask token must not change this."
     before = tokenizer(probe, add_special_tokens=False)["input_ids"]
     n_before = len(tokenizer)
@@ -85,7 +90,7 @@ def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool =
     if len(tokenizer) != n_before + 1 or mask_id is None or mask_id < n_before or \
             tokenizer(probe, add_special_tokens=False)["input_ids"] != before:
         raise ConfigError(f"mask token {mask_token!r} is not a new, distinct token for this tokenizer (it changes "
-                          f"how text is tokenized); choose another mask_token, such as <|mask|>")
+                          f"how text is tokenized); choose another mask_token, such as <|mask|>", field="mask_token")
     embed = model.get_input_embeddings()
     if mask_id >= embed.weight.shape[0]:
         model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
@@ -114,25 +119,29 @@ def _vocab_matrices(model):
     return [embed, head]
 
 
-def convert(base: str | Path, out: str | Path, block_size: int = 16, mask_token: str = "<|mask|>",
-            reuse_token: bool = False, force: bool = False, **settings) -> Path:
+def convert(base: str | Path, out: str | Path, block_size: int = ConvertConfig.block_size,
+            mask_token: str = ConvertConfig.mask_token, reuse_token: bool = ConvertConfig.reuse_token,
+            force: bool = False, **settings) -> Path:
     """Convert BASE (HF dir or bundled name) into OUT; returns OUT.
 
-    OUT must not exist or be empty (force=True replaces it). Writes into a
-    temporary sibling first and renames, so an interrupted conversion never
-    leaves a half-written OUT.
+    The keywords are `ConvertConfig`'s fields (masking, loss_weight, ...); any other `DiffusionConfig`
+    setting (e.g. half_life_ratio, draft_len) is written into ar2dlm.json as given. OUT must not exist or
+    be empty (force=True replaces it). Writes into a temporary sibling first and renames, so an interrupted
+    conversion never leaves a half-written OUT.
     """
+    names = {f.name for f in dataclasses.fields(ConvertConfig)}
+    options = ConvertConfig(block_size=block_size, mask_token=mask_token, reuse_token=reuse_token,
+                            **{k: v for k, v in settings.items() if k in names})
+    settings = {k: v for k, v in settings.items() if k not in names}
     out = files.check_output_dir(out, force)
     # bad settings fail before loading, blocks longer than the context before the weights load
-    model, tokenizer = load_base(base, settings=DiffusionConfig(block_size=block_size, mask_token=mask_token,
-                                                                 **settings))
-    mask_id = add_mask_token(model, tokenizer, mask_token, reuse_token)
-    diffusion = DiffusionConfig(block_size=block_size, mask_token_id=mask_id, mask_token=mask_token,
-                                base_model=checkpoint.base_model_name(base), **settings)
+    model, tokenizer = load_base(base, settings=options.diffusion(**settings))
+    mask_id = add_mask_token(model, tokenizer, options.mask_token, options.reuse_token)
+    diffusion = options.diffusion(mask_token_id=mask_id, base_model=checkpoint.base_model_name(base), **settings)
     with files.output_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diffusion.save(tmp)
-    print(f"converted {base} -> {out} (mask token {mask_token!r} = id {mask_id}, block size {block_size})",
-          file=sys.stderr)
+    print(f"converted {base} -> {out} (mask token {options.mask_token!r} = id {mask_id}, block size "
+          f"{options.block_size})", file=sys.stderr)
     return out

@@ -15,13 +15,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..core.config import SETTINGS_FILE, ConfigError, DecodeConfig, DiffusionConfig
+from ..core.errors import ConfigError
+from ..decode.config import DecodeConfig
 from ..decode.engine import Generation, generate, stream
 from ..nn import attention, kernels, masks
 from ..nn.gate import SlotGate
 from . import adapter, checkpoint
 from .bundled import resolve_model
 from .convert import add_mask_token
+from .settings import SETTINGS_FILE, DiffusionConfig
 
 
 class DiffusionLM:
@@ -124,8 +126,8 @@ class DiffusionLM:
         """DecodeConfig from the checkpoint's defaults (ar2dlm.json) and these overrides."""
         defaults = {}
         if self.settings is not None:
-            K = self.settings.draft_len or self.settings.block_size
-            defaults = {"draft_len": K, "proposals": self.settings.proposals or min(3, K),
+            K, R = self.settings.decode_defaults()
+            defaults = {"draft_len": K, "proposals": R,
                         # the model's adaptive default, unless the caller fixes the drafting (or asks for AR)
                         "adaptive": self.settings.adaptive and not any(
                             overrides.get(k) is not None for k in ("ar", "draft_len", "proposals"))}
@@ -142,19 +144,19 @@ class DiffusionLM:
             if given:
                 raise ConfigError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to drafting, "
                                   f"but ar=True decodes one token per forward without drafts: drop "
-                                  f"{' and '.join(given)} or ar=True")
+                                  f"{' and '.join(given)} or ar=True", field=given[0])
         try:
             config = DecodeConfig(**defaults)
         except ConfigError as e:
             from_file = [k for k in ("draft_len", "proposals") if overrides.get(k) is None and k in defaults]
-            if self.settings is None or not from_file or not any(k in str(e) for k in from_file):
+            if self.settings is None or not from_file or e.field not in ("draft_len", "proposals"):  # K bounds |R|
                 raise
             where = self.source / SETTINGS_FILE if self.source is not None else SETTINGS_FILE
             raise ConfigError(f"{e} ({' and '.join(f'{k}={defaults[k]}' for k in from_file)} "
-                              f"{'is' if len(from_file) == 1 else 'are'} the default of {where})") from e
+                              f"{'is' if len(from_file) == 1 else 'are'} the default of {where})", field=e.field) from e
         if not config.ar and self.settings is None:
             raise ConfigError("this model is not converted (no ar2dlm.json): decode it with ar=True, "
-                              "or convert it with `ar2dlm convert`")
+                              "or convert it with `ar2dlm convert`", field="ar")
         return config
 
     def encode(self, prompts: Sequence[str | Sequence[int]] | str, chat: bool = False) -> list[list[int]]:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.config import ConfigError, TrainConfig
+from ..core.errors import ConfigError
 from ..model.lm import DiffusionLM
+from .config import TrainConfig
 
 if TYPE_CHECKING:
     from .trainer import Run

@@ -19,8 +19,9 @@ from typing import Iterator
 
 import torch
 
-from ..core.config import ConfigError, DataSection
+from ..core.errors import ConfigError
 from ..core.files import open_text, read_text
+from .config import DataSection
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 

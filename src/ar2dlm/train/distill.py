@@ -19,22 +19,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..core.config import ConfigError
 from ..core.files import read_text
 from ..decode.engine import generate
 from ..model.lm import DiffusionLM
+from .config import DistillConfig
 from .data import read_prompt_file
 
 
-def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path, max_new_tokens: int = 128,
-            batch_size: int = 8, sampler: str = "greedy", temperature: float = 1.0, seed: int = 0,
-            limit: int | None = None) -> Path:
+def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path,
+            cfg: DistillConfig = DistillConfig()) -> Path:
     """Write `out_dir/distilled.jsonl` with the AR continuation of every prompt (resumable)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "distilled.jsonl"
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be >= 1 (the first N prompts) or None, got {limit}")
+    limit, max_new_tokens, batch_size = cfg.limit, cfg.max_new_tokens, cfg.batch_size
     records = read_prompt_file(prompts_file)[:limit]
     done = set()
     if out.exists():
@@ -48,8 +46,7 @@ def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path, max_
     print(f"distill: {len(records)} prompts, {len(done)} done, {len(todo)} to go -> {out}", file=sys.stderr)
     # similar lengths together: less padding in a batch
     todo.sort(key=lambda r: len(r["prompt"]))
-    cfg = lm.decode_config(ar=True, max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature,
-                           seed=seed)
+    decoding = lm.decode_config(**cfg.decoding())
     bar = tqdm(total=len(todo), desc="distill", unit="prompt", dynamic_ncols=True)
     new_tokens, start_time = 0, time.perf_counter()
     with out.open("a") as f:
@@ -58,7 +55,7 @@ def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path, max_
             ids = [lm.encode([r["prompt"]], chat=r["chat"])[0] for r in chunk]
             ctx = lm.context_len or 10**9
             ids = [p[-(ctx - max_new_tokens):] for p in ids]
-            for r, p, g in zip(chunk, ids, generate(lm, ids, cfg)):
+            for r, p, g in zip(chunk, ids, generate(lm, ids, decoding)):
                 f.write(json.dumps({"id": r["id"], "source": r["source"], "chat": r["chat"], "prompt_ids": p,
                                     "completion_ids": g.token_ids, "text": g.text}) + "\n")
                 new_tokens += len(g.token_ids)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from ..core.config import DiffusionConfig
 from ..model.lm import DiffusionLM
+from ..model.settings import DiffusionConfig
 from ..nn import masks, predecessors
 
 IGNORE = -100

@@ -32,16 +32,18 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..core.config import SETTINGS_FILE, ConfigError, DiffusionConfig, TrainConfig
+from ..core.errors import ConfigError
 from ..model import adapter as adapters
 from ..model.bundled import resolve_base
 from ..model.checkpoint import base_model_name
 from ..model.convert import add_mask_token, load_base
 from ..model.lm import DiffusionLM
+from ..model.settings import SETTINGS_FILE, DiffusionConfig
 from ..nn import predecessors
 from . import data as data_mod
 from . import objective
 from .checkpoints import check_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .config import TrainConfig
 from .heldout import heldout_metrics
 
 
