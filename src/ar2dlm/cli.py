@@ -12,19 +12,31 @@ from pathlib import Path
 
 import torch
 
+from .core import files
 from .core.errors import ConfigError
 from .core.flags import add_fields, cli_words, config_from, given, integer
 from .core.validation import check
 from .decode.config import DecodeConfig
+from .decode.engine import Request, check_request, generate, stream
+from .evaluate import run as eval_run
 from .evaluate.config import EvalConfig
+from .measure import bench, plan, tune
 from .measure.bench_config import BenchConfig, without_chat
-from .measure.demo import run_demo
+from .measure.demo import demo_prompts, run_demo
 from .measure.plan import DTYPE_BYTES, HARDWARE_NAMES, PlanConfig
+from .measure.plot import plot_run
 from .measure.tune_config import TuneConfig
 from .model import NotConvertedError
+from .model.bundled import BUNDLED, resolve_base
+from .model.convert import convert
 from .model.export import export, merge
+from .model.lm import DiffusionLM
 from .model.settings import DTYPES, ConvertConfig, LoadConfig
 from .train.config import DistillConfig
+from .train.data import read_prompt_file
+from .train.distill import distill
+from .train.prompts import write_prompt_sets
+from .train.trainer import main_train
 
 # DecodeConfig fields that are `generate` flags (eos_token_id is API-only); draft_len, proposals and adaptive
 # default to the checkpoint's (ar2dlm.json), so their flags default to None = "not given"
@@ -39,7 +51,6 @@ def cmd_convert(args) -> int:
 
     Convert BASE (a local HF checkpoint directory, or 'smollm2-135m' for the bundled SmolLM2-135M-Instruct) into
     OUT, an HF directory that still loads as an AR model."""
-    from .model.convert import convert
 
     cfg = config_from(args, ConvertConfig)
     convert(args.base, args.out, force=args.force, **dataclasses.asdict(cfg))
@@ -52,9 +63,6 @@ def cmd_generate(args) -> int:
 
     Stream the model's answer to each prompt, then print tokens, forward passes, tokens per forward (TPF), speed and
     the accepted-length histogram."""
-    from .decode.engine import Request, check_request, generate, stream
-    from .model.lm import DiffusionLM
-    from .train.data import read_prompt_file
 
     check(args.batch_size is None or args.json, "--batch-size only applies with --json (streamed text decodes one "
                                                 "prompt at a time): add --json, or drop --batch-size", "batch_size")
@@ -108,8 +116,6 @@ def cmd_demo(args) -> int:
     Decode three bench prompts (chat, code, prose) with MODEL, streaming the text, then decode each with the same-
     stack AR loop in the same run and print tokens per forward, both speeds, the speedup and whether the text
     equals AR's."""
-    from .measure.demo import demo_prompts
-    from .model.lm import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     settings = given(args, DEMO_FIELDS)
@@ -133,7 +139,6 @@ def cmd_train(args, overrides: list[str]) -> int:
     Train with the TiDAR objective. Any config field can be overridden as --section.field VALUE (e.g. --optim.lr
     1e-4 --schedule.max_steps 200). Multi-process: accelerate launch --config_file recipes/accelerate/ddp.yaml
     -m ar2dlm train --config ..."""
-    from .train.trainer import main_train
 
     return main_train(args.config, overrides, args.resume)
 
@@ -143,10 +148,6 @@ def cmd_distill(args) -> int:
 
     Greedy (or sampled) AR continuations of every prompt, batched, resumable: writes OUT/distilled.jsonl with token
     ids (prompt_ids, completion_ids)."""
-    from .model.bundled import BUNDLED, resolve_base
-    from .model.lm import DiffusionLM
-    from .train.data import read_prompt_file
-    from .train.distill import distill
 
     cfg = config_from(args, DistillConfig)  # settings fail before the model loads
     _check_out_dir(args.out)
@@ -181,7 +182,6 @@ def cmd_export(args) -> int:
 
 def cmd_plot(args) -> int:
     """PNG curves of a run's metrics.jsonl"""
-    from .measure.plot import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -190,7 +190,6 @@ def cmd_plot(args) -> int:
 
 def cmd_prompts(args) -> int:
     """write the offline prompt sets (train.jsonl, bench.jsonl)"""
-    from .train.prompts import write_prompt_sets
 
     for split, path in write_prompt_sets(args.out, force=args.force).items():
         print(f"{split}: {path}")
@@ -212,14 +211,11 @@ def cmd_bench(args) -> int:
     Measure, in one process and interleaved run by run, the same-stack AR loop, HF generate, HF prompt-lookup
     decoding and ar2dlm's samplers over draft lengths and proposal counts, on bench prompts never used in
     training. Prints a table; the last stdout line is JSON; plots and bench.json go to --out."""
-    from .core import files
-    from .measure import bench as B
-    from .model.lm import DiffusionLM
 
     cfg = config_from(args, BenchConfig)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out_dir(out)
-    for name in ("bench.json", *B.PLOT_FILES):  # before minutes of timing, not after
+    for name in ("bench.json", *bench.PLOT_FILES):  # before minutes of timing, not after
         files.check_output_file(out / name, args.force)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     lm.name = args.model
@@ -232,17 +228,17 @@ def cmd_bench(args) -> int:
         if _plain_vocab(reference) != _plain_vocab(lm):
             raise ConfigError(f"--reference {args.reference} has another tokenizer than {args.model}: outputs can "
                               "only be compared token by token with the same vocabulary", field="reference")
-    prompt_sets = {name: B.load_prompt_set(lm, name, cfg.n_prompts) for name in cfg.sets}  # fail before timing
+    prompt_sets = {name: bench.load_prompt_set(lm, name, cfg.n_prompts) for name in cfg.sets}  # fail before timing
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("quick", "seed", "prompt_lengths")}
-    report = B.bench(lm, seed=cfg.seed, reference=reference, log=print, prompt_sets=prompt_sets, **opts)
+    report = bench.bench(lm, seed=cfg.seed, reference=reference, log=print, prompt_sets=prompt_sets, **opts)
     if cfg.prompt_lengths:
-        report["context_scaling"] = B.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
+        report["context_scaling"] = bench.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
                                                       log=print)
     report["settings"] = opts
     files.write_text(out / "bench.json", json.dumps(report, indent=1), force=args.force)
-    report["plots"] = [str(p) for p in B.plots(report, out)]
-    print(B.table(report))
+    report["plots"] = [str(p) for p in bench.plots(report, out)]
+    print(bench.table(report))
     print(f"(median tokens/s of {cfg.runs} runs after a warm-up; speedup = ratio to the same-stack AR loop "
           f"measured in the same run; {report['threads']} threads) -> {out}")
     print(json.dumps(report))
@@ -255,22 +251,19 @@ def cmd_tune(args) -> int:
     Measure the forward cost by number of token slots and the acceptance on a prompt set, predict tokens/s for draft
     length x proposals, time the best predictions against the AR loop, and write the fastest into the model's
     ar2dlm.json."""
-    from .measure import bench as B
-    from .measure import tune as T
-    from .model.lm import DiffusionLM
 
     cfg = config_from(args, TuneConfig)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     cfg = without_chat(cfg, _has_chat_template(lm), args.model, explicit=args.sets is not None)
-    prompts = [p for s in cfg.sets for p in B.load_prompt_set(lm, s, cfg.n_prompts)]
-    result = T.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
-    print(T.format_tune(result))
+    prompts = [p for s in cfg.sets for p in bench.load_prompt_set(lm, s, cfg.n_prompts)]
+    result = tune.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
+    print(tune.format_tune(result))
     best = result["best"]
     if cfg.grid:
-        result["grid_search"] = T.grid_search(lm, prompts, best, max_new_tokens=cfg.max_new_tokens)
-        print(T.format_grid(result["grid_search"], best))
+        result["grid_search"] = tune.grid_search(lm, prompts, best, max_new_tokens=cfg.max_new_tokens)
+        print(tune.format_grid(result["grid_search"], best))
     if not cfg.dry_run:
-        T.write_defaults(lm.source, result)
+        tune.write_defaults(lm.source, result)
         print(f"wrote draft_len={best['draft_len']} proposals={best['proposals']} "
               f"adaptive={bool(best.get('adaptive'))} and the forward-cost table "
               f"to {lm.source / 'ar2dlm.json'}")
@@ -287,8 +280,6 @@ def cmd_eval(args) -> int:
     TPF, tau, tokens/s and speedup over the AR loop of the same run. OUT/results.jsonl grows as answers are
     scored; a rerun resumes. --frontier sweeps ar, ar-sample, greedy, lossless and mix weights and draws
     OUT/frontier.png."""
-    from .evaluate import run as E
-    from .model.lm import DiffusionLM
 
     if args.lm_eval:
         raise ConfigError("--lm-eval must come right after `eval`: ar2dlm eval --lm-eval --model ar2dlm "
@@ -298,9 +289,9 @@ def cmd_eval(args) -> int:
     _check_out_dir(out)
     ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), allow_ar=ar_only)
-    summary = E.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
+    summary = eval_run.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
     print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
-    print(E.table(summary["settings"]))
+    print(eval_run.table(summary["settings"]))
     print(json.dumps(summary))
     return 0
 
@@ -311,15 +302,14 @@ def cmd_plan(args) -> int:
     From a model config and an accelerator's peak bandwidth and FLOP/s, predict the cost of a forward by token slots
     (weights, MoE experts touched, KV and conv state, FLOPs with attention), the proposals that fit for free,
     and the best draft length and proposal count for given acceptance rates. The last stdout line is JSON."""
-    from .measure import plan as P
 
     cfg = config_from(args, PlanConfig)
-    shape = P.model_shape(P.load_config(args.model))
-    result = P.plan(shape, P.hardware(cfg.hardware, cfg.dtype), cfg)
-    print(P.format_plan(result, P.SEED_FIGURES if args.model == "zaya1-8b" else None))
+    shape = plan.model_shape(plan.load_config(args.model))
+    result = plan.plan(shape, plan.hardware(cfg.hardware, cfg.dtype), cfg)
+    print(plan.format_plan(result, plan.SEED_FIGURES if args.model == "zaya1-8b" else None))
     if args.measure:
-        result["measured"] = P.measured_vs_predicted(args.model, shape, P.Hardware(**result["hardware"]), cfg)
-        print(P.format_measured(result["measured"]))
+        result["measured"] = plan.measured_vs_predicted(args.model, shape, plan.Hardware(**result["hardware"]), cfg)
+        print(plan.format_measured(result["measured"]))
     print(json.dumps(result))
     return 0
 
@@ -418,7 +408,7 @@ def refuse(verb: str, e: Exception, parser) -> int:
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line
-        try:
+        try:  # lm-eval is an optional dependency (the eval extra)
             from .evaluate.lm_eval_model import run_cli
         except ConfigError as e:
             return refuse("eval", e, None)

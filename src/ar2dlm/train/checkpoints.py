@@ -15,7 +15,6 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,9 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..core.errors import ConfigError
 from ..model.lm import DiffusionLM
 from .config import TrainConfig
-
-if TYPE_CHECKING:
-    from .trainer import Run
+from .run import Run
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:

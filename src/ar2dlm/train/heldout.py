@@ -8,16 +8,13 @@ the training layout (one forward each, full masking), so it needs no decoding.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..decode.verify import exclude_mask_token
 from . import objective
-
-if TYPE_CHECKING:
-    from .trainer import Run
+from .run import Run
 
 
 def estimated_tpf(slot_logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor, doc_ids: torch.Tensor,

@@ -45,24 +45,10 @@ from . import objective
 from .checkpoints import check_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig
 from .heldout import heldout_metrics
+from .run import Run
 
 
 # ---------------------------------------------------------------------------- setup
-@dataclasses.dataclass
-class Run:
-    cfg: TrainConfig
-    lm: DiffusionLM
-    train_rows: data_mod.Rows
-    heldout_rows: data_mod.Rows
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    accelerator: object
-    run_dir: Path
-    step: int = 0
-    tokens: int = 0
-    elapsed: float = 0.0
-
-
 def model_to_train(cfg: TrainConfig) -> DiffusionLM:
     """The converted model to train (a base is converted in memory), with the objective's settings.
 
