@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .core import files
 from .core.errors import ConfigError
 from .core.flags import add_fields, cli_words, config_from, given, integer
+from .core.hardware import resolve_dtype
 from .core.validation import check
 from .decode.config import DecodeConfig
 from .decode.engine import Request, check_request, generate, stream
@@ -197,7 +196,7 @@ def cmd_prompts(args) -> int:
 
 
 def _dtype(args):
-    return getattr(torch, config_from(args, LoadConfig).dtype)
+    return resolve_dtype(config_from(args, LoadConfig).dtype)
 
 
 def _plain_vocab(lm) -> dict:
@@ -370,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = verb("export", cmd_export)
     ex.add_argument("adapter", help="adapter folder (a run's final/)")
     ex.add_argument("out", help=OUT)
-    ex.add_argument("--dtype", default=inspect.signature(export).parameters["dtype"].default, choices=DTYPES)
+    ex.add_argument("--dtype", default=inspect.signature(export).parameters["dtype"].default,
+                    choices=[d for d in DTYPES if d != "auto"])
     ex.add_argument("--force", action="store_true", help=FORCE)
     verb("plot", cmd_plot).add_argument("run_dir")
     b = verb("bench", cmd_bench, model=MODEL, load=True)

@@ -16,10 +16,12 @@ from typing import Iterator, Sequence
 import torch
 
 from ..core.errors import ConfigError
+from ..core.hardware import resolve_dtype
 from ..decode.config import DecodeConfig
 from ..decode.engine import Generation, generate, stream
 from ..nn import attention, kernels, masks
 from ..nn.gate import SlotGate
+from ..nn.invariant import BatchInvariant
 from . import adapter, checkpoint
 from .bundled import resolve_model
 from .convert import add_mask_token
@@ -29,7 +31,7 @@ from .settings import SETTINGS_FILE, DiffusionConfig
 class DiffusionLM:
     """A converted checkpoint ready to decode. `settings is None` means a plain AR model."""
 
-    def __init__(self, model, tokenizer, settings: DiffusionConfig | None):
+    def __init__(self, model, tokenizer, settings: DiffusionConfig | None, batch_invariant: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.settings = settings
@@ -38,11 +40,15 @@ class DiffusionLM:
         self.packed_masks = attention.PackedMasks()  # the packed GQA masks of the forward in progress
         self.source: Path | None = None  # the directory it was loaded from
         self.wrapped = None  # the module that runs the forward when it differs from self.model (DDP in training)
+        # a row's logits and K/V independent of the rows sharing its forward (nn/invariant.py): on by default
+        # where the plain kernels are not (bf16, fp16); in fp32 it costs too much on a CPU (README)
+        self.batch_invariant = (model.dtype != torch.float32) if batch_invariant is None else batch_invariant
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        attn_implementation: str = "sdpa", allow_ar: bool = False) -> "DiffusionLM":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32,
+                        attn_implementation: str = "sdpa", allow_ar: bool = False,
+                        batch_invariant: bool | None = None) -> "DiffusionLM":
         """Load a converted checkpoint, an adapter folder, or a bundled name (its shipped drafter).
 
         `allow_ar=True` also accepts an unconverted AR model. Loading reads
@@ -51,14 +57,20 @@ class DiffusionLM:
         alone) -> load the weights and tokenizer -> attach the adapter ->
         install the fast paths. Each check runs once, before the step it
         protects, so a bad file is named in a ConfigError before the weights load.
+
+        `dtype`: a torch dtype or auto | float32 | bfloat16 | float16 (auto = bfloat16 where the hardware
+        computes it natively). `batch_invariant` (default: on for bf16 / fp16, off for fp32): every row's
+        logits and K/V are bitwise those of a one-row forward (nn/invariant.py), so greedy decoding equals the
+        AR loop in that dtype token for token.
         """
+        dtype = resolve_dtype(dtype)
         folder = resolve_model(str(path))
         settings, base = checkpoint.read_settings(folder, allow_ar)
         config = checkpoint.check_architecture(base, settings, exact=settings is not None,
                                                origin=folder / SETTINGS_FILE)
         model, tokenizer = load_weights_and_tokenizer(folder, base, config, settings, dtype=dtype,
                                                       attn_implementation=attn_implementation)
-        lm = cls(model, tokenizer, settings)
+        lm = cls(model, tokenizer, settings, batch_invariant)
         lm.source = folder
         if settings is not None and settings.adapter:
             adapter.load(lm, folder)
@@ -104,7 +116,8 @@ class DiffusionLM:
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
         kwargs go to the HF forward (e.g. logits_to_keep).
         """
-        with self.slot_gate.rows(mask_slots), self.packed_masks.one_forward():
+        invariant = BatchInvariant() if self.batch_invariant else contextlib.nullcontext()
+        with self.slot_gate.rows(mask_slots), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(attention_mask, self.model),
                                                past_key_values=past_key_values,

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.files import read_json, write_text
+from ..core.hardware import DTYPE_NAMES
 from ..core.validation import build, check, check_types, finite
 from ..decode.config import MAX_DRAFT_LEN
 
 MASKING_SCHEMES = ("full", "uniform", "position_dependent")
 SETTINGS_FILE = "ar2dlm.json"
 ADAPTER_KINDS = ("drafting", "lora", "full")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,9 @@ class LoadConfig:
     """How a verb loads its model."""
 
     dtype: str = field(default="float32", metadata={"choices": DTYPES})
-    """Weights and activations. bfloat16 is much faster on CPUs with AVX512-BF16 and on GPUs, for AR and ar2dlm
-    alike; greedy ar2dlm then matches the AR loop only up to bf16 rounding, which differs between a one-row and a
-    many-row forward."""
+    """Weights and activations (auto = bfloat16 where the CPU has AVX512-BF16 or AMX, or on a GPU with bf16,
+    else float32). In bfloat16 / float16 the forward is batch-invariant, so greedy output equals the AR loop in
+    that dtype token for token; in float32 it equals HF generate of the base."""
 
     def __post_init__(self):
         check_types(self)

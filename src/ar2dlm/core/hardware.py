@@ -1,0 +1,64 @@
+"""What this machine computes natively: the CPU model and bf16 support, and the decode dtype `auto` means here.
+
+Speed figures belong to the machine they were measured on, so every verb
+that times or decodes prints `describe()` beside them.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+"""What a decode dtype setting may say; `auto` = bfloat16 where the hardware computes it natively, else float32."""
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (/proc/cpuinfo) of native bf16 matmuls: AVX512-BF16 (AMD EPYC, Intel) and AMX (Intel Xeon)."""
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo; (platform.processor(), {}) where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU", frozenset()
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model or platform.processor() or "unknown CPU", flags
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` computes bf16 matmuls natively (CUDA: the GPU says so; CPU: its flags)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return any(flag in _cpuinfo()[1] for flag in NATIVE_BF16_FLAGS)
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype setting -> torch dtype (`auto`: bfloat16 where `native_bf16(device)`, else float32)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return getattr(torch, name)
+
+
+def describe(dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> str:
+    """'bfloat16 on Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16), 2 threads': what a timing ran on."""
+    where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
+    flags = [f for f in NATIVE_BF16_FLAGS if f in _cpuinfo()[1]] if torch.device(device).type == "cpu" else []
+    named = " (" + ", ".join(sorted(flags)) + ")" if flags else ""
+    text = f"{where}{named}, {torch.get_num_threads()} threads"
+    return f"{str(dtype).removeprefix('torch.')} on {text}" if dtype is not None else text

@@ -1,0 +1,157 @@
+"""Batch-invariant forward: a row's result does not depend on the rows it shares a forward with.
+
+A matmul library picks its blocking (and with it the order in which each
+output element's dot product is summed) from the shape of the call: the
+logits of a row computed alone (M = 1, the AR loop) and inside an 8-row
+decode step differ in the last bits, in fp32 on every row and in bf16 on
+some. Greedy decoding agrees with the AR loop only while no argmax is that
+close. The fix serving engines use is to make every reduction run in one
+fixed order per row, whatever the rest of the batch:
+
+1. matmuls (linears, LoRA products, the LM head, MoE experts): the rows are
+   cut into tiles of exactly `ROW_TILE` rows (the last one padded with
+   zeros), and each tile is one call of the same shape. The library then
+   runs the same kernel, with the same reduction order, for every row,
+   wherever it sits in whichever step. Where a few rows cost what one row
+   costs (bf16 on AMX / AVX512-BF16) the padding is free.
+2. attention: scores and the weighted sum of values in fp32, over the keys
+   in fixed chunks of `KEY_CHUNK` from position 0 (the cache padded to a
+   whole chunk with masked keys), the chunks summed in order. A masked key
+   adds an exact zero, so trailing keys a row does not see (later drafts,
+   proposals, a longer request's cache) change nothing: a verify row equals
+   the AR loop's row at that position, whose cache simply ends there.
+3. everything else a decoder runs (norms, rotary, activations, residuals)
+   is elementwise or reduces within one row, and is invariant as it is.
+
+`BatchInvariant` is a `TorchFunctionMode`: inside `with BatchInvariant():`
+(entered by `DiffusionLM.forward` for a model that decodes invariantly, so
+it is scoped to one model's forward, never global) the matmul-like torch
+functions and `scaled_dot_product_attention` run as above; every other op
+is untouched. Under autograd (training) it steps aside. The plain
+functions stay the reference: `tests/test_invariant.py` holds each row of a
+multi-row forward to the 1-row forwards, bit for bit, and the mode's
+results to the plain ops to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+ROW_TILE = 16
+"""Rows per matmul call: every call has this many rows (bf16 CPU kernels cost about the same for 1 to 16)."""
+KEY_CHUNK = 64
+"""Keys per chunk of the attention's reductions: the cache is padded to a multiple of it."""
+
+
+def _tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """x [..., M, K] -> [..., ceil(M / tile) * tile, K]: zero rows appended."""
+    pad = (-x.shape[-2]) % tile
+    if pad == 0:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], -2)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, tile: int = ROW_TILE) -> torch.Tensor:
+    """a [..., M, K] @ b [..., K, N] with every call on exactly `tile` rows of a."""
+    if a.dim() < 2 or b.dim() < 2:
+        return torch.matmul(a, b)
+    M = a.shape[-2]
+    padded = _tiles(a, tile)
+    out = torch.cat([torch.matmul(padded[..., i:i + tile, :], b) for i in range(0, padded.shape[-2], tile)], -2)
+    return out[..., :M, :]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           tile: int = ROW_TILE) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K], weight [N, K], the rows of x in tiles of `tile`."""
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    padded = _tiles(rows, tile)
+    out = torch.cat([F.linear(padded[i:i + tile], weight, bias) for i in range(0, padded.shape[0], tile)])
+    return out[:rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+              tile: int = ROW_TILE) -> torch.Tensor:
+    """scaled_dot_product_attention, batch-invariant.
+
+    query [b, H, q, d]; key, value [b, H_kv, L, d] (H_kv divides H: grouped
+    query heads read their KV head without a copy); attn_mask bool (True =
+    attend) or additive, broadcastable to [b, H, q, L]; -> [b, H, q, d_v].
+    """
+    b, H, q, d = query.shape
+    Hkv, L = key.shape[1], key.shape[-2]
+    rep = H // Hkv
+    scale = d ** -0.5 if scale is None else scale
+    if attn_mask is None:
+        allowed = torch.ones(q, L, dtype=torch.bool, device=query.device)
+        if is_causal:
+            allowed = allowed.tril(L - q)
+        allowed = allowed.expand(b, 1, q, L)
+    elif attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    else:
+        allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2  # an additive mask: 0 = attend
+    allowed = allowed.expand(b, allowed.shape[1] if allowed.dim() == 4 else 1, q, L)
+    # 1. the keys in whole chunks (masked padding), the query heads of a KV head stacked as its rows
+    pad = (-L) % KEY_CHUNK
+    k, v = key.float(), value.float()
+    if pad:
+        k = torch.cat([k, k.new_zeros(b, Hkv, pad, d)], 2)
+        v = torch.cat([v, v.new_zeros(b, Hkv, pad, v.shape[-1])], 2)
+        allowed = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:3], pad)], 3)
+    n_chunks = k.shape[2] // KEY_CHUNK
+    rows = query.float().reshape(b, Hkv, rep * q, d)  # row rep_i * q + i: query head h_kv * rep + rep_i
+    if allowed.shape[1] == 1:
+        allowed = allowed.repeat(1, 1, rep, 1)  # [b, 1, rep * q, L']
+    else:
+        allowed = allowed.expand(b, H, q, allowed.shape[-1]).reshape(b, Hkv, rep * q, allowed.shape[-1])
+    # 2. scores [b, H_kv, rep q, L'] in tiles of rows; a masked key scores -inf and weighs an exact 0
+    s = matmul(rows, k.transpose(-1, -2), tile) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min))
+    # 3. per chunk: its weights' sum and its weighted values; the chunks added in order (cumsum is sequential)
+    e = e.reshape(b, Hkv, rep * q, n_chunks, KEY_CHUNK)
+    total = e.sum(-1).cumsum(-1)[..., -1:]  # [b, H_kv, rep q, 1]
+    chunks = v.reshape(b, Hkv, n_chunks, KEY_CHUNK, v.shape[-1])
+    per_chunk = matmul(e.transpose(2, 3), chunks, tile)  # [b, H_kv, n_chunks, rep q, d_v]
+    out = per_chunk.cumsum(2)[:, :, -1] / total
+    return out.reshape(b, H, q, -1).to(query.dtype)
+
+
+class BatchInvariant(TorchFunctionMode):
+    """Inside it, matmuls and attention run in a fixed reduction order per row (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func is F.linear:
+            return linear(*args, **kwargs)
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
+                    torch.bmm, torch.Tensor.bmm):
+            return matmul(*args, **kwargs)
+        if func in (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm):
+            base, a, b = args[:3]
+            return _scaled_add(base, matmul(a, b), kwargs.get("beta", 1), kwargs.get("alpha", 1))
+        if func in (torch.Tensor.addmm_, torch.Tensor.baddbmm_):
+            base, a, b = args[:3]
+            return base.copy_(_scaled_add(base, matmul(a, b), kwargs.get("beta", 1), kwargs.get("alpha", 1)))
+        if func is F.scaled_dot_product_attention:
+            return _sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _scaled_add(base: torch.Tensor, product: torch.Tensor, beta, alpha) -> torch.Tensor:
+    """beta * base + alpha * product (addmm's result, from an invariant product)."""
+    out = product if alpha == 1 else product * alpha
+    return out + (base if beta == 1 else base * beta) if beta != 0 else out
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return attention(query, key, value, attn_mask, is_causal, scale)
