@@ -388,3 +388,18 @@ def test_empty_recipe_names_the_recipe(capsys, tmp_path, text):
     (tmp_path / "r.yaml").write_text(text)
     msg = refused(capsys, [tmp_path], "train", "--config", tmp_path / "r.yaml", names=tmp_path / "r.yaml")
     assert "empty" in msg and "data.train" not in msg
+
+
+def test_api_folder_writers_never_write_into_an_input(lm, root, tmp_path):
+    from ar2dlm.evaluate.config import EvalConfig
+    from ar2dlm.evaluate.run import evaluate
+    from ar2dlm.train.distill import distill
+
+    before = checksums(root)
+    for call in (lambda: distill(lm, root / "prompts.jsonl", root / "conv"),
+                 lambda: distill(lm, root / "prompts.jsonl", root / "prompts.jsonl" / "x"),
+                 lambda: evaluate(lm, EvalConfig(form="raw", limit=1, settings=("ar",)), root / "conv" / "ev", "m")):
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert e.value.field == "out", e.value
+    assert checksums(root) == before
