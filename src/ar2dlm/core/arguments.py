@@ -16,8 +16,9 @@ from .errors import ConfigError
 ACCEPTS = "a string, or a list of token ids (ints)"
 
 
-def _shown(value) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
+def shown(value) -> str:
+    """A value as an error message shows it: its type and (the start of) its repr."""
+    return "None" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
 def check_prompt(prompt, name: str = "prompt") -> None:
@@ -26,11 +27,11 @@ def check_prompt(prompt, name: str = "prompt") -> None:
         return
     if isinstance(prompt, (bytes, bytearray, dict, set)) or not hasattr(prompt, "__len__") \
             or not hasattr(prompt, "__iter__"):
-        raise ConfigError(f"{name} must be {ACCEPTS}, got {_shown(prompt)}", field=name)
+        raise ConfigError(f"{name} must be {ACCEPTS}, got {shown(prompt)}", field=name)
     for t in prompt:
         if not _is_id(t):
             raise ConfigError(f"{name} must be {ACCEPTS}; it is a {type(prompt).__name__} holding "
-                              f"{_shown(t)} (to give several prompts, use generate)", field=name)
+                              f"{shown(t)} (to give several prompts, use generate)", field=name)
 
 
 def _is_id(t) -> bool:
@@ -51,7 +52,7 @@ def check_prompts(prompts, name: str = "prompts") -> None:
     if isinstance(prompts, (bytes, bytearray, dict, set)) or not hasattr(prompts, "__len__") \
             or not hasattr(prompts, "__iter__"):
         raise ConfigError(f"{name} must be a string, a list of strings or a list of token-id lists, got "
-                          f"{_shown(prompts)}", field=name)
+                          f"{shown(prompts)}", field=name)
     items = list(prompts)
     if items and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items):
         return  # one prompt given as token ids

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .arguments import shown
 from .errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -116,13 +117,9 @@ def check_weights(directory: str | Path) -> None:
 # ---------------------------------------------------------------------------- writing
 def check_path(value, name: str) -> Path:
     """`value` as a Path if it is a str or os.PathLike; else a ConfigError naming the argument `name`."""
-    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes) and str(os.fspath(value)):
+    if isinstance(value, (str, os.PathLike)) and str(os.fspath(value)):
         return Path(value)
-    raise ConfigError(f"{name} must be a path (str or os.PathLike), got {_shown(value)}", field=name)
-
-
-def _shown(value) -> str:
-    return f"{type(value).__name__} {value!r}"[:80] if value is not None else "None"
+    raise ConfigError(f"{name} must be a path (str or os.PathLike), got {shown(value)}", field=name)
 
 
 def check_not_input(out: str | Path, inputs, what: str = "output", replaces: bool = True,
@@ -144,8 +141,9 @@ def check_not_input(out: str | Path, inputs, what: str = "output", replaces: boo
         else:
             continue
         same = "" if str(given) == str(source) else f" ({source})"
-        raise ConfigError(f"{what} {out} {relation} the input {given}{same}: writing it would change the input "
-                          f"(force only replaces an old output); choose an output outside every input", field=field)
+        raise ConfigError(f"{what} {out} {relation} the input {given}{same}: writing it would change the input; "
+                          f"choose an output outside every input (force=True replaces old outputs, never inputs)",
+                          field=field)
     return out
 
 
