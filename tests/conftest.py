@@ -34,6 +34,19 @@ def make_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<unk>")
 
 
+RESERVED = "<|reserved_0|>"
+"""A reserved special token (id VOCAB) of `save_reserved_base`: what `--reuse-token` may take as the mask."""
+
+
+def save_reserved_base(path, arch: str = "llama"):
+    """A tiny base whose tokenizer has one reserved special token, RESERVED (id VOCAB), with an embedding row."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [RESERVED]})
+    tiny_model(arch, vocab=VOCAB + 1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def _common(V):
     return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS, bos_token_id=None,

@@ -149,13 +149,14 @@ def test_unconverted_base(capsys, base_dirs):
 
 
 def test_reuse_token_convert_and_generate(capsys, base_dirs, tmp_path):
-    out_dir = tmp_path / "reuse"
-    rc, _, err = cli(capsys, "convert", base_dirs["llama"], out_dir, "--block-size", "4", "--mask-token", "w95",
-                     "--reuse-token")
+    from conftest import RESERVED, save_reserved_base
+
+    base, out_dir = save_reserved_base(tmp_path / "base"), tmp_path / "reuse"
+    rc, _, err = cli(capsys, "convert", base, out_dir, "--block-size", "4", "--mask-token", RESERVED, "--reuse-token")
     assert rc == 0, err
-    assert DiffusionConfig.load(out_dir).mask_token_id == 95
+    assert DiffusionConfig.load(out_dir).mask_token_id == VOCAB
     j = gen_one(capsys, out_dir, PROMPT, "--max-new-tokens", "8")
-    assert j["token_ids"] == hf_greedy(base_dirs["llama"], PROMPT, 8)
+    assert j["token_ids"] == hf_greedy(base, PROMPT, 8)
 
 
 # ---------------------------------------------------------------------------- batches

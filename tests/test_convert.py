@@ -146,23 +146,27 @@ def test_convert_into_existing_empty_dir(base_dirs, tmp_path):
 
 # ---------------------------------------------------------------------------- reuse of an existing token
 def test_reuse_existing_token(base_dirs, tmp_path):
-    out = convert(base_dirs["llama"], tmp_path / "out", block_size=4, mask_token="w95", reuse_token=True)
+    from conftest import RESERVED, save_reserved_base
+
+    base_dir = save_reserved_base(tmp_path / "base")
+    out = convert(base_dir, tmp_path / "out", block_size=4, mask_token=RESERVED, reuse_token=True)
     settings = DiffusionConfig.load(out)
-    assert settings.mask_token == "w95"
-    assert settings.mask_token_id == 95 == AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("w95")
-    assert len(AutoTokenizer.from_pretrained(out)) == VOCAB
-    base, conv = _load(base_dirs["llama"]), _load(out)
-    assert conv.get_input_embeddings().weight.shape[0] == VOCAB  # no vocabulary growth
+    assert settings.mask_token == RESERVED
+    assert settings.mask_token_id == VOCAB == AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(RESERVED)
+    assert len(AutoTokenizer.from_pretrained(out)) == VOCAB + 1
+    base, conv = _load(base_dir), _load(out)
+    assert conv.get_input_embeddings().weight.shape[0] == VOCAB + 1  # no vocabulary growth
     ids = _random_ids(11)
     with torch.no_grad():
         torch.testing.assert_close(conv(ids).logits, base(ids).logits)  # weights untouched
 
 
 def test_add_mask_token_reuse_returns_existing_id():
-    model, tok = tiny_model("gpt2"), make_tokenizer()
+    model, tok = tiny_model("gpt2", vocab=VOCAB + 1), make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|reserved_0|>"]})
     before = model.get_input_embeddings().weight.clone()
-    assert add_mask_token(model, tok, "w5", reuse=True) == 5
-    assert len(tok) == VOCAB
+    assert add_mask_token(model, tok, "<|reserved_0|>", reuse=True) == VOCAB
+    assert len(tok) == VOCAB + 1
     torch.testing.assert_close(model.get_input_embeddings().weight, before)
 
 

@@ -80,7 +80,7 @@ def test_cost_is_monotone():
 
 def test_plan_uses_tunes_prediction():
     s = plan.model_shape(ARCHS["llama"](VOCAB))
-    cfg = plan.PlanConfig(hardware="h100", block_size=6, acceptance=(0.9, 0.7))
+    cfg = plan.PlanConfig(hardware="h100", context=200, block_size=6, acceptance=(0.9, 0.7))  # tiny: 256 positions
     r = plan.plan(s, plan.hardware("h100", "bfloat16"), cfg)
     a = [0.9, 0.7, 0.7, 0.7, 0.7]
     for b in r["best"]:
@@ -120,7 +120,8 @@ def test_cli_plan(capsys, tmp_path):
     result = json.loads(out[-1])
     assert result["settings"]["acceptance"] == [0.9, 0.8] and result["best"]
     ARCHS["qwen3"](VOCAB).save_pretrained(tmp_path)
-    assert main(["plan", str(tmp_path / "config.json"), "--hardware", "h200", "--block-size", "4"]) == 0
+    assert main(["plan", str(tmp_path / "config.json"), "--hardware", "h200", "--block-size", "4", "--context",
+                 "200"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == "qwen3"
     assert main(["plan", "zaya1-8b", "--hardware", "b200", "--dtype", "float32"]) == 2
     assert "float32" in capsys.readouterr().err

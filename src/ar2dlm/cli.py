@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .core import files
+from .core import files, interrupts
 from .core.errors import ConfigError
 from .core.flags import add_fields, cli_words, config_from, given, integer
 from .core.hardware import resolve_dtype
@@ -26,7 +26,7 @@ from .measure.plan import DTYPE_BYTES, HARDWARE_NAMES, PlanConfig
 from .measure.plot import plot_run
 from .measure.tune_config import TuneConfig
 from .model import NotConvertedError
-from .model.bundled import BUNDLED, resolve_base
+from .model.bundled import BUNDLED, resolve_base, resolve_model
 from .model.convert import convert
 from .model.export import export, merge
 from .model.lm import DiffusionLM
@@ -84,9 +84,9 @@ def cmd_generate(args) -> int:
                     print(json.dumps({"index": start + i, "text": g.text, "token_ids": g.token_ids,
                                       "finish_reason": g.finish_reason, "stats": g.stats.as_dict()}), flush=True)
                 done += len(chunk)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # main turns it into the exit code
             print(f"\n[interrupted] {done} of {len(ids)} prompts decoded and printed", file=sys.stderr, flush=True)
-            return 130
+            raise
         return 0
     for i, prompt_ids in enumerate(ids):
         out, start = Request(lm, cfg), time.perf_counter()
@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
             out.stats.wall_time = time.perf_counter() - start
             print(f"\n{_stats_line(mode + ', interrupted', out.stats)}", file=sys.stderr, flush=True)
             print(f"[interrupted] during prompt {i + 1} of {len(ids)}", file=sys.stderr, flush=True)
-            return 130
+            raise
         print(f"\n{_stats_line(mode, out.stats)}", file=sys.stderr, flush=True)
     return 0
 
@@ -214,8 +214,9 @@ def cmd_bench(args) -> int:
     cfg = config_from(args, BenchConfig)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out_dir(out)
+    inputs = [resolve_model(m) for m in (args.model, args.reference) if m] + [s for s in cfg.sets if Path(s).exists()]
     for name in ("bench.json", *bench.PLOT_FILES):  # before minutes of timing, not after
-        files.check_output_file(out / name, args.force)
+        files.check_output_file(out / name, args.force, inputs=inputs)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
     lm.name = args.model
     cfg = cfg.resolved(*lm.settings.decode_defaults())
@@ -235,7 +236,7 @@ def cmd_bench(args) -> int:
         report["context_scaling"] = bench.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
                                                       log=print)
     report["settings"] = opts
-    files.write_text(out / "bench.json", json.dumps(report, indent=1), force=args.force)
+    files.write_text(out / "bench.json", json.dumps(report, indent=1), force=args.force, inputs=inputs)
     report["plots"] = [str(p) for p in bench.plots(report, out)]
     print(bench.table(report))
     print(f"(median tokens/s of {cfg.runs} runs after a warm-up; speedup = ratio to the same-stack AR loop "
@@ -287,6 +288,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out or f"runs/eval-{cfg.task}-{cfg.form}")
     _check_out_dir(out)
     ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine
+    files.check_not_input(out, [resolve_model(args.model)], "output folder", replaces=False)
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), allow_ar=ar_only)
     summary = eval_run.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
     print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
@@ -405,6 +407,7 @@ def refuse(verb: str, e: Exception, parser) -> int:
     return 2
 
 
+@interrupts.exit_codes  # 130 on SIGINT, 143 on SIGTERM, after the verb saved what it saves
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:2] == ["eval", "--lm-eval"]:  # the rest is lm-eval's own command line
@@ -429,9 +432,6 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(args.verb, ConfigError(message, e.field), verb_parser)
     except (ConfigError, OSError) as e:  # OSError: a file problem no loader named yet (its message names the file)
         return refuse(args.verb, e, verb_parser)
-    except KeyboardInterrupt:
-        print(f"\nar2dlm {args.verb}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ before a loader fails deep inside.
 
 Writing: `output_dir` writes a directory into a temporary sibling and renames
 it into place; `write_text` does the same for one file. Both refuse to replace
-anything that exists unless `force=True`, and the message says how.
+anything that exists unless `force=True`, and the message says how. `force`
+replaces an old output, never an input: every writer passes the paths it reads
+(`inputs`), and `check_not_input` refuses an output that is one of them, lies
+inside one, or (a directory that is replaced whole) contains one. Paths are
+compared after resolving symlinks, so a link to an input is that input.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .arguments import shown
 from .errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -110,31 +115,64 @@ def check_weights(directory: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------- writing
+def check_path(value, name: str) -> Path:
+    """`value` as a Path if it is a str or os.PathLike; else a ConfigError naming the argument `name`."""
+    if isinstance(value, (str, os.PathLike)) and str(os.fspath(value)):
+        return Path(value)
+    raise ConfigError(f"{name} must be a path (str or os.PathLike), got {shown(value)}", field=name)
+
+
+def check_not_input(out: str | Path, inputs, what: str = "output", replaces: bool = True,
+                    field: str | None = "out") -> Path:
+    """Refuse an output that is an input, lies inside one or, when `replaces` (a directory replaced whole),
+    contains one; `inputs` are the paths the command reads (None entries are skipped)."""
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            relation = "is"
+        elif source in target.parents:
+            relation = "lies inside"
+        elif replaces and target in source.parents:
+            relation = "contains"
+        else:
+            continue
+        same = "" if str(given) == str(source) else f" ({source})"
+        raise ConfigError(f"{what} {out} {relation} the input {given}{same}: writing it would change the input; "
+                          f"choose an output outside every input (force=True replaces old outputs, never inputs)",
+                          field=field)
+    return out
+
+
 def _exists_message(path: Path, what: str) -> str:
     return (f"{what} {path} already exists and would be overwritten; choose another path, or pass force=True "
             f"to replace it")
 
 
-def check_output_dir(out: str | Path, force: bool = False, what: str = "output directory") -> Path:
-    """Check that `out` can become a new directory (missing or empty, or force=True; never a file)."""
-    out = Path(out)
+def check_output_dir(out: str | Path, force: bool = False, what: str = "output directory", inputs=()) -> Path:
+    """Check that `out` can become a new directory (missing or empty, or force=True; never a file, never an
+    input, inside one or around one)."""
+    out = check_not_input(check_path(out, "out"), inputs, what)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{what} {out} is a file, not a directory; choose a directory path")
+        raise ConfigError(f"{what} {out} is a file, not a directory; choose a directory path", field="out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"{what} {out} exists and is not empty; choose another path, or pass force=True to "
-                          f"replace it")
+                          f"replace it", field="out")
     if not out.exists() and out.parent.exists() and not out.parent.is_dir():
-        raise ConfigError(f"{what} {out}: {out.parent} is a file, not a directory")
+        raise ConfigError(f"{what} {out}: {out.parent} is a file, not a directory", field="out")
     return out
 
 
 @contextlib.contextmanager
-def output_dir(out: str | Path, force: bool = False, what: str = "output directory") -> Iterator[Path]:
+def output_dir(out: str | Path, force: bool = False, what: str = "output directory", inputs=()) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to write into; on success it becomes `out` in one rename.
 
-    An interrupted or failed write leaves `out` as it was.
+    An interrupted or failed write leaves `out` as it was; `inputs` as in `check_output_dir`.
     """
-    out = check_output_dir(out, force, what)
+    out = check_output_dir(out, force, what, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -155,20 +193,21 @@ def output_dir(out: str | Path, force: bool = False, what: str = "output directo
         raise
 
 
-def check_output_file(path: str | Path, force: bool = False, what: str = "output file") -> Path:
-    path = Path(path)
+def check_output_file(path: str | Path, force: bool = False, what: str = "output file", inputs=()) -> Path:
+    """Check that `path` can be written (new, or force=True; never a directory, an input or inside one)."""
+    path = check_not_input(check_path(path, "path"), inputs, what, replaces=False)
     if path.is_dir():
-        raise ConfigError(f"{what} {path} is a directory, not a file")
+        raise ConfigError(f"{what} {path} is a directory, not a file", field="out")
     if path.exists() and not force:
-        raise ConfigError(_exists_message(path, what))
+        raise ConfigError(_exists_message(path, what), field="out")
     if path.parent.exists() and not path.parent.is_dir():
-        raise ConfigError(f"{what} {path}: {path.parent} is a file, not a directory")
+        raise ConfigError(f"{what} {path}: {path.parent} is a file, not a directory", field="out")
     return path
 
 
-def write_text(path: str | Path, text: str, force: bool = False, what: str = "output file") -> Path:
+def write_text(path: str | Path, text: str, force: bool = False, what: str = "output file", inputs=()) -> Path:
     """Write a file atomically (temporary sibling, then rename); refuse to replace one unless force=True."""
-    path = check_output_file(path, force, what)
+    path = check_output_file(path, force, what, inputs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)

@@ -36,6 +36,9 @@ def check_types(obj) -> None:
     for f in dataclasses.fields(obj):
         value, hint = getattr(obj, f.name), hints[f.name]
         check(is_a(value, hint), f"{f.name} must be {type_words(hint)}, got {value!r}", f.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        check(not any(isinstance(x, float) and not math.isfinite(x) for x in numbers),
+              f"{f.name} must be a finite number, got {value!r}", f.name)  # not "must be >= 0" for inf or nan
 
 
 def is_a(value, hint) -> bool:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import files
 from ..core.errors import ConfigError
 from ..decode.engine import generate
 from ..model.lm import DiffusionLM
@@ -219,6 +220,7 @@ def evaluate(lm: DiffusionLM, cfg: EvalConfig, out: Path, model_name: str, force
     decode = {s: lm.decode_config(max_new_tokens=cfg.max_new_tokens, stop=stops, **decode_settings(s, cfg))
               for s in settings}  # every setting is validated before anything is decoded
     identity = cfg.identity(model_name)
+    files.check_not_input(out, [lm.source], "output folder", replaces=False)  # its files go into OUT
     check_resume(out, identity, force)
     results = out / "results.jsonl"
     records = read_results(results)

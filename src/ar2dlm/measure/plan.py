@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
-from ..core.files import ASSETS
+from ..core.files import ASSETS, read_json
 from ..core.validation import check, check_types
+from ..model import architectures
 from ..model.bundled import BUNDLED, resolve_base
 from ..model.lm import DiffusionLM
 from . import tune
@@ -144,6 +145,7 @@ class Shape:
     moe_layers: int
     expert_params: int  # parameters of one routed expert
     state_per_row: int  # conv / delayed-value state elements per row (all layers)
+    context: int = 0  # the model's context (max_position_embeddings); 0 = not given
 
     @property
     def total_params(self) -> int:
@@ -172,15 +174,43 @@ def load_config(model: str):
             path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json there")
+    raw = read_json(path, "model config")
+    _check_sizes(raw if isinstance(raw, dict) else {}, str(path))  # before transformers divides by them
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: not a transformers model config ({str(e).splitlines()[0]})") from e
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as e:  # its own checks of sizes fail oddly
+        raise ConfigError(f"{path}: not a usable transformers model config "
+                          f"({(str(e).splitlines() or [type(e).__name__])[0]})") from e
+
+
+SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings")
+
+
+def _check_sizes(raw: dict, where: str, required=()) -> None:
+    for key in SIZES:
+        value = raw.get(key)
+        if (value is not None or key in required) and (type(value) is not int or value < 1):
+            raise ConfigError(f"{where}: {key} must be a whole number >= 1, got {value!r}; a model of that shape "
+                              f"cannot be planned", field=key)
+
+
+def check_config(config) -> None:
+    """What `convert` checks of a config (a causal LM whose layers ar2dlm decodes exactly), and no degenerate
+    size: a plan of a model ar2dlm refuses, or of zero layers, would be a confident number about nothing."""
+    where = str(getattr(config, "_name_or_path", "") or config.model_type)
+    architectures.check_architecture(config, where)
+    text = config.get_text_config(decoder=True)
+    _check_sizes({k: getattr(text, k, None) for k in SIZES}, where, required=SIZES[:-1])
+    if text.hidden_size % text.num_attention_heads and getattr(text, "head_dim", None) is None:
+        raise ConfigError(f"{where}: hidden_size {text.hidden_size} is not a multiple of num_attention_heads "
+                          f"{text.num_attention_heads}", field="hidden_size")
 
 
 def model_shape(config) -> Shape:
+    """The Shape of a model config, checked first (`check_config`)."""
     from transformers import AutoModelForCausalLM
 
+    check_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     text = config.get_text_config(decoder=True)
@@ -214,7 +244,7 @@ def model_shape(config) -> Shape:
         width = (heads + kv_heads) * head_dim
         state = text.num_hidden_layers * (width * (text.cca_time0 - 1 + text.cca_time1 - 1) + kv_heads * head_dim // 2)
     return Shape(config.model_type, text.num_hidden_layers, heads, kv_heads, head_dim, dense, head_params, experts,
-                 top_k, moe_layers, expert_params, state)
+                 top_k, moe_layers, expert_params, state, getattr(text, "max_position_embeddings", None) or 0)
 
 
 def experts_touched(E: int, k: int, tokens: int) -> float:
@@ -247,6 +277,11 @@ def forward_cost(shape: Shape, hw: Hardware, dtype: str, batch: int, context: in
 
 def plan(shape: Shape, hw: Hardware, cfg: PlanConfig) -> dict:
     """Relative forward costs, the memory-bound knee at K = block size, and the best (K, |R|) by predicted speedup."""
+    if shape.context and cfg.context + cfg.block_size > shape.context:
+        raise ConfigError(f"context {cfg.context} (+ a block of {cfg.block_size}) is beyond the model's context of "
+                          f"{shape.context} tokens (max_position_embeddings of {shape.model_type}): choose a context "
+                          f"of at most {shape.context - cfg.block_size}", field="context")
+
     def cost(n):
         return forward_cost(shape, hw, cfg.dtype, cfg.batch_size, cfg.context, n)
 

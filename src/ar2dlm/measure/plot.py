@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..core.errors import ConfigError
@@ -15,8 +16,22 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
         raise ConfigError(f"{path} does not exist: is {run_dir} a training run folder?")
     train, evals = [], []
     for _, rec in iter_jsonl(path):
-        (evals if "est_tpf" in rec else train).append(rec)
+        if isinstance(rec, dict):
+            (evals if "est_tpf" in rec else train).append(rec)
+    train = [r for r in train if _number(r.get("step")) and any(_number(r.get(k)) for k in LOSSES)]
+    evals = [r for r in evals if all(_number(r.get(k)) for k in EVAL_KEYS)]
+    if not train and not evals:  # a blank PNG would look like a success
+        raise ConfigError(f"{path} holds no numeric training record (step with {' / '.join(LOSSES)}) and no "
+                          f"evaluation record: nothing to plot; is it a training run's metrics.jsonl?")
     return train, evals
+
+
+LOSSES = ("loss", "ar_loss", "diff_loss")
+EVAL_KEYS = ("elapsed", "tokens", "est_tpf", "eval_ar_loss", "eval_diff_loss")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -31,19 +46,20 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     train, evals = read_metrics(run_dir)
     out = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "ar_loss", "diff_loss"):
-        pts = [(r["step"], r[key]) for r in train if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title(f"training loss: {run_dir.name}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=110)
-    out.append(run_dir / "loss.png")
-    plt.close(fig)
+    if train:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in LOSSES:
+            pts = [(r["step"], r[key]) for r in train if _number(r.get(key))]
+            if pts:
+                ax.plot(*zip(*pts), label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy")
+        ax.set_title(f"training loss: {run_dir.name}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "loss.png", dpi=110)
+        out.append(run_dir / "loss.png")
+        plt.close(fig)
     if evals:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         minutes = [r["elapsed"] / 60 for r in evals]

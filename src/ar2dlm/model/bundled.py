@@ -53,9 +53,29 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def ar2dlm_home() -> Path:
-    """``$AR2DLM_HOME``, or ``~/.cache/ar2dlm`` when unset or empty."""
+    """``$AR2DLM_HOME``, or ``~/.cache/ar2dlm`` when unset or empty; a value that cannot be a directory is
+    refused, naming the variable."""
     home = os.environ.get("AR2DLM_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "ar2dlm"
+    if not home:
+        return Path.home() / ".cache" / "ar2dlm"
+    path = Path(home).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"environment variable AR2DLM_HOME={home} is a file, not a directory: point it at a "
+                          f"directory for ar2dlm's cache, or unset it to use ~/.cache/ar2dlm", field="AR2DLM_HOME")
+    return path
+
+
+def _cache_folder(sub: str) -> Path:
+    """ar2dlm_home() / sub, its parent created; an unusable AR2DLM_HOME is named."""
+    final = ar2dlm_home() / sub
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f"environment variable AR2DLM_HOME={os.environ['AR2DLM_HOME']}" if os.environ.get("AR2DLM_HOME") \
+            else f"the cache folder {ar2dlm_home()}"
+        raise ConfigError(f"{where}: {final.parent} cannot be created ({e.strerror or e}); point AR2DLM_HOME at a "
+                          f"writable directory", field="AR2DLM_HOME") from e
+    return final
 
 
 def is_bundled(name: str) -> bool:
@@ -110,11 +130,10 @@ def resolve_model(name_or_path: str) -> Path:
     asset = drafter_asset(name_or_path)
     if asset is None:  # no drafter shipped: the base (callers decide whether an AR model will do)
         return resolve_base(name_or_path)
-    final = ar2dlm_home() / BUNDLED[name_or_path]["drafter_subdir"]
+    final = _cache_folder(BUNDLED[name_or_path]["drafter_subdir"])
     stamp = _fingerprint(asset)
     if (final / ".shipped").is_file() and (final / ".shipped").read_text() == stamp:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{final.name}.lock"):
         if (final / ".shipped").is_file() and (final / ".shipped").read_text() == stamp:
             return final
@@ -190,11 +209,10 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _materialise(name: str) -> Path:
     meta = BUNDLED[name]
-    final = ar2dlm_home() / meta["cache_subdir"]
+    final = _cache_folder(meta["cache_subdir"])
     if _is_complete(final):
         return final
     gguf = _find_gguf(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{final.name}.lock"):
         if _is_complete(final):  # another process finished while we waited
             return final

@@ -51,7 +51,9 @@ def is_causal(model) -> bool:
 def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool = False) -> int:
     """Add `mask_token` to the tokenizer and give it a mean embedding row; return its id.
 
-    reuse=True takes an existing (reserved, unused) token of that text instead.
+    reuse=True takes an existing reserved token of that text instead: one the
+    tokenizer marks special (checked with the tokenizer, not a list), so text
+    never tokenizes to it.
     The mask token must be a token of its own: never the text of an ordinary
     word or whitespace (adding it would change how text is tokenized, so even
     AR output would differ) and never a token the model emits or reads with a
@@ -74,6 +76,11 @@ def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool =
             raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) is the model's {roles[mask_id]} "
                               f"token; the mask token must be an unused reserved token (its logit is never emitted)",
                               field="mask_token")
+        if not _reserved(tokenizer, mask_id):
+            raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) is a token of ordinary text, so every "
+                              f"{mask_token!r} in a prompt would become a draft slot; name a reserved special token "
+                              f"the tokenizer never produces from text (such as <|reserved_special_token_0|>), or "
+                              f"drop reuse_token=True to add a new one", field="mask_token")
         if mask_id >= model.get_input_embeddings().weight.shape[0]:
             raise ConfigError(f"reuse_token=True: {mask_token!r} (id {mask_id}) has no embedding row in the model",
                               field="mask_token")
@@ -98,6 +105,13 @@ def add_mask_token(model, tokenizer, mask_token: str = "<|mask|>", reuse: bool =
         for layer in _vocab_matrices(model):
             layer.weight[mask_id] = layer.weight[:mask_id].float().mean(0).to(layer.weight.dtype)
     return mask_id
+
+
+def _reserved(tokenizer, token_id: int) -> bool:
+    """The tokenizer's own word: a special token (an added one marked special, or one of its named special tokens),
+    which decoding text skips, so it has no text use."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    return bool(getattr(added, "special", False)) or token_id in set(getattr(tokenizer, "all_special_ids", ()))
 
 
 def _special_roles(model, tokenizer) -> dict[int, str]:
@@ -129,16 +143,26 @@ def convert(base: str | Path, out: str | Path, block_size: int = ConvertConfig.b
     be empty (force=True replaces it). Writes into a temporary sibling first and renames, so an interrupted
     conversion never leaves a half-written OUT.
     """
+    files.check_path(base, "base")
+    files.check_path(out, "out")
     names = {f.name for f in dataclasses.fields(ConvertConfig)}
+    unknown = sorted(set(settings) - names - {f.name for f in dataclasses.fields(DiffusionConfig)})
+    if unknown:
+        raise ConfigError(f"convert() got an unknown keyword argument {unknown[0]!r}: it takes ConvertConfig's and "
+                          f"DiffusionConfig's fields (block_size, mask_token, masking, loss_weight, ...)",
+                          field=unknown[0])
     options = ConvertConfig(block_size=block_size, mask_token=mask_token, reuse_token=reuse_token,
                             **{k: v for k, v in settings.items() if k in names})
     settings = {k: v for k, v in settings.items() if k not in names}
-    out = files.check_output_dir(out, force)
-    # bad settings fail before loading, blocks longer than the context before the weights load
-    model, tokenizer = load_base(base, settings=options.diffusion(**settings))
+    options.diffusion(**settings)  # bad settings fail before anything is read
+    files.check_output_dir(out, force)
+    source = resolve_base(str(base))
+    out = files.check_output_dir(out, force, inputs=[source])
+    # blocks longer than the context fail before the weights load
+    model, tokenizer = load_base(source, settings=options.diffusion(**settings))
     mask_id = add_mask_token(model, tokenizer, options.mask_token, options.reuse_token)
     diffusion = options.diffusion(mask_token_id=mask_id, base_model=checkpoint.base_model_name(base), **settings)
-    with files.output_dir(out, force) as tmp:
+    with files.output_dir(out, force, inputs=[source]) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diffusion.save(tmp)

@@ -11,6 +11,8 @@ import torch
 
 from ..core import files
 from ..core.errors import ConfigError
+from . import checkpoint
+from .bundled import resolve_model
 from .checkpoint import check_adapter
 from .lm import DiffusionLM
 from .settings import DiffusionConfig
@@ -26,7 +28,7 @@ def export(src, out, dtype: str = "bfloat16", force: bool = False) -> Path:
     """
     from safetensors.torch import load_file, save_file
 
-    src, out = Path(src), Path(out)
+    src, out = files.check_path(src, "src"), files.check_path(out, "out")
     weights = src / "adapter_model.safetensors"
     if not (src / "adapter_config.json").is_file() or not weights.is_file():
         raise ConfigError(f"{src} is not an adapter folder (needs adapter_config.json and "
@@ -39,9 +41,9 @@ def export(src, out, dtype: str = "bfloat16", force: bool = False) -> Path:
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}", field="dtype")
     check_adapter(src)
     only_gitkeep = out.is_dir() and all(p.name == ".gitkeep" for p in out.iterdir())
-    files.check_output_dir(out, force or only_gitkeep)
+    files.check_output_dir(out, force or only_gitkeep, inputs=[src])
     tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    with files.output_dir(out, force or only_gitkeep) as tmp:
+    with files.output_dir(out, force or only_gitkeep, inputs=[src]) as tmp:
         config = files.read_json(src / "adapter_config.json", "adapter config")
         config["base_model_name_or_path"] = settings.base_model  # not a machine-specific path
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -56,7 +58,11 @@ def merge(adapter: str | Path, out: str | Path, force: bool = False) -> Path:
     Only an ungated LoRA merges: the drafting adapter acts on mask-slot rows only, so merging it would change
     the AR path. OUT must not exist or be empty (force=True replaces it).
     """
+    files.check_path(adapter, "adapter")
     files.check_output_dir(out, force)
+    folder = resolve_model(str(adapter))
+    inputs = [folder, checkpoint.read_settings(folder, False)[1]]  # the adapter folder and its base
+    files.check_not_input(out, inputs, "output directory")
     lm = DiffusionLM.from_pretrained(adapter)
     kind = lm.settings.adapter
     if kind == "":
@@ -67,7 +73,7 @@ def merge(adapter: str | Path, out: str | Path, force: bool = False) -> Path:
                           "The drafting adapter acts on mask-slot rows only, so merging it into the weights "
                           "would change the AR path: ship the adapter folder instead")
     merged = lm.model.merge_and_unload()
-    with files.output_dir(out, force) as tmp:
+    with files.output_dir(out, force, inputs=inputs) as tmp:
         merged.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         dataclasses.replace(lm.settings, adapter="").save(tmp)

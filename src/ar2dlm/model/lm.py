@@ -10,11 +10,13 @@ per row saying which rows are drafting slots; a drafting adapter reads it from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from ..core import arguments, files
 from ..core.errors import ConfigError
 from ..core.hardware import resolve_dtype
 from ..decode.config import DecodeConfig
@@ -26,6 +28,9 @@ from . import adapter, checkpoint
 from .bundled import resolve_model
 from .convert import add_mask_token
 from .settings import SETTINGS_FILE, DiffusionConfig
+
+DECODE_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeConfig))
+"""The keyword settings of generate and stream."""
 
 
 class DiffusionLM:
@@ -63,6 +68,7 @@ class DiffusionLM:
         logits and K/V are bitwise those of a one-row forward (nn/invariant.py), so greedy decoding equals the
         AR loop in that dtype token for token.
         """
+        files.check_path(path, "path")
         dtype = resolve_dtype(dtype)
         folder = resolve_model(str(path))
         settings, base = checkpoint.read_settings(folder, allow_ar)
@@ -174,6 +180,7 @@ class DiffusionLM:
 
     def encode(self, prompts: Sequence[str | Sequence[int]] | str, chat: bool = False) -> list[list[int]]:
         """Token ids of each prompt (strings are tokenized; `chat` applies the chat template)."""
+        arguments.check_prompts(prompts)
         if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = []
@@ -198,12 +205,16 @@ class DiffusionLM:
 
     def generate(self, prompts, chat: bool = False, **settings) -> list[Generation]:
         """Decode a batch of prompts (strings or token-id lists); one `Generation` per prompt."""
+        arguments.check_prompts(prompts)
+        arguments.check_keywords(settings, DECODE_FIELDS, "generate")
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise ConfigError("prompts is empty: give at least one prompt (a string or a list of token ids)")
         return generate(self, self.encode(prompts, chat), self.decode_config(**settings))
 
     def stream(self, prompt, chat: bool = False, **settings) -> Iterator[str]:
         """Yield text as tokens are committed (one prompt)."""
+        arguments.check_prompt(prompt)
+        arguments.check_keywords(settings, DECODE_FIELDS, "stream")
         yield from stream(self, self.encode([prompt], chat)[0], self.decode_config(**settings))
 
 

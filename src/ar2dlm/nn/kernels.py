@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from ..core.errors import ConfigError
 from .gate import RowGate, SlotGate
 from .lora import AdapterLinear
 
@@ -57,7 +58,12 @@ class Switch:
 
     @classmethod
     def from_env(cls) -> "Switch":
-        return cls(os.environ.get(ENV, "fused") != "stock")
+        """From $AR2DLM_KERNELS: fused (the default, also when unset or empty) or stock; anything else is refused."""
+        value = os.environ.get(ENV, "").strip()
+        if value not in ("", "fused", "stock"):
+            raise ConfigError(f"environment variable {ENV}={value!r} is not a known setting: set it to fused (the "
+                              f"default) or stock (the plain forwards), or unset it", field=ENV)
+        return cls(value != "stock")
 
     @contextlib.contextmanager
     def off(self):

@@ -19,24 +19,75 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core import files
 from ..core.errors import ConfigError
+from ..model.bundled import is_bundled, resolve_base
 from ..model.lm import DiffusionLM
 from .config import TrainConfig
+from .data import expand_paths
 from .run import Run
 
+MAY_CHANGE_ON_RESUME = ("schedule", "checkpoint", "eval")
+"""Sections a resumed run may change: how many steps and the learning-rate schedule over them, how often it saves,
+how often and on how many rows it logs. Every other setting (model, data, objective, adapter, optim, seed, stage)
+defines what the checkpoint is, so a change of one is refused, naming it (README: "Resuming")."""
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Before any loading: run_dir is a directory (or new), and resume matches what it holds."""
+
+def check_run_dir(run_dir: Path, resume: bool, cfg: TrainConfig | None = None) -> None:
+    """Before any loading: run_dir is a directory (or new), and resume matches what it holds (with `cfg`: the
+    settings of the run it continues, `check_resume`)."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir} is a file, not a directory; choose another run_dir")
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory; choose another run_dir", field="run_dir")
     if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
-        raise ConfigError(f"{run_dir / 'checkpoints'} is a file, not a directory; choose another run_dir")
+        raise ConfigError(f"{run_dir / 'checkpoints'} is a file, not a directory; choose another run_dir",
+                          field="run_dir")
     found = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
     if resume and found is None:
         raise ConfigError(f"resume=True but {run_dir / 'checkpoints'} holds no checkpoint to resume from: check "
                           f"run_dir ({run_dir}), or drop resume=True to start a new run")
     if not resume and found is not None:
         raise ConfigError(f"{run_dir} already has checkpoints: pass resume=True to continue, or use a new run_dir")
+    if cfg is not None:
+        check_run_outputs(run_dir, cfg)
+    if resume and cfg is not None:
+        check_resume(run_dir, cfg)
+
+
+def check_run_outputs(run_dir: Path, cfg: TrainConfig) -> None:
+    """What a run writes is none of what it reads: run_dir is not (inside) the model or a data file, and the
+    folders it replaces (checkpoints/, final/) do not hold one."""
+    model = resolve_base(cfg.model.path) if is_bundled(cfg.model.path) else Path(cfg.model.path).expanduser()
+    inputs = [model, *expand_paths(cfg.data.train), *expand_paths(cfg.data.heldout)]
+    files.check_not_input(run_dir, inputs, "run_dir", replaces=False, field="run_dir")
+    for sub in ("checkpoints", "final"):
+        files.check_not_input(run_dir / sub, inputs, "run_dir", field="run_dir")
+
+
+def check_resume(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume with settings that change what the run is (compared with its own config.yaml)."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"resume=True: {saved_file} (the settings the run was started with) is missing, so the "
+                          f"checkpoints of {run_dir} cannot be checked against this config; start a new run_dir",
+                          field="run_dir")
+    saved, given = _flat(TrainConfig.from_yaml(saved_file).to_dict()), _flat(cfg.to_dict())
+    for name in sorted(set(saved) | set(given)):
+        if name == "run_dir" or name.split(".")[0] in MAY_CHANGE_ON_RESUME or saved.get(name) == given.get(name):
+            continue
+        raise ConfigError(f"resume=True: {name} is {given.get(name)!r}, but the run in {run_dir} was started with "
+                          f"{name} {saved.get(name)!r} ({saved_file}); its checkpoints hold that run. Only "
+                          f"{', '.join(s + '.*' for s in MAY_CHANGE_ON_RESUME)} may change on resume: restore "
+                          f"{name}, or start a new run_dir", field=name)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def trainable_state(lm: DiffusionLM) -> dict[str, torch.Tensor]:
@@ -80,6 +131,11 @@ def load_checkpoint(run: Run, path: Path) -> None:
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
     if missing:
         raise ConfigError(f"checkpoint {path} does not match this config (missing {missing[:3]}...)")
+    wrong = [f"{n} {tuple(w.shape)} vs {tuple(params[n].shape) if n in params else 'none'}" for n, w in weights.items()
+             if n not in params or params[n].shape != w.shape][:3]
+    if wrong:
+        raise ConfigError(f"checkpoint {path} does not match this config (in the checkpoint vs the model: "
+                          f"{'; '.join(wrong)}); resume with the settings the run was started with")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)

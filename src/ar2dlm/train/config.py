@@ -200,9 +200,11 @@ class TrainConfig:
         import yaml
 
         try:
-            raw = yaml.safe_load(read_text(path, "config file")) or {}
+            raw = yaml.safe_load(read_text(path, "config file"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        check(raw is not None, f"recipe {path} is empty: a recipe is a YAML mapping of sections (model, data, "
+                               f"objective, adapter, ...) such as recipes/*.yaml")
         check(isinstance(raw, dict), f"{path}: expected a mapping of sections")
         merged = copy.deepcopy(raw)
         try:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..core import files
+from ..core.errors import ConfigError
 from ..core.files import read_text
 from ..decode.engine import generate
 from ..model.lm import DiffusionLM
@@ -29,19 +31,16 @@ from .data import read_prompt_file
 def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path,
             cfg: DistillConfig = DistillConfig()) -> Path:
     """Write `out_dir/distilled.jsonl` with the AR continuation of every prompt (resumable)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = files.check_path(out_dir, "out_dir")
     out = out_dir / "distilled.jsonl"
+    # it grows in place (no force): never an input, inside the model or the prompts file itself
+    files.check_not_input(out, [prompts_file, lm.source], "distilled file", replaces=False)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {out_dir} is a file, not a directory", field="out")
     limit, max_new_tokens, batch_size = cfg.limit, cfg.max_new_tokens, cfg.batch_size
     records = read_prompt_file(prompts_file)[:limit]
-    done = set()
-    if out.exists():
-        for line in read_text(out, "distilled file").splitlines():
-            try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by an interruption: that prompt is redone
-        _drop_partial_last_line(out)
+    done = read_done(out) if out.exists() else set()
+    out_dir.mkdir(parents=True, exist_ok=True)
     todo = [r for r in records if r["id"] not in done]
     print(f"distill: {len(records)} prompts, {len(done)} done, {len(todo)} to go -> {out}", file=sys.stderr)
     # similar lengths together: less padding in a batch
@@ -64,6 +63,44 @@ def distill(lm: DiffusionLM, prompts_file: str | Path, out_dir: str | Path,
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - start_time):.0f}")
     bar.close()
     return out
+
+
+def read_done(out: Path) -> set:
+    """The ids of the records already in `out`, which the run appends to.
+
+    A last line without its newline is a record cut by an interruption: it
+    is dropped (that prompt is redone), or ended if it is whole. Any other line that is not a record is
+    named with its line number and nothing is appended.
+    """
+    text = read_text(out, "distilled file")
+    lines = text.split("\n")
+    partial = lines.pop() if lines else ""  # "" when the file ends with a newline
+    done = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record, reason = None, f"not JSON ({e.msg})"
+        else:
+            reason = "not a distilled record (a JSON object with id, prompt_ids and completion_ids)"
+        if not (isinstance(record, dict) and {"id", "prompt_ids", "completion_ids"} <= record.keys()):
+            raise ConfigError(f"distilled file {out} line {number} is {reason}; distill appends to it: fix or delete "
+                              f"that line, or choose another output folder")
+        done.add(record["id"])
+    if partial:
+        try:
+            record = json.loads(partial)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and {"id", "prompt_ids", "completion_ids"} <= record.keys():
+            done.add(record["id"])  # complete but for its newline
+            with out.open("a") as f:
+                f.write("\n")
+        else:
+            _drop_partial_last_line(out)
+    return done
 
 
 def _drop_partial_last_line(path: Path) -> None:

