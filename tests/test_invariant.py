@@ -1,0 +1,220 @@
+"""The batch-invariant forward (nn/invariant.py): a row's logits and K/V, bit for bit, whatever shares its forward.
+
+Oracles: the one-row forward at that position (the AR loop), the same row alone over the same keys, the same
+request decoded alone; and the plain torch ops, to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from test_zaya import tiny_zaya
+
+from ar2dlm.model.convert import add_mask_token
+from ar2dlm.model.lm import DiffusionLM
+from ar2dlm.model.settings import DiffusionConfig
+from ar2dlm.nn import invariant
+from conftest import EOS, VOCAB, make_tokenizer, tiny_model
+
+DTYPES = [torch.bfloat16, torch.float32]
+SETTINGS = dict(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _lm(arch: str, dtype: torch.dtype) -> DiffusionLM:
+    if arch == "zaya":
+        model = tiny_zaya("cca2x2").to(dtype)
+    elif arch == "llama-long":  # a context beyond 1,000 tokens
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             eos_token_id=EOS, bos_token_id=None, pad_token_id=0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
+    else:
+        model = tiny_model(arch, dtype=dtype)
+    tok = make_tokenizer()
+    lm = DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=add_mask_token(model, tok)),
+                     batch_invariant=True)
+    lm.fuse()
+    return lm
+
+
+_MODELS: dict = {}
+
+
+def lm_of(arch: str, dtype: torch.dtype) -> DiffusionLM:
+    if (arch, dtype) not in _MODELS:
+        _MODELS[arch, dtype] = _lm(arch, dtype)
+    return _MODELS[arch, dtype]
+
+
+def _forward(lm, ids, start, allowed, cache, slots=None):
+    """ids [b, q] at positions start.. over `cache`; allowed: bool [b, q, cache + q]."""
+    pos = torch.arange(ids.shape[1])[None] + torch.as_tensor(start).reshape(-1, 1)
+    with torch.no_grad():
+        return lm.forward(ids, pos, allowed, slots, past_key_values=cache)
+
+
+def _prefill(lm, prefix: torch.Tensor) -> DynamicCache:
+    cache = DynamicCache(config=lm.model.config)
+    L = prefix.shape[1]
+    _forward(lm, prefix, 0, torch.ones(L, L, dtype=torch.bool).tril()[None], cache)
+    return cache
+
+
+def _kv(cache, lo, hi):
+    return [(layer.keys[..., lo:hi, :].clone(), layer.values[..., lo:hi, :].clone()) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya"])
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_each_row_equals_the_one_row_forward_at_its_position(arch, dtype, data):
+    """M causal rows after a cache (a draft being verified): row j's logits and K/V == the AR loop's j-th step."""
+    lm = lm_of(arch, dtype)
+    L = data.draw(st.integers(1, 120), label="cache")
+    M = data.draw(st.integers(1, 24), label="rows")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    prefix = torch.randint(2, VOCAB, (1, L), generator=g)
+    rows = torch.randint(2, VOCAB, (1, M), generator=g)
+    cache = _prefill(lm, prefix)
+    many = copy.deepcopy(cache)
+    allowed = torch.cat([torch.ones(M, L, dtype=torch.bool), torch.ones(M, M, dtype=torch.bool).tril()], 1)[None]
+    logits = _forward(lm, rows, L, allowed, many)
+    one = copy.deepcopy(cache)
+    for j in range(M):
+        single = _forward(lm, rows[:, j:j + 1], L + j, torch.ones(1, 1, L + j + 1, dtype=torch.bool), one)
+        assert torch.equal(logits[0, j], single[0, 0]), f"row {j} of {M}"
+    for (k1, v1), (k2, v2) in zip(_kv(many, L, L + M), _kv(one, L, L + M)):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_each_row_equals_itself_alone_over_the_same_keys(arch, dtype, data):
+    """A decode step's layout (any visibility among its rows, slot rows on the adapter's path): each row == a
+    one-row forward over the same keys (the step's K/V cached, the row's own mask row)."""
+    lm = lm_of(arch, dtype)
+    L = data.draw(st.integers(1, 80), label="cache")
+    M = data.draw(st.integers(2, 20), label="rows")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    prefix = torch.randint(2, VOCAB, (1, L), generator=g)
+    rows = torch.randint(2, VOCAB, (1, M), generator=g)
+    sees = (torch.rand(M, M, generator=g) < 0.5) | torch.eye(M, dtype=torch.bool)  # any row sees itself
+    slots = torch.zeros(1, M, dtype=torch.bool)
+    slots[:, data.draw(st.integers(1, M), label="first slot"):] = True  # slot rows are a suffix, as in the engine
+    cache = _prefill(lm, prefix)
+    many = copy.deepcopy(cache)
+    logits = _forward(lm, rows, L, torch.cat([torch.ones(M, L, dtype=torch.bool), sees], 1)[None], many, slots)
+    for i in range(M):
+        keys = copy.deepcopy(many)  # prefix + every step row's K/V; the row's own appended copy is masked out
+        allowed = torch.cat([torch.ones(L, dtype=torch.bool), sees[i], torch.zeros(1, dtype=torch.bool)])
+        single = _forward(lm, rows[:, i:i + 1], L + i, allowed[None, None], keys, slots[:, i:i + 1])
+        assert torch.equal(logits[0, i], single[0, 0]), f"row {i} of {M}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_a_row_ignores_the_other_requests_of_its_batch(dtype, data):
+    """Batch composition: the same request beside another of another length (right-padded, masked) == alone."""
+    lm = lm_of("llama", dtype)
+    La, Lb = data.draw(st.integers(1, 60), label="a"), data.draw(st.integers(1, 60), label="b")
+    M = data.draw(st.integers(1, 12), label="rows")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    a, b = torch.randint(2, VOCAB, (La + M,), generator=g), torch.randint(2, VOCAB, (Lb + M,), generator=g)
+    alone = _forward(lm, a[None], 0, torch.ones(La + M, La + M, dtype=torch.bool).tril()[None],
+                     DynamicCache(config=lm.model.config))
+    S = max(La, Lb) + M
+    ids = torch.zeros(2, S, dtype=torch.long)
+    ids[0, :La + M], ids[1, :Lb + M] = a, b
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()[None].repeat(2, 1, 1)
+    allowed[0, :, La + M:], allowed[1, :, Lb + M:] = False, False
+    for r, n in ((0, La + M), (1, Lb + M)):
+        allowed[r, n:, :] = torch.eye(S, dtype=torch.bool)[n:]  # padding rows see only themselves
+    both = _forward(lm, ids, 0, allowed, DynamicCache(config=lm.model.config))
+    assert torch.equal(both[0, :La + M], alone[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_beyond_a_thousand_tokens_of_context(dtype):
+    lm = lm_of("llama-long", dtype)
+    g = torch.Generator().manual_seed(0)
+    L, M = 1100, 9
+    prefix, rows = torch.randint(2, VOCAB, (1, L), generator=g), torch.randint(2, VOCAB, (1, M), generator=g)
+    cache = _prefill(lm, prefix)
+    many = copy.deepcopy(cache)
+    allowed = torch.cat([torch.ones(M, L, dtype=torch.bool), torch.ones(M, M, dtype=torch.bool).tril()], 1)[None]
+    logits = _forward(lm, rows, L, allowed, many)
+    for j in range(M):
+        single = _forward(lm, rows[:, j:j + 1], L + j, torch.ones(1, 1, L + j + 1, dtype=torch.bool), cache)
+        assert torch.equal(logits[0, j], single[0, 0]), f"row {j}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya"])
+def test_greedy_equals_the_ar_loop_in_its_dtype(arch, dtype):
+    """The contract: greedy decoding == the same-stack AR loop in the same dtype, token for token (batch 1 and a
+    ragged batch), with drafts of several lengths."""
+    lm = lm_of(arch, dtype)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(2, 30, (4,), generator=g)]
+    ar = [x.token_ids for x in lm.generate(prompts, max_new_tokens=24, ar=True, eos_token_id=())]
+    for K, R in ((2, 1), (4, 3)):
+        alone = [lm.generate([p], max_new_tokens=24, draft_len=K, proposals=R, eos_token_id=())[0].token_ids
+                 for p in prompts]
+        assert alone == ar, (K, R)
+        batch = [x.token_ids for x in lm.generate(prompts, max_new_tokens=24, draft_len=K, proposals=R,
+                                                  eos_token_id=())]
+        assert batch == ar, (K, R)
+
+
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 40), K=st.sampled_from([8, 64, 96]), N=st.sampled_from([8, 40, 128]),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans())
+def test_linear_rows_are_invariant_and_equal_the_plain_linear(M, K, N, dtype, bias):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x, w = torch.randn(M, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    y = invariant.linear(x, w, b)
+    for i in range(M):
+        assert torch.equal(y[i], invariant.linear(x[i:i + 1], w, b)[0])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), atol=tol * K ** 0.5, rtol=tol)
+
+
+@settings(max_examples=20, deadline=None)
+@given(q=st.integers(1, 20), L=st.integers(1, 300), dtype=st.sampled_from(DTYPES), gqa=st.booleans())
+def test_attention_equals_sdpa_and_trailing_masked_keys_change_nothing(q, L, dtype, gqa):
+    g = torch.Generator().manual_seed(q * 1000 + L)
+    H, Hkv, d = 4, 2 if gqa else 4, 8
+    query = torch.randn(1, H, q, d, generator=g).to(dtype)
+    key, value = torch.randn(1, Hkv, L + q, d, generator=g).to(dtype), torch.randn(1, Hkv, L + q, d, generator=g).to(dtype)
+    allowed = torch.cat([torch.ones(q, L, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)
+    out = invariant.attention(query, key, value, allowed[None, None])
+    ref = F.scaled_dot_product_attention(query.float(), key.float().repeat_interleave(H // Hkv, 1),
+                                         value.float().repeat_interleave(H // Hkv, 1), attn_mask=allowed[None, None])
+    torch.testing.assert_close(out.float(), ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
+    for i in range(q):  # the row alone, over only the keys it sees (the AR loop's cache ends there)
+        n = L + i + 1
+        alone = invariant.attention(query[:, :, i:i + 1], key[:, :, :n], value[:, :, :n], allowed[None, None, i:i + 1, :n])
+        assert torch.equal(out[:, :, i], alone[:, :, 0])
+
+
+def test_the_mode_stays_out_of_autograd_and_other_models():
+    """Training (autograd) runs the plain ops; a model without batch invariance is untouched by another's."""
+    lm = _lm("llama", torch.float32)
+    plain = DiffusionLM(tiny_model("llama"), make_tokenizer(), lm.settings, batch_invariant=False)
+    assert lm.batch_invariant and not plain.batch_invariant
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(5, 8)
+    with invariant.BatchInvariant():
+        y = F.linear(x, w)
+    assert y.grad_fn is not None and torch.equal(y, F.linear(x, w))
