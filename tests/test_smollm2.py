@@ -60,3 +60,18 @@ def test_shipped_drafter_is_exact_and_drafts(smol):
         assert u.token_ids == hf
         tpf["untrained"].append(u.stats.tpf)
     assert min(tpf["shipped"]) > max(tpf["untrained"]) + 0.5, tpf
+
+
+def test_bf16_greedy_equals_the_bf16_ar_loop_on_the_bench_prompts():
+    """The per-dtype contract on the bundled model and its shipped drafter: in bf16 (batch-invariant), greedy ==
+    the bf16 AR loop token for token on every bench prompt set, at batch 1 and in a ragged batch of 4."""
+    from ar2dlm.measure.bench import load_prompt_set
+
+    lm = DiffusionLM.from_pretrained("smollm2-135m", dtype="bfloat16")
+    assert lm.batch_invariant and lm.model.dtype == torch.bfloat16
+    prompts = [p for s in ("code", "chat", "prose") for p in load_prompt_set(lm, s, 2)][:4]
+    ar = [g.token_ids for g in lm.generate(prompts, max_new_tokens=40, ar=True)]
+    assert ar == [lm.generate([p], max_new_tokens=40, ar=True)[0].token_ids for p in prompts]
+    for K, R in ((4, 1), (8, 3)):
+        assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=40, draft_len=K, proposals=R)] == ar
+        assert [lm.generate([p], max_new_tokens=40, draft_len=K, proposals=R)[0].token_ids for p in prompts] == ar

@@ -13,7 +13,7 @@ from pathlib import Path
 from .core import files, interrupts
 from .core.errors import ConfigError
 from .core.flags import add_fields, cli_words, config_from, given, integer
-from .core.hardware import resolve_dtype
+from .core.hardware import describe, machine, resolve_dtype
 from .core.validation import check
 from .decode.config import DecodeConfig
 from .decode.engine import Request, check_request, generate, stream
@@ -68,7 +68,7 @@ def cmd_generate(args) -> int:
     batch_size = 1 if args.batch_size is None else args.batch_size
     check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}", "batch_size")
     prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompt_file(args.prompts)]
-    lm = DiffusionLM.from_pretrained(args.model, allow_ar=args.ar, dtype=_dtype(args))
+    lm = _load(args, allow_ar=args.ar)
     settings = {k: getattr(args, k) for k in GENERATE_FIELDS}
     settings["stop"] = tuple(args.stop or ())
     cfg = lm.decode_config(**settings)
@@ -116,7 +116,7 @@ def cmd_demo(args) -> int:
     stack AR loop in the same run and print tokens per forward, both speeds, the speedup and whether the text
     equals AR's."""
 
-    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
+    lm = _load(args)
     settings = given(args, DEMO_FIELDS)
     prompts = demo_prompts()
     if not _has_chat_template(lm):
@@ -199,6 +199,15 @@ def _dtype(args):
     return resolve_dtype(config_from(args, LoadConfig).dtype)
 
 
+def _load(args, **kwargs) -> DiffusionLM:
+    """The verb's model, in its --dtype; says on stderr what it computes in and on (speed belongs to a machine)."""
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), **kwargs)
+    invariant = ", batch-invariant" if lm.batch_invariant else ""
+    print(f"{args.verb}: {args.model}, {describe(lm.model.dtype)}{invariant}", file=sys.stderr)
+    return lm
+
+
+
 def _plain_vocab(lm) -> dict:
     """The tokenizer's vocabulary without the mask token (which only converted models have)."""
     return {t: i for t, i in lm.tokenizer.get_vocab().items() if i != lm.mask_token_id}
@@ -217,7 +226,7 @@ def cmd_bench(args) -> int:
     inputs = [resolve_model(m) for m in (args.model, args.reference) if m] + [s for s in cfg.sets if Path(s).exists()]
     for name in ("bench.json", *bench.PLOT_FILES):  # before minutes of timing, not after
         files.check_output_file(out / name, args.force, inputs=inputs)
-    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
+    lm = _load(args)
     lm.name = args.model
     cfg = cfg.resolved(*lm.settings.decode_defaults())
     cfg = without_chat(cfg, _has_chat_template(lm), args.model, explicit=args.sets is not None)
@@ -232,6 +241,7 @@ def cmd_bench(args) -> int:
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("quick", "seed", "prompt_lengths")}
     report = bench.bench(lm, seed=cfg.seed, reference=reference, log=print, prompt_sets=prompt_sets, **opts)
+    report["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant}
     if cfg.prompt_lengths:
         report["context_scaling"] = bench.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
                                                       log=print)
@@ -253,10 +263,11 @@ def cmd_tune(args) -> int:
     ar2dlm.json."""
 
     cfg = config_from(args, TuneConfig)
-    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args))
+    lm = _load(args)
     cfg = without_chat(cfg, _has_chat_template(lm), args.model, explicit=args.sets is not None)
     prompts = [p for s in cfg.sets for p in bench.load_prompt_set(lm, s, cfg.n_prompts)]
     result = tune.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
+    result["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant}
     print(tune.format_tune(result))
     best = result["best"]
     if cfg.grid:
@@ -289,8 +300,9 @@ def cmd_eval(args) -> int:
     _check_out_dir(out)
     ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine
     files.check_not_input(out, [resolve_model(args.model)], "output folder", replaces=False)
-    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), allow_ar=ar_only)
+    lm = _load(args, allow_ar=ar_only)
     summary = eval_run.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
+    summary["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant}
     print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
     print(eval_run.table(summary["settings"]))
     print(json.dumps(summary))

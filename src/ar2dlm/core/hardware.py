@@ -62,3 +62,10 @@ def describe(dtype: torch.dtype | None = None, device: str | torch.device = "cpu
     named = " (" + ", ".join(sorted(flags)) + ")" if flags else ""
     text = f"{where}{named}, {torch.get_num_threads()} threads"
     return f"{str(dtype).removeprefix('torch.')} on {text}" if dtype is not None else text
+
+
+def machine(dtype: torch.dtype, device: str | torch.device = "cpu") -> dict:
+    """What a result file records of the machine and dtype it was measured in."""
+    where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
+    return {"dtype": str(dtype).removeprefix("torch."), "device": where, "threads": torch.get_num_threads(),
+            "native_bf16": native_bf16(device)}

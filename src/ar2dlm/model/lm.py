@@ -47,7 +47,8 @@ class DiffusionLM:
         self.wrapped = None  # the module that runs the forward when it differs from self.model (DDP in training)
         # a row's logits and K/V independent of the rows sharing its forward (nn/invariant.py): on by default
         # where the plain kernels are not (bf16, fp16); in fp32 it costs too much on a CPU (README)
-        self.batch_invariant = (model.dtype != torch.float32) if batch_invariant is None else batch_invariant
+        self.batch_invariant = (model.dtype in (torch.bfloat16, torch.float16) if batch_invariant is None
+                                else batch_invariant)
 
     # ------------------------------------------------------------------ loading
     @classmethod
