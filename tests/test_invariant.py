@@ -99,26 +99,27 @@ def test_each_row_equals_the_one_row_forward_at_its_position(arch, dtype, data):
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
 @settings(**SETTINGS)
 @given(data=st.data())
-def test_each_row_equals_itself_alone_over_the_same_keys(arch, dtype, data):
-    """A decode step's layout (any visibility among its rows, slot rows on the adapter's path): each row == a
-    one-row forward over the same keys (the step's K/V cached, the row's own mask row)."""
+def test_rows_do_not_change_when_more_rows_share_the_step(arch, dtype, data):
+    """A decode step's layout (any visibility among its rows, slot rows a suffix on the adapter's path): adding
+    rows after them (more proposals, a longer draft) that they do not see changes none of their logits or K/V."""
     lm = lm_of(arch, dtype)
     L = data.draw(st.integers(1, 80), label="cache")
-    M = data.draw(st.integers(2, 20), label="rows")
+    M, E = data.draw(st.integers(1, 16), label="rows"), data.draw(st.integers(1, 20), label="extra rows")
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
     prefix = torch.randint(2, VOCAB, (1, L), generator=g)
-    rows = torch.randint(2, VOCAB, (1, M), generator=g)
-    sees = (torch.rand(M, M, generator=g) < 0.5) | torch.eye(M, dtype=torch.bool)  # any row sees itself
-    slots = torch.zeros(1, M, dtype=torch.bool)
-    slots[:, data.draw(st.integers(1, M), label="first slot"):] = True  # slot rows are a suffix, as in the engine
+    rows = torch.randint(2, VOCAB, (1, M + E), generator=g)
+    sees = (torch.rand(M + E, M + E, generator=g) < 0.5) | torch.eye(M + E, dtype=torch.bool)  # each sees itself
+    sees[:M, M:] = False  # the first M rows never see the extra ones
+    slots = torch.zeros(1, M + E, dtype=torch.bool)
+    slots[:, data.draw(st.integers(1, M + E), label="first slot"):] = True  # a suffix, as in the engine
     cache = _prefill(lm, prefix)
-    many = copy.deepcopy(cache)
-    logits = _forward(lm, rows, L, torch.cat([torch.ones(M, L, dtype=torch.bool), sees], 1)[None], many, slots)
-    for i in range(M):
-        keys = copy.deepcopy(many)  # prefix + every step row's K/V; the row's own appended copy is masked out
-        allowed = torch.cat([torch.ones(L, dtype=torch.bool), sees[i], torch.zeros(1, dtype=torch.bool)])
-        single = _forward(lm, rows[:, i:i + 1], L + i, allowed[None, None], keys, slots[:, i:i + 1])
-        assert torch.equal(logits[0, i], single[0, 0]), f"row {i} of {M}"
+    few, more = copy.deepcopy(cache), copy.deepcopy(cache)
+    prefix_seen = torch.ones(M + E, L, dtype=torch.bool)
+    a = _forward(lm, rows[:, :M], L, torch.cat([prefix_seen[:M], sees[:M, :M]], 1)[None], few, slots[:, :M])
+    b = _forward(lm, rows, L, torch.cat([prefix_seen, sees], 1)[None], more, slots)
+    assert torch.equal(a[0], b[0, :M])
+    for (k1, v1), (k2, v2) in zip(_kv(few, L, L + M), _kv(more, L, L + M)):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -207,6 +208,26 @@ def test_attention_equals_sdpa_and_trailing_masked_keys_change_nothing(q, L, dty
         n = L + i + 1
         alone = invariant.attention(query[:, :, i:i + 1], key[:, :, :n], value[:, :, :n], allowed[None, None, i:i + 1, :n])
         assert torch.equal(out[:, :, i], alone[:, :, 0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(q=st.integers(1, 8), L=st.integers(1, 200), holes=st.integers(1, 90), dtype=st.sampled_from(DTYPES))
+def test_attention_of_a_row_ignores_holes_in_its_cache(q, L, holes, dtype):
+    """Keys a batch row never sees, anywhere among its keys (a ragged batch's padding and rejected drafts), leave
+    its result bitwise unchanged."""
+    g = torch.Generator().manual_seed(q * 7 + L * 13 + holes)
+    H, d = 4, 8
+    query = torch.randn(1, H, q, d, generator=g).to(dtype)
+    key, value = torch.randn(1, 2, L + q, d, generator=g).to(dtype), torch.randn(1, 2, L + q, d, generator=g).to(dtype)
+    allowed = torch.cat([torch.ones(q, L, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)
+    dense = invariant.attention(query, key, value, allowed[None, None])
+    where = torch.sort(torch.randperm(L + q + holes, generator=g)[:L + q]).values  # the seen keys among holes
+    k2 = torch.randn(1, 2, L + q + holes, d, generator=g).to(dtype)
+    v2 = torch.randn(1, 2, L + q + holes, d, generator=g).to(dtype)
+    k2[:, :, where], v2[:, :, where] = key, value
+    allowed2 = torch.zeros(q, L + q + holes, dtype=torch.bool)
+    allowed2[:, where] = allowed
+    assert torch.equal(invariant.attention(query, k2, v2, allowed2[None, None]), dense)
 
 
 def test_the_mode_stays_out_of_autograd_and_other_models():

@@ -20,10 +20,10 @@ from ar2dlm.model.settings import DiffusionConfig
 SMALL_V = 8
 
 
-def small_lm(seed=0):
-    """(base, converted) with an 8-token vocabulary, float64."""
-    base = tiny_model("llama", seed, torch.float64, vocab=SMALL_V)
-    model = tiny_model("llama", seed, torch.float64, vocab=SMALL_V)
+def small_lm(seed=0, dtype=torch.float64):
+    """(base, converted) with an 8-token vocabulary, float64 unless said."""
+    base = tiny_model("llama", seed, dtype, vocab=SMALL_V)
+    model = tiny_model("llama", seed, dtype, vocab=SMALL_V)
     with torch.no_grad():  # softer than the default sharpening: more outcomes have visible mass
         base.lm_head.weight.mul_(0.25)
         model.lm_head.weight.mul_(0.25)
@@ -99,6 +99,37 @@ def test_lossless_matches_ar_distribution(settings):
     assert pvalue > 1e-3
     if not settings.get("ar"):
         assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts
+
+
+class SameStackAR(torch.nn.Module):
+    """The converted model's own causal forward (the AR loop's logits, bitwise, when batch-invariant)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config = lm, lm.model.config
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        logits = self.lm.forward(ids, torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
+        return type("Out", (), {"logits": logits.double()})
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sampler="lossless", draft_len=4, proposals=2),
+    dict(sampler="lossless", draft_len=3, proposals=3, temperature=0.7, top_k=5, top_p=0.9),
+])
+def test_lossless_matches_ar_distribution_in_bf16(settings):
+    """In bf16 (batch-invariant) the sampler reproduces the bf16 AR model's distribution, the exact joint
+    computed from the model's own forward in bf16."""
+    _, lm = small_lm(dtype=torch.bfloat16)
+    assert lm.batch_invariant
+    prompt = [3, 5, 2]
+    cfg = DecodeConfig(sampler="lossless", **{k: v for k, v in settings.items() if k in ("temperature", "top_k", "top_p")})
+    probs = exact_joint(SameStackAR(lm), prompt, cfg, vocab=SMALL_V)
+    n = 20000
+    counts, hist = sample_first_tokens(lm, prompt, settings, n=n)
+    assert chi_square_p(counts, probs, n) > 1e-3
+    assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist
 
 
 def test_lossless_with_a_strong_drafter_matches_ar_distribution():

@@ -19,7 +19,11 @@ fixed order per row, whatever the rest of the batch:
    whole chunk with masked keys), the chunks summed in order. A masked key
    adds an exact zero, so trailing keys a row does not see (later drafts,
    proposals, a longer request's cache) change nothing: a verify row equals
-   the AR loop's row at that position, whose cache simply ends there.
+   the AR loop's row at that position, whose cache simply ends there. Holes
+   before a row's keys (a shorter prompt's padding, drafts another request
+   of the batch kept and this one did not) would shift its keys across the
+   chunks, so the keys a batch row sees are first moved to the front, in
+   order, where they are when that request decodes alone.
 3. everything else a decoder runs (norms, rotary, activations, residuals)
    is elementwise or reduces within one row, and is invariant as it is.
 
@@ -95,6 +99,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     else:
         allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2  # an additive mask: 0 = attend
     allowed = allowed.expand(b, allowed.shape[1] if allowed.dim() == 4 else 1, q, L)
+    key, value, allowed = _without_holes(key, value, allowed)
     # 1. the keys in whole chunks (masked padding), the query heads of a KV head stacked as its rows
     pad = (-L) % KEY_CHUNK
     k, v = key.float(), value.float()
@@ -119,6 +124,24 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     per_chunk = matmul(e.transpose(2, 3), chunks, tile)  # [b, H_kv, n_chunks, rep q, d_v]
     out = per_chunk.cumsum(2)[:, :, -1] / total
     return out.reshape(b, H, q, -1).to(query.dtype)
+
+
+def _without_holes(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor):
+    """Each batch row's keys that any of its queries sees, moved to the front in their order (the rest after).
+
+    The chunked sums run from key 0, so a row must find its keys where they are when it decodes alone. In a
+    ragged batch they are not: a shorter prompt's padding, or drafts another row accepted and this one did not,
+    leave holes in the shared cache before the step's own keys. key, value [b, H_kv, L, d]; allowed
+    [b, 1 or H, q, L]. Without holes (a single request, the AR loop) nothing moves.
+    """
+    seen = allowed.any(1).any(1)  # [b, L]
+    if bool((seen[:, 1:] & ~seen[:, :-1]).any()):  # a seen key after an unseen one: a hole
+        order = torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices  # [b, L]
+        idx = order[:, None, :, None]
+        key = key.gather(2, idx.expand(-1, key.shape[1], -1, key.shape[-1]))
+        value = value.gather(2, idx.expand(-1, value.shape[1], -1, value.shape[-1]))
+        allowed = allowed.gather(3, order[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
+    return key, value, allowed
 
 
 class BatchInvariant(TorchFunctionMode):
