@@ -2,6 +2,8 @@
 
 Oracles: the file system (a file written outside the working directory must not exist), /proc (no
 process of the run may be alive after it returns), the clock (a timeout returns within its bound).
+Where the machine has no OS isolation the sandbox refuses unless told `unsandboxed`; those paths run here
+with `isolation` patched to "none". Routes out of the sandbox: test_sandbox_escape.py.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from ar2dlm import cli
 from ar2dlm.core.errors import ConfigError
-from ar2dlm.evaluate.sandbox import SandboxLimits, namespaces_available, run_program
+from ar2dlm.evaluate import sandbox as S
+from ar2dlm.evaluate.sandbox import SandboxLimits, run_program
 
 FAST = SandboxLimits(timeout=3.0, memory_mb=256)
 TESTS = "\n\ndef check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n\ncheck(add)\n"
@@ -138,14 +142,46 @@ def test_evaluator_process_is_untouched(tmp_path):
     assert os.getcwd() == cwd and dict(os.environ) == env
 
 
-@pytest.mark.skipif(not namespaces_available(), reason="no network/PID namespaces on this machine")
+@pytest.mark.skipif(S.isolation() == "none", reason="no OS isolation (bubblewrap) on this machine")
 def test_isolation_uses_namespaces():
-    # the harness is PID 1 of its own PID namespace, and its network namespace has only a loopback
-    body = ("import os\nassert os.getpid() == 1\n"
+    # its own PID namespace (bwrap is PID 1, the harness a low PID), a network namespace with only a loopback,
+    # a read-only system and a private /tmp, as an unprivileged user
+    body = ("import os\nassert os.getpid() < 10, os.getpid()\n"
             "names = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]\n"
-            "assert names == ['lo'], names\n")
+            "assert names == ['lo'], names\n"
+            "assert os.getuid() != 0 and os.getcwd().startswith('/tmp/run-'), (os.getuid(), os.getcwd())\n"
+            "assert not os.access('/usr', os.W_OK) and os.access('/tmp', os.W_OK)\n")
     out = run_program(program(body + "def add(a, b):\n    return a + b\n"), FAST)
     assert out.passed, out
+    assert S.describe_isolation().startswith("bubblewrap")
+
+
+@pytest.fixture
+def no_isolation(monkeypatch):
+    monkeypatch.setattr(S, "isolation", lambda: "none")
+
+
+def test_no_isolation_refuses_unless_unsandboxed(no_isolation):
+    with pytest.raises(ConfigError, match="--unsandboxed") as e:
+        run_program(program("def add(a, b):\n    return a + b\n"), FAST)
+    assert e.value.field == "unsandboxed"
+    risky = SandboxLimits(timeout=3.0, memory_mb=256, unsandboxed=True)
+    assert run_program(program("def add(a, b):\n    return a + b\n"), risky).passed
+    out = run_program(program("def add(a, b):\n    return a - b\n"), risky)
+    assert not out.passed and "AssertionError" in out.detail
+    assert S.describe_isolation().startswith("none")
+
+
+def test_eval_refuses_before_loading_without_isolation(no_isolation, tmp_path, capsys):
+    # the model does not exist: the refusal must come first, naming the flag
+    code = cli.main(["eval", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--unsandboxed" in err and "no-model" not in err
+
+
+def test_eval_prints_its_isolation(tmp_path, capsys):
+    cli.main(["eval", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--unsandboxed"])
+    assert f"sandbox: {S.describe_isolation()}" in capsys.readouterr().out
 
 
 def test_limits_validated():

@@ -283,17 +283,19 @@ def cmd_eval(args) -> int:
     AR
 
     Decode a task's problems with each setting (ar, greedy, ar-sample, lossless, mix:W), score the answers (code in
-    a sandbox: own process and directory, time, memory and CPU limits, no network), and print score with 95% CI,
+    a bubblewrap sandbox, refused where there is none unless --unsandboxed), and print score with 95% CI,
     TPF, tau, tokens/s and speedup over the AR loop of the same run. OUT/results.jsonl grows as answers are
     scored; a rerun resumes. --frontier sweeps ar, ar-sample, greedy, lossless and mix weights and draws
     OUT/frontier.png."""
-    from .evaluate import run as E
+    from .evaluate import run as E, sandbox as S
     from .model.lm import DiffusionLM
 
     if args.lm_eval:
         raise ConfigError("--lm-eval must come right after `eval`: ar2dlm eval --lm-eval --model ar2dlm "
                           "--model_args pretrained=MODEL ... (the rest is lm-eval's command line)", field="lm_eval")
     cfg = config_from(args, EvalConfig)  # settings fail before the model loads
+    if cfg.task == "humaneval":  # so does a machine with nothing to contain model-written code
+        print(f"sandbox: {S.require_isolation(cfg.unsandboxed)}")
     out = Path(args.out or f"runs/eval-{cfg.task}-{cfg.form}")
     _check_out_dir(out)
     ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine

