@@ -86,6 +86,7 @@ class EvalConfig:
         self.sandbox_limits()
 
     def sandbox_limits(self) -> SandboxLimits:
+        """The limits each HumanEval program runs under."""
         return SandboxLimits(timeout=self.timeout, memory_mb=self.memory_mb, unsandboxed=self.unsandboxed)
 
     @property

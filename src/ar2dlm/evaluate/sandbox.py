@@ -7,8 +7,9 @@ where it can). Each run gets:
   minimal /dev, and a private, size-limited /tmp holding the working directory `/tmp/run-<random>`: the only
   writable places, and none of them is the host's, so nothing the code writes outlives the run. The host's
   /root, /home, /work, /tmp, /dev/shm, sockets and the evaluator's files are simply not there;
-- its own PID namespace (it sees only its own processes; when the run ends the kernel kills every process
-  left in it, whatever it forked, setsid or not), network namespace (a down loopback: no network), IPC, UTS
+- its own PID namespace whose PID 1 is the harness itself (bwrap --as-pid-1): it sees only its own processes,
+  and when the harness exits the kernel kills every process left in it (whatever it forked, setsid or not)
+  before bwrap returns; a network namespace (a down loopback: no network), IPC, UTS
   and cgroup namespaces, and a new session (no terminal to inject input into);
 - no privileges: started as root, the evaluator's run drops to uid/gid 65534 (`nobody`, no supplementary
   groups) with every capability set empty (bounding set included) before the interpreter starts; started as
@@ -18,7 +19,7 @@ where it can). Each run gets:
 - rlimits the harness sets on itself before the completion runs (address space, CPU seconds, size of any
   written file, no core files, processes when it runs as nobody), and, as a second line only, a Python audit
   hook refusing sockets, program starts, ctypes and writes outside the working directory (sandbox_harness.py);
-- a wall-clock timeout, after which its PID namespace (and the evaluator's process group) is killed.
+- a wall-clock timeout, after which its PID 1, so its whole PID namespace (and bwrap's process group), is killed.
 
 Where bwrap is missing or does not work (no user namespaces for a non-root user), there is no OS isolation:
 `run_program` refuses unless the limits say `unsandboxed=True` (`ar2dlm eval --unsandboxed`), and then runs the
@@ -125,17 +126,20 @@ def require_isolation(unsandboxed: bool) -> str:
     return describe_isolation()
 
 
-def _bwrap_argv(workdir: str, program_fd: int, info_fd: int, tmp_bytes: int) -> list:
+def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, tmp_bytes: int) -> list:
     """bwrap's command line up to the program it starts (as nobody when we are root)."""
     root = os.geteuid() == 0
     argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+            "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     # root: no user namespace (one would map nobody back onto root's files), so keep the caps setpriv needs to
     # drop to nobody and empty every capability set; another user: bwrap's own user namespace, no nested ones
     argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"] if root else \
         ["--unshare-user", "--disable-userns"]
-    argv += ["--info-fd", str(info_fd)]
-    made = {"/"}
+    # /proc, /dev and /tmp first: an interpreter installed under /tmp (a venv in a checkout there) is bound
+    # on top of the private /tmp below, not hidden by it
+    argv += ["--info-fd", str(info_fd), "--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
+    made = {"/", "/tmp"}
 
     def parents(path: str) -> list:
         out = []  # bwrap makes missing parents 0700: nobody could not walk through them
@@ -160,8 +164,9 @@ def _bwrap_argv(workdir: str, program_fd: int, info_fd: int, tmp_bytes: int) -> 
         if p != "/" and not any(p == q or p.startswith(q + "/") for q in bound):
             argv += [*parents(p), "--ro-bind", p, p]
             bound.append(p)
-    argv += [*parents(HARNESS_INSIDE), "--ro-bind", str(HARNESS), HARNESS_INSIDE, "--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--perms", "0777", "--dir", workdir]
+    # the harness and the program are copied in (readable by nobody whatever the checkout's umask)
+    argv += [*parents(HARNESS_INSIDE), "--perms", "0444", "--ro-bind-data", str(harness_fd), HARNESS_INSIDE,
+             "--perms", "0777", "--dir", workdir]
     argv += ["--perms", "0644", "--file", str(program_fd), f"{workdir}/program.py", "--chdir", workdir, "--"]
     if root:
         argv += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
@@ -182,16 +187,18 @@ def _run_bwrap(program: str, limits: SandboxLimits) -> Outcome:
     token = secrets.token_hex(16)
     workdir = f"/tmp/run-{secrets.token_hex(8)}"
     nproc = NPROC if os.geteuid() == 0 else 0  # another user's count includes all their own processes
-    with tempfile.TemporaryFile() as src, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as src, open(HARNESS, "rb") as harness, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
         src.write(program.encode())
         src.flush()
         src.seek(0)
         info_r, info_w = os.pipe()
-        cmd = [*_bwrap_argv(workdir, src.fileno(), info_w, 4 * limits.file_mb * 2**20),
+        fds = (src.fileno(), harness.fileno(), info_w)
+        cmd = [*_bwrap_argv(workdir, *fds, 4 * limits.file_mb * 2**20),
                sys.executable, "-I", "-B", HARNESS_INSIDE, *_harness_args(workdir, limits, nproc)]
         try:
             timed_out = _start_and_wait(cmd, token, limits.timeout, out, err, {"HOME": workdir, "TMPDIR": workdir},
-                                        pass_fds=(src.fileno(), info_w), info=(info_r, info_w))
+                                        pass_fds=fds, info=(info_r, info_w))
         finally:
             os.close(info_r)
         return _outcome(token, timed_out, _tail(out), _tail(err), limits, workdir)
