@@ -30,8 +30,9 @@ $(VENV_PY):
 #
 # bubblewrap is the OS boundary around model-written code (evaluate/sandbox.py):
 # installed here as root with apt; otherwise install Debian's `bubblewrap`
-# yourself (`ar2dlm eval --task humaneval` refuses to run code without it
-# unless you pass --unsandboxed).
+# yourself (without it, util-linux's unshare is used where it works; with
+# neither, `ar2dlm eval --task humaneval` refuses to run model code unless you
+# pass --unsandboxed).
 $(STAMP): pyproject.toml | $(VENV_PY)
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }; } || \

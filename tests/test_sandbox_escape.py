@@ -1,7 +1,8 @@
 """Completions that try to leave a mark on the host, each checked from outside that the host is unchanged.
 
-The boundary is the OS (sandbox.py), so every route runs twice: with the harness as shipped, and with its audit
-hook taken out (a copy of the harness without `sys.addaudithook`), which shows the OS alone contains it.
+The boundary is the OS (sandbox.py), so every route runs with the harness as shipped and with its audit hook
+taken out (a copy of the harness without `sys.addaudithook`), which shows the OS alone contains it; and under
+each sandbox that works on this machine (bubblewrap, unshare + sandbox_jail.py).
 
 Oracles, all read by this process outside the sandbox: a canary directory the test owns (listing, type, mode,
 owner, size, mtime and SHA-256 of every entry, symlink targets), the evaluator's own files (the harness, the
@@ -26,7 +27,8 @@ import pytest
 
 from ar2dlm.evaluate import sandbox as S
 
-pytestmark = pytest.mark.skipif(S.isolation() == "none", reason="no OS isolation (bubblewrap) on this machine")
+BACKENDS = [kind for kind in ("bwrap", "unshare") if S.works(kind)]
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="no OS isolation (bubblewrap, unshare) on this machine")
 LIMITS = S.SandboxLimits(timeout=5.0, memory_mb=512)
 # started as root, the run drops every capability set; another user's bwrap leaves the (harmless) bounding set
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb", *(("CapBnd",) if os.geteuid() == 0 else ()))
@@ -49,9 +51,12 @@ def digest(paths) -> dict:
     return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths}
 
 
-@pytest.fixture(params=["hook", "no-hook"])
+@pytest.fixture(params=[(kind, hook) for kind in BACKENDS or ["none"] for hook in ("hook", "no-hook")],
+                ids=lambda p: "-".join(p))
 def harness(request, tmp_path, monkeypatch):
-    if request.param == "no-hook":
+    kind, hook = request.param
+    monkeypatch.setattr(S, "isolation", lambda: kind)
+    if hook == "no-hook":
         bare = tmp_path / "harness_without_hook.py"
         source = S.HARNESS.read_text()
         assert "    sys.addaudithook(hook)\n" in source
@@ -121,6 +126,13 @@ def routes(canary: Path, mark: str) -> dict[str, list[str]]:
              f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 30 # {mark}'])\n    os._exit(0)"),
             (f"subprocess.Popen(['setsid', 'nohup', 'sh', '-c', 'sleep 1; touch {c}/{mark}; sleep 30 # {mark}'], "
              "start_new_session=True)")],
+        "namespaces": [  # new namespaces (where allowed) hold only locked, read-only copies of the same view
+            (f"subprocess.run(['unshare', '-Urm', 'sh', '-c', 'mount -o remount,rw /usr; touch /usr/{mark}; "
+             f"mount -t tmpfs none /tmp && touch {c}/{mark}'])"),
+            ("import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"  # CLONE_NEWUSER | CLONE_NEWNS, then remount
+             f"assert libc.unshare(0x10000000 | 0x20000) != 0 or libc.mount(b'none', b'/usr', None, 32 | 4096, None)"
+             f" != 0 or not open('/usr/{mark}', 'w')"),
+            f"os.system('mount --bind /tmp /usr; touch /usr/{mark}; mount -o remount,rw /; touch /{mark}')"],
     }
 
 
@@ -139,11 +151,11 @@ def alive_with(mark: str) -> list[int]:
 
 def host_marks(canary: Path, mark: str) -> list[str]:
     places = [canary, Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"), Path.home(), S.HARNESS.parent,
-              Path(sysconfig.get_paths()["purelib"])]
+              Path(sysconfig.get_paths()["purelib"]), Path("/usr"), Path("/")]
     return [str(p) for d in places if d.is_dir() for p in d.glob(f"{mark}*")]
 
 
-@pytest.mark.parametrize("route", ["paths", "kinds", "links-renames", "programs", "outliving"])
+@pytest.mark.parametrize("route", ["paths", "kinds", "links-renames", "programs", "outliving", "namespaces"])
 def test_no_mark_on_the_host(harness, canary, route):
     mark = f"ar2dlm-mark-{secrets.token_hex(6)}"
     before, files = state(canary), digest(EVALUATOR_FILES)

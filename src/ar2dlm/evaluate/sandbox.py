@@ -1,27 +1,28 @@
 """Run untrusted code (a model's completion plus its tests) behind an OS boundary.
 
 The boundary is the kernel's, set up by bubblewrap (`bwrap`, Debian's `bubblewrap`; `make install` installs it
-where it can). Each run gets:
+where it can) or, where bwrap is missing, by util-linux's `unshare` with sandbox_jail.py building the same view
+(`isolation()` says which). Each run gets:
 - its own mount namespace whose root is a fresh tmpfs holding only a read-only view of the system (/usr and the
   /bin, /lib links, a few files of /etc, the interpreter's own prefixes and this harness), a private /proc, a
   minimal /dev, and a private, size-limited /tmp holding the working directory `/tmp/run-<random>`: the only
   writable places, and none of them is the host's, so nothing the code writes outlives the run. The host's
   /root, /home, /work, /tmp, /dev/shm, sockets and the evaluator's files are simply not there;
-- its own PID namespace whose PID 1 is the harness itself (bwrap --as-pid-1): it sees only its own processes,
-  and when the harness exits the kernel kills every process left in it (whatever it forked, setsid or not)
-  before bwrap returns; a network namespace (a down loopback: no network), IPC, UTS
-  and cgroup namespaces, and a new session (no terminal to inject input into);
-- no privileges: started as root, the evaluator's run drops to uid/gid 65534 (`nobody`, no supplementary
-  groups) with every capability set empty (bounding set included) before the interpreter starts; started as
-  another user, bwrap's user namespace maps that (already unprivileged) user and forbids nested ones. Either
-  way `no_new_privs` is set, so no setuid program can give privileges back. It cannot remount, chown, mknod a
-  device, or signal anything outside its PID namespace;
+- its own PID namespace whose PID 1 is the harness itself (bwrap --as-pid-1; unshare --fork): it sees only its
+  own processes, and when the harness exits the kernel kills every process left in it (whatever it forked,
+  setsid or not) before bwrap/unshare returns; a network namespace (a down loopback: no network), IPC and UTS
+  namespaces, and a new session (no terminal to inject input into);
+- no privileges: started as root, the run drops to uid/gid 65534 (`nobody`, no supplementary groups) with every
+  capability set empty (bounding set included) before the interpreter starts; started as another user, a user
+  namespace maps that (already unprivileged) user, with no capabilities left and no nested user namespaces.
+  Either way `no_new_privs` is set, so no setuid program can give privileges back. It cannot remount, chown,
+  mknod a device, or signal anything outside its PID namespace;
 - rlimits the harness sets on itself before the completion runs (address space, CPU seconds, size of any
   written file, no core files, processes when it runs as nobody), and, as a second line only, a Python audit
   hook refusing sockets, program starts, ctypes and writes outside the working directory (sandbox_harness.py);
 - a wall-clock timeout, after which its PID 1, so its whole PID namespace (and bwrap's process group), is killed.
 
-Where bwrap is missing or does not work (no user namespaces for a non-root user), there is no OS isolation:
+Where neither works (no user namespaces for a non-root user, no util-linux), there is no OS isolation:
 `run_program` refuses unless the limits say `unsandboxed=True` (`ar2dlm eval --unsandboxed`), and then runs the
 harness as the evaluator's own user on the host's filesystem with only the rlimits and the audit hook, which is
 no security boundary (Python's docs say so). `isolation()` names what this machine has.
@@ -46,13 +47,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from ..core.errors import ConfigError
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
 HARNESS_INSIDE = "/ar2dlm/sandbox_harness.py"
+JAIL = Path(__file__).with_name("sandbox_jail.py")
 NOBODY = 65534
 NPROC = 256  # processes of uid nobody (all its runs at once): a fork bomb fails fast instead of filling the table
 ETC = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/mime.types")
@@ -97,33 +99,64 @@ class Outcome:
 # ---------------------------------------------------------------------------- what this machine has
 @lru_cache(maxsize=1)
 def isolation() -> str:
-    """'bwrap' when a bubblewrap sandbox starts the interpreter here, else 'none'."""
-    if shutil.which("bwrap") is None or (os.geteuid() == 0 and shutil.which("setpriv") is None):
-        return "none"
-    try:  # the whole path a program takes: bwrap, the drop to nobody, the interpreter, the harness, the token
-        return "bwrap" if _run_bwrap("pass\n", SandboxLimits(timeout=30.0)).passed else "none"
+    """'bwrap' or 'unshare' when that sandbox works here (bwrap first), else 'none'."""
+    return next((kind for kind in ("bwrap", "unshare") if works(kind)), "none")
+
+
+@cache
+def works(kind: str) -> bool:
+    """Whether the `kind` sandbox runs a program here: namespaces, the drop of privileges, interpreter, harness,
+    token. Root can drop to nobody only through setpriv (util-linux); unshare's jail always execs it."""
+    if shutil.which(kind) is None or ((os.geteuid() == 0 or kind == "unshare") and shutil.which("setpriv") is None):
+        return False
+    try:
+        return _RUNS[kind]("pass\n", SandboxLimits(timeout=30.0)).passed
     except OSError:
-        return "none"
+        return False
 
 
 def describe_isolation() -> str:
     """One line for `ar2dlm eval`: which isolation model code gets on this machine."""
-    if isolation() == "none":
-        return ("none: bubblewrap is missing or cannot start here (install Debian's `bubblewrap`; a non-root user "
-                "needs user namespaces); model code would run on this host, guarded by rlimits and an audit hook only")
+    kind = isolation()
+    if kind == "none":
+        return ("none: neither bubblewrap nor unshare can build a sandbox here (install Debian's `bubblewrap`; a "
+                "non-root user needs user namespaces); model code would run on this host, guarded by rlimits and an "
+                "audit hook only")
     who = f"uid {NOBODY}, no capabilities" if os.geteuid() == 0 else "your uid in a user namespace, no capabilities"
-    return (f"bubblewrap: read-only system view, private /tmp and working directory, mount/PID/network/IPC/UTS "
+    tool = "bubblewrap" if kind == "bwrap" else "unshare (no bubblewrap installed)"
+    return (f"{tool}: read-only system view, private /tmp and working directory, mount/PID/network/IPC/UTS "
             f"namespaces, {who}, no_new_privs, rlimits, wall-clock kill")
 
 
 def require_isolation(unsandboxed: bool) -> str:
     """The isolation line, or a ConfigError when there is none and the user did not accept running without."""
     if isolation() == "none" and not unsandboxed:
-        raise ConfigError("this machine has no OS isolation for model-written code (bubblewrap is missing or cannot "
-                          "start: `apt-get install bubblewrap`, or allow user namespaces). Running it anyway puts your "
-                          "files and processes within its reach: add --unsandboxed to accept that risk",
+        raise ConfigError("this machine has no OS isolation for model-written code (neither bubblewrap nor unshare "
+                          "can start a sandbox: `apt-get install bubblewrap`, or allow user namespaces). Running it "
+                          "anyway puts your files and processes within its reach: add --unsandboxed to accept that "
+                          "risk",
                           field="unsandboxed")
     return describe_isolation()
+
+
+def _system_view() -> tuple[list, list]:
+    """What the sandbox sees of the host, read-only: ([(target, link)], [path]). /usr and the /bin, /lib links
+    (or directories), a few /etc files, and the interpreter's prefixes that are not already inside /usr."""
+    links, ro = [], []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/usr"):
+        if os.path.islink(top):
+            links.append((os.readlink(top), top))
+        elif os.path.isdir(top):
+            ro.append(top)
+    ro += [f for f in ETC if os.path.exists(f)]
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                             os.path.dirname(os.path.realpath(sys.executable)))}
+    bound = ["/usr"]
+    for p in sorted(prefixes):  # shortest first: a prefix inside another (or inside /usr) is already there
+        if p != "/" and not any(p == q or p.startswith(q + "/") for q in bound):
+            ro.append(p)
+            bound.append(p)
+    return links, ro
 
 
 def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, tmp_bytes: int) -> list:
@@ -149,21 +182,11 @@ def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, tm
                 out += ["--perms", "0755", "--dir", str(p)]
         return out
 
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/usr"):
-        if os.path.islink(top):
-            argv += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            argv += ["--ro-bind", top, top]
-    for f in ETC:
-        if os.path.exists(f):
-            argv += [*parents(f), "--ro-bind", f, f]
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                                             os.path.dirname(os.path.realpath(sys.executable)))}
-    bound = ["/usr"]
-    for p in sorted(prefixes):  # shortest first: a prefix inside another (or inside /usr) is already there
-        if p != "/" and not any(p == q or p.startswith(q + "/") for q in bound):
-            argv += [*parents(p), "--ro-bind", p, p]
-            bound.append(p)
+    links, ro = _system_view()
+    for target, path in links:
+        argv += ["--symlink", target, path]
+    for path in ro:
+        argv += [*parents(path), "--ro-bind", path, path]
     # the harness and the program are copied in (readable by nobody whatever the checkout's umask)
     argv += [*parents(HARNESS_INSIDE), "--perms", "0444", "--ro-bind-data", str(harness_fd), HARNESS_INSIDE,
              "--perms", "0777", "--dir", workdir]
@@ -177,10 +200,11 @@ def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, tm
 # ---------------------------------------------------------------------------- one run
 def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Outcome:
     """Run `program` (Python source) in the sandbox; passed iff it ran to its end."""
-    if isolation() == "none":
+    kind = isolation()
+    if kind == "none":
         require_isolation(limits.unsandboxed)
         return _run_unsandboxed(program, limits)
-    return _run_bwrap(program, limits)
+    return _RUNS[kind](program, limits)
 
 
 def _run_bwrap(program: str, limits: SandboxLimits) -> Outcome:
@@ -193,15 +217,44 @@ def _run_bwrap(program: str, limits: SandboxLimits) -> Outcome:
         src.flush()
         src.seek(0)
         info_r, info_w = os.pipe()
-        fds = (src.fileno(), harness.fileno(), info_w)
-        cmd = [*_bwrap_argv(workdir, *fds, 4 * limits.file_mb * 2**20),
-               sys.executable, "-I", "-B", HARNESS_INSIDE, *_harness_args(workdir, limits, nproc)]
         try:
+            fds = (src.fileno(), harness.fileno(), info_w)
+            cmd = [*_bwrap_argv(workdir, *fds, 4 * limits.file_mb * 2**20),
+                   sys.executable, "-I", "-B", HARNESS_INSIDE, *_harness_args(workdir, limits, nproc)]
             timed_out = _start_and_wait(cmd, token, limits.timeout, out, err, {"HOME": workdir, "TMPDIR": workdir},
-                                        pass_fds=fds, info=(info_r, info_w))
+                                        pass_fds=fds, pid1=lambda proc: _bwrap_child(info_r))
         finally:
             os.close(info_r)
+            os.close(info_w)
         return _outcome(token, timed_out, _tail(out), _tail(err), limits, workdir)
+
+
+def _run_unshare(program: str, limits: SandboxLimits) -> Outcome:
+    """unshare's namespaces; sandbox_jail.py (their PID 1) builds the same view as bwrap's, then runs the harness."""
+    token = secrets.token_hex(16)
+    workdir = f"/tmp/run-{secrets.token_hex(8)}"
+    root = os.geteuid() == 0
+    newroot = tempfile.mkdtemp(prefix="ar2dlm-jail-")  # stays empty on the host: the tmpfs is mounted privately
+    try:
+        with tempfile.TemporaryFile() as src, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            src.write(program.encode())
+            src.flush()
+            src.seek(0)
+            links, ro = _system_view()
+            spec = {"newroot": newroot, "workdir": workdir, "program_fd": src.fileno(), "harness": str(HARNESS),
+                    "harness_inside": HARNESS_INSIDE, "ro": ro, "symlinks": links,
+                    "tmp_bytes": 4 * limits.file_mb * 2**20, "nobody": NOBODY if root else None,
+                    "setpriv": shutil.which("setpriv"),
+                    "exec": [sys.executable, "-I", "-B", HARNESS_INSIDE,
+                             *_harness_args(workdir, limits, NPROC if root else 0)]}
+            cmd = ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
+                   "--propagation", "private", *([] if root else ["--user", "--map-root-user"]),
+                   sys.executable, "-I", "-S", "-B", str(JAIL), json.dumps(spec)]
+            timed_out = _start_and_wait(cmd, token, limits.timeout, out, err, {"HOME": workdir, "TMPDIR": workdir},
+                                        pass_fds=(src.fileno(),), pid1=_only_child)
+            return _outcome(token, timed_out, _tail(out), _tail(err), limits, workdir)
+    finally:
+        shutil.rmtree(newroot, ignore_errors=True)
 
 
 def _run_unsandboxed(program: str, limits: SandboxLimits) -> Outcome:
@@ -225,15 +278,12 @@ def _harness_args(workdir: str, limits: SandboxLimits, nproc: int) -> list[str]:
 
 
 def _start_and_wait(cmd: list, token: str, timeout: float, out, err, env: dict, cwd: str | None = None,
-                    pass_fds=(), info=None) -> bool:
-    """Start the run in its own process group, hand it the token, wait; kill everything left. True if timed out."""
+                    pass_fds=(), pid1=None) -> bool:
+    """Start the run in its own process group, hand it the token, wait; kill everything left. True if timed out.
+    pid1(proc): the host pid of the run's PID 1, asked only while `proc` (its parent) is unreaped."""
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **env}
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
-                                process_group=0, pass_fds=pass_fds)
-    finally:
-        if info is not None:
-            os.close(info[1])  # bwrap holds the write end now
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
+                            process_group=0, pass_fds=pass_fds)
     try:
         proc.stdin.write((token + "\n").encode())
         proc.stdin.close()
@@ -244,21 +294,36 @@ def _start_and_wait(cmd: list, token: str, timeout: float, out, err, env: dict, 
         timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
-        if info is not None:
-            _kill_namespace(info[0])
+        if pid1 is not None:
+            _kill_namespace(pid1(proc))
     _kill_group(proc)  # also after a normal exit: forks may linger in the group (unsandboxed runs)
     return timed_out
 
 
-def _kill_namespace(info_r: int, grace: float = 5.0) -> None:
-    """SIGKILL the sandbox's PID 1 (bwrap's --info-fd names it) and wait until it has exited: the kernel kills
-    every other process of its namespace before that. Called while bwrap, its parent, is unreaped, so the pid
-    cannot have been reused; a pidfd then holds on to that very process."""
+def _bwrap_child(info_r: int) -> int | None:
+    """The sandbox's PID 1 as bwrap's --info-fd names it."""
     os.set_blocking(info_r, False)
     try:
-        pid = json.loads(os.read(info_r, 4096) or b"{}").get("child-pid")
-        pidfd = os.pidfd_open(pid) if pid else None
+        return json.loads(os.read(info_r, 4096) or b"{}").get("child-pid")
     except (OSError, ValueError):
+        return None
+
+
+def _only_child(proc: subprocess.Popen) -> int | None:
+    """unshare --fork's one child: the namespace's PID 1."""
+    try:
+        return int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill_namespace(pid: int | None, grace: float = 5.0) -> None:
+    """SIGKILL the sandbox's PID 1 and wait until it has exited: the kernel kills every other process of its
+    namespace before that. Its parent (bwrap or unshare) is unreaped, so the pid cannot have been reused; a pidfd
+    then holds on to that very process."""
+    try:
+        pidfd = os.pidfd_open(pid) if pid else None
+    except OSError:
         pidfd = None
     if pidfd is None:
         return
@@ -299,3 +364,6 @@ def _tail(f, n: int = 65536) -> bytes:
     f.seek(0, os.SEEK_END)
     f.seek(max(0, f.tell() - n))
     return f.read().rstrip(b"\n")
+
+
+_RUNS = {"bwrap": _run_bwrap, "unshare": _run_unshare}
