@@ -8,13 +8,15 @@ Oracles, all read by this process outside the sandbox: a canary directory the te
 owner, size, mtime and SHA-256 of every entry, symlink targets), the evaluator's own files (the harness, the
 package, the interpreter's prefix), names that must not appear in /tmp, /dev/shm, /var/tmp and site-packages,
 processes (none whose command line carries the run's mark may outlive it; a process of ours it tries to kill
-stays alive), and this process's environment and working directory.
+stays alive), the kernel's keys of the sandbox's uid (/proc/key-users), servers of ours it tries to reach, and
+this process's environment and working directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import secrets
 import socket
 import subprocess
@@ -81,6 +83,7 @@ def canary(tmp_path):
 def attempts(*codes: str) -> str:
     """A program that tries each snippet, whatever the one before did, then ends (so it passes if not killed)."""
     body = "import os, sys, signal, socket, stat, shutil, subprocess, time\n"
+    body += f"nr = {S.SYSCALLS.get(platform.machine(), (0, {}))[1]!r}\n"
     for i, code in enumerate(codes):
         body += f"def _try{i}():\n" + "".join(f"    {line}\n" for line in code.strip().splitlines())
         body += f"try:\n    _try{i}()\nexcept BaseException as e:\n    print('attempt {i}:', repr(e), file=sys.stderr)\n"
@@ -126,6 +129,13 @@ def routes(canary: Path, mark: str) -> dict[str, list[str]]:
              f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 30 # {mark}'])\n    os._exit(0)"),
             (f"subprocess.Popen(['setsid', 'nohup', 'sh', '-c', 'sleep 1; touch {c}/{mark}; sleep 30 # {mark}'], "
              "start_new_session=True)")],
+        "kernel-state": [  # kernel keyrings are the host's, and outlive the run: seccomp denies them
+            ("import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"
+             f"assert libc.syscall(nr['add_key'], b'user', b'{mark}', b'x', 1, ctypes.c_int(-4)) == -1"),
+            ("import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"  # KEYCTL_JOIN_SESSION_KEYRING: a new one
+             f"assert libc.syscall(nr['keyctl'], 1, b'{mark}') == -1"),
+            ("import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"
+             f"assert libc.syscall(nr['request_key'], b'user', b'{mark}', None, ctypes.c_int(-4)) == -1")],
         "namespaces": [  # new namespaces (where allowed) hold only locked, read-only copies of the same view
             (f"subprocess.run(['unshare', '-Urm', 'sh', '-c', 'mount -o remount,rw /usr; touch /usr/{mark}; "
              f"mount -t tmpfs none /tmp && touch {c}/{mark}'])"),
@@ -149,16 +159,27 @@ def alive_with(mark: str) -> list[int]:
     return pids
 
 
+def keys_of_the_sandbox_user() -> tuple[int, int]:
+    """(keys, bytes) the kernel holds for the uid the sandbox runs as (from /proc/key-users, read outside)."""
+    uid = S.NOBODY if os.geteuid() == 0 else os.getuid()
+    for line in Path("/proc/key-users").read_text().splitlines():
+        if line.split(":")[0].strip() == str(uid):
+            fields = line.split(":")[1].split()
+            return int(fields[2].split("/")[0]), int(fields[3].split("/")[0])
+    return 0, 0
+
+
 def host_marks(canary: Path, mark: str) -> list[str]:
     places = [canary, Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"), Path.home(), S.HARNESS.parent,
               Path(sysconfig.get_paths()["purelib"]), Path("/usr"), Path("/")]
     return [str(p) for d in places if d.is_dir() for p in d.glob(f"{mark}*")]
 
 
-@pytest.mark.parametrize("route", ["paths", "kinds", "links-renames", "programs", "outliving", "namespaces"])
+@pytest.mark.parametrize("route", ["paths", "kinds", "links-renames", "programs", "outliving", "kernel-state",
+                                   "namespaces"])
 def test_no_mark_on_the_host(harness, canary, route):
     mark = f"ar2dlm-mark-{secrets.token_hex(6)}"
-    before, files = state(canary), digest(EVALUATOR_FILES)
+    before, files, keys = state(canary), digest(EVALUATOR_FILES), keys_of_the_sandbox_user()
     cwd, env = os.getcwd(), dict(os.environ)
     out = S.run_program(attempts(*routes(canary, mark)[route]), LIMITS)
     assert out.status == "passed", out  # every attempt ran (and failed or stayed inside), then the program ended
@@ -167,6 +188,7 @@ def test_no_mark_on_the_host(harness, canary, route):
     assert state(canary) == before
     assert digest(EVALUATOR_FILES) == files
     assert host_marks(canary, mark) == []
+    assert all(a <= b for a, b in zip(keys_of_the_sandbox_user(), keys))  # (the kernel may collect old ones)
     assert alive_with(mark) == [] and alive_with(out.workdir) == []
     assert os.getcwd() == cwd and dict(os.environ) == env
 
@@ -226,3 +248,10 @@ def test_no_channel_to_the_host(harness):
         for s in (unix, tcp):
             with pytest.raises(BlockingIOError):
                 s.accept()
+
+
+def test_seccomp_filter_shape():
+    for machine in S.SYSCALLS:
+        bpf = S.seccomp_filter(machine)
+        assert len(bpf) % 8 == 0 and len(bpf) // 8 < 64
+    assert S.seccomp_filter("riscv64") is None  # no table: the sandbox runs without the filter

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import secrets
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,50 @@ class Outcome:
     workdir: str  # the run's working directory (gone afterwards): its path names the run's processes
 
 
+# ---------------------------------------------------------------------------- seccomp
+# Denied system calls, per architecture: (AUDIT_ARCH, {name: number}). Kernel keyrings outlive the run (a key added
+# to nobody's keyring stays on the host); new namespaces, bpf, perf events, userfaultfd and io_uring are kernel
+# attack surface that no test program needs. clone3 says ENOSYS (its flags live in memory a filter cannot read), so
+# libc falls back to clone, whose namespace flags the filter sees.
+SYSCALLS = {
+    "x86_64": (0xC000003E, {"add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272, "setns": 308,
+                            "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "io_uring_setup": 425,
+                            "io_uring_enter": 426, "io_uring_register": 427, "clone": 56, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219, "unshare": 97, "setns": 268,
+                             "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "io_uring_setup": 425,
+                             "io_uring_enter": 426, "io_uring_register": 427, "clone": 220, "clone3": 435}),
+}
+CLONE_NEW = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+
+
+def seccomp_filter(machine: str | None = None) -> bytes | None:
+    """A classic-BPF seccomp program (struct sock_filter[]) denying SYSCALLS with EPERM; None on other machines.
+
+    1. Another architecture's calling convention (e.g. 32-bit calls on x86_64): kill.
+    2. x32 calls on x86_64 (nr with bit 30 set): EPERM.
+    3. clone with any CLONE_NEW* flag: EPERM; clone3: ENOSYS.
+    4. The other listed calls: EPERM. Everything else: allowed."""
+    arch = SYSCALLS.get(machine or platform.machine())
+    if arch is None:
+        return None
+    audit, nr = arch
+    ld_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill, eperm, enosys = 0x7FFF0000, 0x80000000, 0x00050000 | 1, 0x00050000 | 38
+    denied = [n for name, n in nr.items() if name not in ("clone", "clone3")]
+
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    prog = [op(ld_abs, 4), op(jeq, audit, 1, 0), op(ret, kill), op(ld_abs, 0)]  # 1.
+    if audit == 0xC000003E:
+        prog += [op(jge, 0x40000000, 0, 1), op(ret, eperm)]  # 2.
+    prog += [op(jeq, nr["clone3"], 0, 1), op(ret, enosys),  # 3.
+             op(jeq, nr["clone"], 0, 4), op(ld_abs, 16), op(jset, CLONE_NEW, 0, 1), op(ret, eperm), op(ret, allow)]
+    for n in denied:  # 4.
+        prog += [op(jeq, n, 0, 1), op(ret, eperm)]
+    return b"".join(prog + [op(ret, allow)])
+
+
 # ---------------------------------------------------------------------------- what this machine has
 @lru_cache(maxsize=1)
 def isolation() -> str:
@@ -123,9 +169,10 @@ def describe_isolation() -> str:
                 "non-root user needs user namespaces); model code would run on this host, guarded by rlimits and an "
                 "audit hook only")
     who = f"uid {NOBODY}, no capabilities" if os.geteuid() == 0 else "your uid in a user namespace, no capabilities"
-    tool = "bubblewrap" if kind == "bwrap" else "unshare (no bubblewrap installed)"
+    tool = "bubblewrap" if kind == "bwrap" else "unshare (bubblewrap missing or not working)"
+    bpf = ", seccomp (no keyrings, namespaces, bpf, io_uring)" if seccomp_filter() else ""
     return (f"{tool}: read-only system view, private /tmp and working directory, mount/PID/network/IPC/UTS "
-            f"namespaces, {who}, no_new_privs, rlimits, wall-clock kill")
+            f"namespaces, {who}, no_new_privs{bpf}, rlimits, wall-clock kill")
 
 
 def require_isolation(unsandboxed: bool) -> str:
@@ -159,7 +206,8 @@ def _system_view() -> tuple[list, list]:
     return links, ro
 
 
-def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, tmp_bytes: int) -> list:
+def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, seccomp_fd: int | None,
+                tmp_bytes: int) -> list:
     """bwrap's command line up to the program it starts (as nobody when we are root)."""
     root = os.geteuid() == 0
     argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -170,6 +218,7 @@ def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, tm
         ["--unshare-user", "--disable-userns"]
     # /proc, /dev and /tmp first: an interpreter installed under /tmp (a venv in a checkout there) is bound
     # on top of the private /tmp below, not hidden by it
+    argv += ["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []
     argv += ["--info-fd", str(info_fd), "--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     made = {"/", "/tmp"}
@@ -211,18 +260,21 @@ def _run_bwrap(program: str, limits: SandboxLimits) -> Outcome:
     token = secrets.token_hex(16)
     workdir = f"/tmp/run-{secrets.token_hex(8)}"
     nproc = NPROC if os.geteuid() == 0 else 0  # another user's count includes all their own processes
+    bpf = seccomp_filter()
     with tempfile.TemporaryFile() as src, open(HARNESS, "rb") as harness, tempfile.TemporaryFile() as out, \
-            tempfile.TemporaryFile() as err:
-        src.write(program.encode())
-        src.flush()
-        src.seek(0)
+            tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as filt:
+        for f, data in ((src, program.encode()), (filt, bpf or b"")):
+            f.write(data)
+            f.flush()
+            f.seek(0)
         info_r, info_w = os.pipe()
         try:
-            fds = (src.fileno(), harness.fileno(), info_w)
+            fds = (src.fileno(), harness.fileno(), info_w, filt.fileno() if bpf else None)
             cmd = [*_bwrap_argv(workdir, *fds, 4 * limits.file_mb * 2**20),
                    sys.executable, "-I", "-B", HARNESS_INSIDE, *_harness_args(workdir, limits, nproc)]
             timed_out = _start_and_wait(cmd, token, limits.timeout, out, err, {"HOME": workdir, "TMPDIR": workdir},
-                                        pass_fds=fds, pid1=lambda proc: _bwrap_child(info_r))
+                                        pass_fds=[fd for fd in fds if fd is not None],
+                                        pid1=lambda proc: _bwrap_child(info_r))
         finally:
             os.close(info_r)
             os.close(info_w)
@@ -244,7 +296,7 @@ def _run_unshare(program: str, limits: SandboxLimits) -> Outcome:
             spec = {"newroot": newroot, "workdir": workdir, "program_fd": src.fileno(), "harness": str(HARNESS),
                     "harness_inside": HARNESS_INSIDE, "ro": ro, "symlinks": links,
                     "tmp_bytes": 4 * limits.file_mb * 2**20, "nobody": NOBODY if root else None,
-                    "setpriv": shutil.which("setpriv"),
+                    "setpriv": shutil.which("setpriv"), "seccomp": (seccomp_filter() or b"").hex(),
                     "exec": [sys.executable, "-I", "-B", HARNESS_INSIDE,
                              *_harness_args(workdir, limits, NPROC if root else 0)]}
             cmd = ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",

@@ -9,7 +9,8 @@ the evaluator is not root, where it is root of that namespace only). argv: one J
    program, and the harness.
 2. Remount every mount below the new root read-only (nosuid, nodev), except /tmp, /proc and /dev/pts; a
    recursive bind's submounts included. Flags the host locked (noexec, ...) are kept.
-3. chroot into it, leave the evaluator's session (no terminal to inject input into) and exec the harness
+3. chroot into it, leave the evaluator's session (no terminal to inject input into), install the seccomp
+   filter (sandbox.seccomp_filter) and exec the harness
    through setpriv: an empty bounding set, inheritable and ambient set, no_new_privs, and (when started as
    real root) uid/gid nobody without groups. The interpreter it starts has no capabilities at all, and a
    chrooted process cannot create the user namespace that would give it some.
@@ -24,7 +25,12 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVA
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 KEPT = MS_NOEXEC | 1024 | 2048 | 4096  # noexec, noatime, nodiratime, relatime: as the host has them (may be locked)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
 def mount(source, target, fstype, flags, data=None) -> None:
@@ -91,6 +97,13 @@ def main() -> None:
     os.chroot(root)  # 3.
     os.chdir(workdir)
     os.setsid()
+    if spec["seccomp"]:  # sandbox.seccomp_filter's program; it stays through the exec
+        bpf = bytes.fromhex(spec["seccomp"])
+        buf = ctypes.create_string_buffer(bpf, len(bpf))
+        prog = SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
+                libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "seccomp filter refused")
     drop = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs"]
     if spec["nobody"] is not None:
         drop += [f"--reuid={spec['nobody']}", f"--regid={spec['nobody']}", "--clear-groups"]
