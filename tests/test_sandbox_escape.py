@@ -225,7 +225,9 @@ def test_sees_nothing_of_the_evaluator(harness, tmp_path, monkeypatch):
             "assert [p for p in os.listdir('/proc') if p.isdigit()] and max(map(int, filter(str.isdigit, "
             "os.listdir('/proc')))) < 100\n"  # a PID namespace of its own: only its few processes
             "assert [f for f in os.listdir('/proc/self/fd') if os.path.exists(f'/proc/self/fd/{f}')] == ['0', '1', '2']\n"
-            "open('scratch', 'w').write('its working directory is writable')\n")
+            "open('scratch', 'w').write('its working directory is writable')\n"
+            "writable = {d for d in os.listdir('/') if os.access('/' + d, os.W_OK)}\n"  # /dev: bwrap's, as a user
+            "assert 'tmp' in writable and writable <= {'tmp', 'dev'} and not os.access('/', os.W_OK), writable\n")
     out = S.run_program(body, LIMITS)
     assert out.passed, out
 

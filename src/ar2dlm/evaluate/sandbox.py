@@ -17,6 +17,8 @@ where it can) or, where bwrap is missing, by util-linux's `unshare` with sandbox
   namespace maps that (already unprivileged) user, with no capabilities left and no nested user namespaces.
   Either way `no_new_privs` is set, so no setuid program can give privileges back. It cannot remount, chown,
   mknod a device, or signal anything outside its PID namespace;
+- a seccomp filter (`seccomp_filter`, x86_64 and aarch64) denying kernel keyrings (a key would outlive the run
+  on the host), new namespaces, bpf, perf events, userfaultfd and io_uring;
 - rlimits the harness sets on itself before the completion runs (address space, CPU seconds, size of any
   written file, no core files, processes when it runs as nobody), and, as a second line only, a Python audit
   hook refusing sockets, program starts, ctypes and writes outside the working directory (sandbox_harness.py);
@@ -239,7 +241,8 @@ def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, se
     # the harness and the program are copied in (readable by nobody whatever the checkout's umask)
     argv += [*parents(HARNESS_INSIDE), "--perms", "0444", "--ro-bind-data", str(harness_fd), HARNESS_INSIDE,
              "--perms", "0777", "--dir", workdir]
-    argv += ["--perms", "0644", "--file", str(program_fd), f"{workdir}/program.py", "--chdir", workdir, "--"]
+    argv += ["--perms", "0644", "--file", str(program_fd), f"{workdir}/program.py",
+             "--remount-ro", "/", "--chdir", workdir, "--"]  # the root tmpfs too (a user's own in a user namespace)
     if root:
         argv += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
                  "--bounding-set=-all", "--no-new-privs"]
