@@ -218,9 +218,9 @@ def _bwrap_argv(workdir: str, program_fd: int, harness_fd: int, info_fd: int, se
     # drop to nobody and empty every capability set; another user: bwrap's own user namespace, no nested ones
     argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"] if root else \
         ["--unshare-user", "--disable-userns"]
+    argv += ["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []
     # /proc, /dev and /tmp first: an interpreter installed under /tmp (a venv in a checkout there) is bound
     # on top of the private /tmp below, not hidden by it
-    argv += ["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []
     argv += ["--info-fd", str(info_fd), "--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     made = {"/", "/tmp"}

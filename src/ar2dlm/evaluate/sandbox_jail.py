@@ -51,6 +51,7 @@ def bind(source: str, target: str) -> None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    os.umask(0o022)  # what it builds must be readable by nobody, whatever the evaluator's umask
     root, workdir = spec["newroot"], spec["workdir"]
     with open(spec["program_fd"], "rb") as f, open(spec["harness"], "rb") as h:  # the fd is closed: no leak
         program, harness = f.read(), h.read()
