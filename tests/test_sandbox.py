@@ -2,6 +2,8 @@
 
 Oracles: the file system (a file written outside the working directory must not exist), /proc (no
 process of the run may be alive after it returns), the clock (a timeout returns within its bound).
+Where the machine has no OS isolation the sandbox refuses unless told `unsandboxed`; those paths run here
+with `isolation` patched to "none". Routes out of the sandbox: test_sandbox_escape.py.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from ar2dlm import cli
 from ar2dlm.core.errors import ConfigError
-from ar2dlm.evaluate.sandbox import SandboxLimits, namespaces_available, run_program
+from ar2dlm.evaluate import sandbox as S
+from ar2dlm.evaluate.sandbox import SandboxLimits, run_program
 
 FAST = SandboxLimits(timeout=3.0, memory_mb=256)
+BACKENDS = [kind for kind in ("bwrap", "unshare") if S.works(kind)]
 TESTS = "\n\ndef check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n\ncheck(add)\n"
 
 
@@ -37,7 +42,14 @@ def alive_in(workdir: str) -> list[int]:
     return pids
 
 
-def test_correct_solution_passes():
+@pytest.fixture(params=BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no OS isolation here"))])
+def backend(request, monkeypatch):
+    """Each sandbox that works on this machine (the others' tests use the one `isolation()` picks)."""
+    monkeypatch.setattr(S, "isolation", lambda: request.param)
+    return request.param
+
+
+def test_correct_solution_passes(backend):
     out = run_program(program("def add(a, b):\n    return a + b\n"), FAST)
     assert out.passed and out.status == "passed", out
 
@@ -47,7 +59,7 @@ def test_wrong_solution_fails():
     assert not out.passed and out.status == "failed" and "AssertionError" in out.detail
 
 
-def test_infinite_loop_times_out():
+def test_infinite_loop_times_out(backend):
     start = time.monotonic()
     out = run_program(program("while True:\n    pass\n"), SandboxLimits(timeout=1.0, memory_mb=256))
     assert time.monotonic() - start < 5
@@ -55,13 +67,13 @@ def test_infinite_loop_times_out():
     assert not alive_in(out.workdir)
 
 
-def test_memory_exhaustion_is_contained():
+def test_memory_exhaustion_is_contained(backend):
     body = "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))\n"
     out = run_program(program(body), FAST)
     assert not out.passed and "MemoryError" in out.detail, out
 
 
-def test_children_that_sleep_are_killed():
+def test_children_that_sleep_are_killed(backend):
     body = ("import os, time\n"
             "for _ in range(3):\n"
             "    if os.fork() == 0:\n"
@@ -74,7 +86,7 @@ def test_children_that_sleep_are_killed():
     assert not alive_in(out.workdir), "processes of the run survived it"
 
 
-def test_children_exit_with_the_parent():
+def test_children_exit_with_the_parent(backend):
     body = "import os, time\nif os.fork() == 0:\n    time.sleep(1000)\n" \
            "def add(a, b):\n    return a + b\n"
     out = run_program(program(body), FAST)
@@ -138,14 +150,45 @@ def test_evaluator_process_is_untouched(tmp_path):
     assert os.getcwd() == cwd and dict(os.environ) == env
 
 
-@pytest.mark.skipif(not namespaces_available(), reason="no network/PID namespaces on this machine")
-def test_isolation_uses_namespaces():
-    # the harness is PID 1 of its own PID namespace, and its network namespace has only a loopback
-    body = ("import os\nassert os.getpid() == 1\n"
+def test_isolation_uses_namespaces(backend):
+    # its own PID namespace (the harness is its PID 1), a network namespace with only a loopback,
+    # a read-only system and a private /tmp, as an unprivileged user
+    body = ("import os\nassert os.getpid() == 1, os.getpid()\n"
             "names = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]\n"
-            "assert names == ['lo'], names\n")
+            "assert names == ['lo'], names\n"
+            "assert os.getuid() != 0 and os.getcwd().startswith('/tmp/run-'), (os.getuid(), os.getcwd())\n"
+            "assert not os.access('/usr', os.W_OK) and os.access('/tmp', os.W_OK)\n")
     out = run_program(program(body + "def add(a, b):\n    return a + b\n"), FAST)
     assert out.passed, out
+    assert S.describe_isolation().startswith({"bwrap": "bubblewrap", "unshare": "unshare"}[backend])
+
+
+@pytest.fixture
+def no_isolation(monkeypatch):
+    monkeypatch.setattr(S, "isolation", lambda: "none")
+
+
+def test_no_isolation_refuses_unless_unsandboxed(no_isolation):
+    with pytest.raises(ConfigError, match="--unsandboxed") as e:
+        run_program(program("def add(a, b):\n    return a + b\n"), FAST)
+    assert e.value.field == "unsandboxed"
+    risky = SandboxLimits(timeout=3.0, memory_mb=256, unsandboxed=True)
+    assert run_program(program("def add(a, b):\n    return a + b\n"), risky).passed
+    out = run_program(program("def add(a, b):\n    return a - b\n"), risky)
+    assert not out.passed and "AssertionError" in out.detail
+    assert S.describe_isolation().startswith("none")
+
+
+def test_eval_refuses_before_loading_without_isolation(no_isolation, tmp_path, capsys):
+    # the model does not exist: the refusal must come first, naming the flag
+    code = cli.main(["eval", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--unsandboxed" in err and "no-model" not in err
+
+
+def test_eval_prints_its_isolation(tmp_path, capsys):
+    cli.main(["eval", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--unsandboxed"])
+    assert f"sandbox: {S.describe_isolation()}" in capsys.readouterr().out
 
 
 def test_limits_validated():

@@ -18,6 +18,7 @@ from .core.validation import check
 from .decode.config import DecodeConfig
 from .decode.engine import Request, check_request, generate, stream
 from .evaluate import run as eval_run
+from .evaluate import sandbox
 from .evaluate.config import EvalConfig
 from .measure import bench, plan, tune
 from .measure.bench_config import BenchConfig, without_chat
@@ -50,7 +51,6 @@ def cmd_convert(args) -> int:
 
     Convert BASE (a local HF checkpoint directory, or 'smollm2-135m' for the bundled SmolLM2-135M-Instruct) into
     OUT, an HF directory that still loads as an AR model."""
-
     cfg = config_from(args, ConvertConfig)
     convert(args.base, args.out, force=args.force, **dataclasses.asdict(cfg))
     print(args.out)
@@ -62,7 +62,6 @@ def cmd_generate(args) -> int:
 
     Stream the model's answer to each prompt, then print tokens, forward passes, tokens per forward (TPF), speed and
     the accepted-length histogram."""
-
     check(args.batch_size is None or args.json, "--batch-size only applies with --json (streamed text decodes one "
                                                 "prompt at a time): add --json, or drop --batch-size", "batch_size")
     batch_size = 1 if args.batch_size is None else args.batch_size
@@ -115,7 +114,6 @@ def cmd_demo(args) -> int:
     Decode three bench prompts (chat, code, prose) with MODEL, streaming the text, then decode each with the same-
     stack AR loop in the same run and print tokens per forward, both speeds, the speedup and whether the text
     equals AR's."""
-
     lm = _load(args)
     settings = given(args, DEMO_FIELDS)
     prompts = demo_prompts()
@@ -138,7 +136,6 @@ def cmd_train(args, overrides: list[str]) -> int:
     Train with the TiDAR objective. Any config field can be overridden as --section.field VALUE (e.g. --optim.lr
     1e-4 --schedule.max_steps 200). Multi-process: accelerate launch --config_file recipes/accelerate/ddp.yaml
     -m ar2dlm train --config ..."""
-
     return main_train(args.config, overrides, args.resume)
 
 
@@ -147,7 +144,6 @@ def cmd_distill(args) -> int:
 
     Greedy (or sampled) AR continuations of every prompt, batched, resumable: writes OUT/distilled.jsonl with token
     ids (prompt_ids, completion_ids)."""
-
     cfg = config_from(args, DistillConfig)  # settings fail before the model loads
     _check_out_dir(args.out)
     read_prompt_file(args.prompts)
@@ -181,7 +177,6 @@ def cmd_export(args) -> int:
 
 def cmd_plot(args) -> int:
     """PNG curves of a run's metrics.jsonl"""
-
     for path in plot_run(args.run_dir):
         print(path)
     return 0
@@ -189,7 +184,6 @@ def cmd_plot(args) -> int:
 
 def cmd_prompts(args) -> int:
     """write the offline prompt sets (train.jsonl, bench.jsonl)"""
-
     for split, path in write_prompt_sets(args.out, force=args.force).items():
         print(f"{split}: {path}")
     return 0
@@ -202,10 +196,9 @@ def _dtype(args):
 def _load(args, **kwargs) -> DiffusionLM:
     """The verb's model, in its --dtype; says on stderr what it computes in and on (speed belongs to a machine)."""
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), **kwargs)
-    invariant = ", batch-invariant" if lm.batch_invariant else ""
-    print(f"{args.verb}: {args.model}, {describe(lm.model.dtype)}{invariant}", file=sys.stderr)
+    print(f"{args.verb}: {args.model}, {describe(lm.model.dtype)}{', batch-invariant' * lm.batch_invariant}",
+          file=sys.stderr)
     return lm
-
 
 
 def _plain_vocab(lm) -> dict:
@@ -219,7 +212,6 @@ def cmd_bench(args) -> int:
     Measure, in one process and interleaved run by run, the same-stack AR loop, HF generate, HF prompt-lookup
     decoding and ar2dlm's samplers over draft lengths and proposal counts, on bench prompts never used in
     training. Prints a table; the last stdout line is JSON; plots and bench.json go to --out."""
-
     cfg = config_from(args, BenchConfig)
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out_dir(out)
@@ -261,7 +253,6 @@ def cmd_tune(args) -> int:
     Measure the forward cost by number of token slots and the acceptance on a prompt set, predict tokens/s for draft
     length x proposals, time the best predictions against the AR loop, and write the fastest into the model's
     ar2dlm.json."""
-
     cfg = config_from(args, TuneConfig)
     lm = _load(args)
     cfg = without_chat(cfg, _has_chat_template(lm), args.model, explicit=args.sets is not None)
@@ -287,15 +278,16 @@ def cmd_eval(args) -> int:
     AR
 
     Decode a task's problems with each setting (ar, greedy, ar-sample, lossless, mix:W), score the answers (code in
-    a sandbox: own process and directory, time, memory and CPU limits, no network), and print score with 95% CI,
+    a bubblewrap sandbox, refused where there is none unless --unsandboxed), and print score with 95% CI,
     TPF, tau, tokens/s and speedup over the AR loop of the same run. OUT/results.jsonl grows as answers are
     scored; a rerun resumes. --frontier sweeps ar, ar-sample, greedy, lossless and mix weights and draws
     OUT/frontier.png."""
-
     if args.lm_eval:
         raise ConfigError("--lm-eval must come right after `eval`: ar2dlm eval --lm-eval --model ar2dlm "
                           "--model_args pretrained=MODEL ... (the rest is lm-eval's command line)", field="lm_eval")
     cfg = config_from(args, EvalConfig)  # settings fail before the model loads
+    if cfg.task == "humaneval":  # so does a machine with nothing to contain model-written code
+        print(f"sandbox: {sandbox.require_isolation(cfg.unsandboxed)}")
     out = Path(args.out or f"runs/eval-{cfg.task}-{cfg.form}")
     _check_out_dir(out)
     ar_only = not cfg.frontier and all(s in ("ar", "ar-sample") for s in cfg.settings)  # a base model is fine
@@ -315,7 +307,6 @@ def cmd_plan(args) -> int:
     From a model config and an accelerator's peak bandwidth and FLOP/s, predict the cost of a forward by token slots
     (weights, MoE experts touched, KV and conv state, FLOPs with attention), the proposals that fit for free,
     and the best draft length and proposal count for given acceptance rates. The last stdout line is JSON."""
-
     cfg = config_from(args, PlanConfig)
     shape = plan.model_shape(plan.load_config(args.model))
     result = plan.plan(shape, plan.hardware(cfg.hardware, cfg.dtype), cfg)

@@ -49,6 +49,9 @@ class EvalConfig:
     """Wall-clock seconds a sandboxed program may run."""
     memory_mb: int = 1024
     """Memory limit of a sandboxed program (MiB)."""
+    unsandboxed: bool = False
+    """Run model-written code even where this machine has no OS isolation (no working bubblewrap): it then runs as
+    you, on your files, guarded only by rlimits and an audit hook. Without it such a run is refused."""
     seed: int = 0
     """Seed of the sampled settings (sample j of a chunk uses seed + j, offset by the chunk)."""
 
@@ -80,7 +83,11 @@ class EvalConfig:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}", "max_new_tokens")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}", "batch_size")
         check(self.workers >= 1, f"workers must be >= 1, got {self.workers}", "workers")
-        SandboxLimits(timeout=self.timeout, memory_mb=self.memory_mb)
+        self.sandbox_limits()
+
+    def sandbox_limits(self) -> SandboxLimits:
+        """The limits each HumanEval program runs under."""
+        return SandboxLimits(timeout=self.timeout, memory_mb=self.memory_mb, unsandboxed=self.unsandboxed)
 
     @property
     def all_settings(self) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ A *setting* is one way to decode (names used on the command line and in the resu
 
 The run walks the problems in chunks of --batch-size and decodes each chunk with every setting in
 turn (interleaved, so a change in machine load hits all settings alike). Answers are scored as they
-arrive: code in sandboxed worker processes (sandbox.py), rule-checked answers in-process. Every
+arrive: code in sandboxed processes (sandbox.py: an OS boundary), rule-checked answers in-process. Every
 scored answer is appended to OUT/results.jsonl at once; a rerun skips what is there (resume).
 
 Scores per setting: greedy settings give pass@1 (the fraction passed); sampled ones give pass@k for
@@ -38,7 +38,7 @@ from ..decode.engine import generate
 from ..model.lm import DiffusionLM
 from . import tasks
 from .config import EvalConfig, parse_setting
-from .sandbox import SandboxLimits, run_program
+from .sandbox import SandboxLimits, require_isolation, run_program
 
 
 def samples_of(setting: str, cfg: EvalConfig) -> int:
@@ -211,6 +211,8 @@ def evaluate(lm: DiffusionLM, cfg: EvalConfig, out: Path, model_name: str, force
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--frontier draws a PNG and needs matplotlib: pip install 'ar2dlm[plot]'")
+    if cfg.task == "humaneval":  # model-written code runs: refuse before decoding when nothing would contain it
+        require_isolation(cfg.unsandboxed)
     problems = tasks.load_problems(cfg.task, cfg.form)[:cfg.limit]
     chat = any(p.chat for p in problems)
     if chat and not getattr(lm.tokenizer, "chat_template", None):
@@ -227,7 +229,7 @@ def evaluate(lm: DiffusionLM, cfg: EvalConfig, out: Path, model_name: str, force
     done = {(r["setting"], r["problem"], r["sample"]) for r in records}
     ids = lm.encode([p.prompt for p in problems], chat=chat)
     total = sum(len(problems) * samples_of(s, cfg) for s in settings)
-    limits = SandboxLimits(timeout=cfg.timeout, memory_mb=cfg.memory_mb)
+    limits = cfg.sandbox_limits()
     lock = threading.Lock()
     bar = tqdm(total=total, initial=len(done & {(s, p.id, j) for s in settings for p in problems
                                                   for j in range(samples_of(s, cfg))}),

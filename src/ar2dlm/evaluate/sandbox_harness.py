@@ -1,13 +1,16 @@
 """The program the sandbox runs (by path, in a fresh interpreter): never imported by the evaluator.
 
-argv: WORKDIR MEMORY_BYTES CPU_SECONDS FILE_BYTES. stdin: one line, the run's secret token.
+argv: WORKDIR MEMORY_BYTES CPU_SECONDS FILE_BYTES NPROC. stdin: one line, the run's secret token.
+In the sandbox (sandbox.py) it already runs behind the OS boundary, unprivileged; what it adds is the
+limits and the per-run token, and an audit hook as a second line of defence only.
 
 1. Read the token, then close stdin: the completion never sees the channel it came on.
 2. Lower the limits (soft = hard, so the completion cannot raise them again): address space, CPU
-   seconds, size of any file written.
+   seconds, size of any file written, no core files, and processes of this uid (when NPROC > 0).
 3. Install an audit hook (it cannot be removed from Python code) that refuses: sockets other than
-   AF_UNIX, starting other programs (exec, spawn, system, Popen: they would run without this hook),
-   loading native code through ctypes, and writing, creating, renaming or deleting files outside WORKDIR.
+   AF_UNIX, starting other programs (exec, spawn, system, Popen), loading native code through ctypes,
+   and writing, creating, renaming or deleting files outside WORKDIR. Not a boundary (code can reach
+   the kernel around it); it makes ordinary mistakes fail loudly in the rare unsandboxed run.
 4. Run WORKDIR/program.py (completion + tests + check call) as __main__.
 5. Only if it ran to its end: print the token. An early `os._exit(0)` or `sys.exit(0)`, an exception
    or a kill leaves no token, so the evaluator scores the run failed whatever the exit code.
@@ -19,14 +22,14 @@ import sys
 
 
 def main() -> None:
-    workdir, memory, cpu, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    workdir, memory, cpu, fsize, nproc = sys.argv[1], *map(int, sys.argv[2:6])
     token = sys.stdin.readline().strip()  # 1.
     sys.stdin.close()
     os.close(0)
     os.open(os.devnull, os.O_RDONLY)  # fd 0 again, so input() fails cleanly instead of reading a stray fd
 
     for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
-                        (resource.RLIMIT_CORE, 0)):  # 2.
+                        (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):  # 2.
         if value > 0 or kind == resource.RLIMIT_CORE:
             resource.setrlimit(kind, (value, value))
 
