@@ -239,3 +239,33 @@ def test_the_mode_stays_out_of_autograd_and_other_models():
     with invariant.BatchInvariant():
         y = F.linear(x, w)
     assert y.grad_fn is not None and torch.equal(y, F.linear(x, w))
+
+
+_RUN = """
+import hashlib, sys, torch
+sys.path[:0] = {paths!r}
+from test_invariant import _lm
+lm = _lm("llama", torch.bfloat16)
+prompts = [[5, 9, 2, 7], [3] * 11, list(range(2, 40))]
+out = [g.token_ids for g in lm.generate(prompts, max_new_tokens=16, draft_len=4, proposals=2, eos_token_id=())]
+with torch.no_grad():
+    logits = lm.forward(torch.tensor([prompts[2]]), torch.arange(38)[None],
+                        torch.ones(38, 38, dtype=torch.bool).tril()[None])
+print(out, hashlib.sha256(logits.float().numpy().tobytes()).hexdigest())
+"""
+
+
+def test_greedy_and_logits_are_bit_identical_across_processes():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    code = _RUN.format(paths=[here, str(Path(here).parent / "src")])
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
