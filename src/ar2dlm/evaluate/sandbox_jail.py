@@ -57,6 +57,9 @@ def main() -> None:
         program, harness = f.read(), h.read()
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # 1.
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    # the private /tmp first: a read-only path under the host's /tmp (a venv there) is bound inside it, not hidden
+    os.mkdir(root + "/tmp")
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['tmp_bytes']}")
     for path in spec["ro"]:
         bind(path, root + path)
     for target, path in spec["symlinks"]:
@@ -75,8 +78,6 @@ def main() -> None:
         mount("devpts", root + "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     except OSError:
         pass
-    os.mkdir(root + "/tmp")
-    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['tmp_bytes']}")
     os.makedirs(root + workdir, mode=0o777)
     os.chmod(root + workdir, 0o777)
     with open(f"{root}{workdir}/program.py", "wb") as f:
@@ -89,8 +90,9 @@ def main() -> None:
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4].encode().decode("unicode_escape") for line in f]
     for point in points:
+        # every mount of the view is read-only but the private /tmp itself, /proc and /dev/pts (binds under /tmp too)
         if (point == root or point.startswith(root + "/")) and not any(
-                point == w or point.startswith(w + "/") for w in writable):
+                point == w or (point.startswith(w + "/") and w != root + "/tmp") for w in writable):
             device = point.startswith(root + "/dev/")  # a bound device node: nodev only if the host has it
             kept = os.statvfs(point).f_flag & (KEPT | (MS_NODEV if device else 0))
             mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (0 if device else MS_NODEV) | kept)
