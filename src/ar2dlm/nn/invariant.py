@@ -78,12 +78,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
               is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-              tile: int = ROW_TILE) -> torch.Tensor:
+              tile: int = ROW_TILE, orders: dict | None = None) -> torch.Tensor:
     """scaled_dot_product_attention, batch-invariant.
 
     query [b, H, q, d]; key, value [b, H_kv, L, d] (H_kv divides H: grouped
     query heads read their KV head without a copy); attn_mask bool (True =
-    attend) or additive, broadcastable to [b, H, q, L]; -> [b, H, q, d_v].
+    attend) or additive, broadcastable to [b, H, q, L]; -> [b, H, q, d_v]. `orders` caches the key order
+    per mask object: every layer of one forward gets the same mask, so the hole test (a host sync) runs once.
     """
     b, H, q, d = query.shape
     Hkv, L = key.shape[1], key.shape[-2]
@@ -99,7 +100,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     else:
         allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2  # an additive mask: 0 = attend
     allowed = allowed.expand(b, allowed.shape[1] if allowed.dim() == 4 else 1, q, L)
-    key, value, allowed = _without_holes(key, value, allowed)
+    key, value, allowed = _without_holes(key, value, allowed, attn_mask, orders)
     # 1. the keys in whole chunks (masked padding), the query heads of a KV head stacked as its rows
     pad = (-L) % KEY_CHUNK
     k, v = key.float(), value.float()
@@ -126,7 +127,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     return out.reshape(b, H, q, -1).to(query.dtype)
 
 
-def _without_holes(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor):
+def _without_holes(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, mask=None,
+                   orders: dict | None = None):
     """Each batch row's keys that any of its queries sees, moved to the front in their order (the rest after).
 
     The chunked sums run from key 0, so a row must find its keys where they are when it decodes alone. In a
@@ -134,9 +136,16 @@ def _without_holes(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor
     leave holes in the shared cache before the step's own keys. key, value [b, H_kv, L, d]; allowed
     [b, 1 or H, q, L]. Without holes (a single request, the AR loop) nothing moves.
     """
-    seen = allowed.any(1).any(1)  # [b, L]
-    if bool((seen[:, 1:] & ~seen[:, :-1]).any()):  # a seen key after an unseen one: a hole
-        order = torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices  # [b, L]
+    cached = orders.get(id(mask)) if orders is not None and mask is not None else None
+    if cached is not None and cached[0] is mask:
+        order = cached[1]
+    else:
+        seen = allowed.any(1).any(1)  # [b, L]
+        holes = bool((seen[:, 1:] & ~seen[:, :-1]).any())  # a seen key after an unseen one
+        order = torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices if holes else None  # [b, L]
+        if orders is not None and mask is not None:
+            orders[id(mask)] = (mask, order)  # the mask kept alive: its id is not reused within the forward
+    if order is not None:
         idx = order[:, None, :, None]
         key = key.gather(2, idx.expand(-1, key.shape[1], -1, key.shape[-1]))
         value = value.gather(2, idx.expand(-1, value.shape[1], -1, value.shape[-1]))
@@ -145,7 +154,15 @@ def _without_holes(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor
 
 
 class BatchInvariant(TorchFunctionMode):
-    """Inside it, matmuls and attention run in a fixed reduction order per row (see the module docstring)."""
+    """Inside it, matmuls and attention run in a fixed reduction order per row (see the module docstring).
+
+    One instance serves one forward (DiffusionLM.forward enters a new one): it caches each attention mask's key
+    order for the forward's layers.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.orders: dict = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -163,7 +180,7 @@ class BatchInvariant(TorchFunctionMode):
             base, a, b = args[:3]
             return base.copy_(_scaled_add(base, matmul(a, b), kwargs.get("beta", 1), kwargs.get("alpha", 1)))
         if func is F.scaled_dot_product_attention:
-            return _sdpa(*args, **kwargs)
+            return _sdpa(self.orders, *args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -173,8 +190,9 @@ def _scaled_add(base: torch.Tensor, product: torch.Tensor, beta, alpha) -> torch
     return out + (base if beta == 1 else base * beta) if beta != 0 else out
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _sdpa(orders, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+          enable_gqa=False):
     if dropout_p:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return attention(query, key, value, attn_mask, is_causal, scale)
+    return attention(query, key, value, attn_mask, is_causal, scale, orders=orders)
