@@ -99,7 +99,9 @@ def load(lm, folder: Path) -> None:
 
     try:
         with _quiet_peft():
-            model = PeftModel.from_pretrained(lm.model, str(folder)).eval()
+            # the adapter in the base's dtype (peft would keep a bf16 model's LoRA in fp32, so every adapted
+            # layer would cast, and none could join its fused group)
+            model = PeftModel.from_pretrained(lm.model, str(folder), autocast_adapter_dtype=False).eval()
     except checkpoint.LOAD_ERRORS as e:
         raise ConfigError(f"{folder}: cannot apply the adapter in adapter_config.json / adapter_model.safetensors "
                           f"to its base ({checkpoint.first_line(e)})") from e

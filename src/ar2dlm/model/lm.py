@@ -22,6 +22,7 @@ from ..core.hardware import resolve_dtype
 from ..decode.config import DecodeConfig
 from ..decode.engine import Generation, generate, stream
 from ..nn import attention, kernels, masks
+from ..nn.decoder import LeanDecoder
 from ..nn.gate import SlotGate
 from ..nn.invariant import BatchInvariant
 from . import adapter, checkpoint
@@ -49,6 +50,7 @@ class DiffusionLM:
         # where the plain kernels are not (bf16, fp16); in fp32 it costs too much on a CPU (README)
         self.batch_invariant = (model.dtype in (torch.bfloat16, torch.float16) if batch_invariant is None
                                 else batch_invariant)
+        self.lean: LeanDecoder | None = None  # the lean batch-invariant forward of a Llama-family model (fuse)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -90,7 +92,9 @@ class DiffusionLM:
         many groups), and grouped-query attention without per-head K/V copies (attention.py). Autograd runs
         the plain forwards; `plain()` runs the plain path everywhere."""
         attention.install(self.model, self.packed_masks)
-        return kernels.install(self.model, self.slot_gate, self.kernels)
+        n = kernels.install(self.model, self.slot_gate, self.kernels)
+        self.lean = LeanDecoder.build(self.model, self.kernels) if self.batch_invariant else None
+        return n
 
     @contextlib.contextmanager
     def plain(self):
@@ -123,6 +127,13 @@ class DiffusionLM:
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
         kwargs go to the HF forward (e.g. logits_to_keep).
         """
+        lean = self.lean
+        if (lean is not None and self.batch_invariant and self.wrapped is None and set(kwargs) <= {"logits_to_keep"}
+                and lean.usable(past_key_values)):
+            with self.slot_gate.rows(mask_slots):
+                if self.slot_gate.slot_start is None or self.slot_gate.slot_start >= 0:  # slots a suffix, or none
+                    return lean(input_ids, position_ids, attention_mask, past_key_values,
+                                kwargs.get("logits_to_keep", 0))
         invariant = BatchInvariant() if self.batch_invariant else contextlib.nullcontext()
         with self.slot_gate.rows(mask_slots), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,

@@ -49,7 +49,7 @@ KEY_CHUNK = 64
 """Keys per chunk of the attention's reductions: the cache is padded to a multiple of it."""
 
 
-def _tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
     """x [..., M, K] -> [..., ceil(M / tile) * tile, K]: zero rows appended."""
     pad = (-x.shape[-2]) % tile
     if pad == 0:
@@ -62,7 +62,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, tile: int = ROW_TILE) -> torch.Tens
     if a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b)
     M = a.shape[-2]
-    padded = _tiles(a, tile)
+    padded = pad_rows(a, tile)
     out = torch.cat([torch.matmul(padded[..., i:i + tile, :], b) for i in range(0, padded.shape[-2], tile)], -2)
     return out[..., :M, :]
 
@@ -71,7 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            tile: int = ROW_TILE) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K], weight [N, K], the rows of x in tiles of `tile`."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    padded = _tiles(rows, tile)
+    padded = pad_rows(rows, tile)
     out = torch.cat([F.linear(padded[i:i + tile], weight, bias) for i in range(0, padded.shape[0], tile)])
     return out[:rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
 

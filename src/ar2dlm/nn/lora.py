@@ -103,12 +103,20 @@ class TokenRows(TrainableTokensLayer):
         return TrainableTokensLayer.forward(self, x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.trainable_tokens_delta]
-        base = self.base_layer
-        if self.disable_adapters or not active or self.merged or not isinstance(base, (nn.Embedding, nn.Linear)):
+        if not self.patches():
             return self.reference(x, *args, **kwargs)
-        out = base(x, *args, **kwargs)
-        for name in active:
+        return self.patch(x, self.base_layer(x, *args, **kwargs))
+
+    def patches(self) -> bool:
+        """Whether `patch` gives this layer's output (else only peft's own forward does)."""
+        return (not self.disable_adapters and not self.merged and isinstance(self.base_layer, (nn.Embedding, nn.Linear))
+                and any(a in self.trainable_tokens_delta for a in self.active_adapters))
+
+    def patch(self, x: torch.Tensor, out: torch.Tensor, linear=torch.nn.functional.linear) -> torch.Tensor:
+        """The base layer's output `out` for x with the trained rows' part replaced (`linear`: the product
+        for a tied head's columns)."""
+        base = self.base_layer
+        for name in [a for a in self.active_adapters if a in self.trainable_tokens_delta]:
             index = torch.tensor(self.token_indices[name], device=out.device)  # [n]
             delta = self.trainable_tokens_delta[name]  # [n, d]
             if isinstance(base, nn.Embedding):
@@ -120,5 +128,5 @@ class TokenRows(TrainableTokensLayer):
                         rows = rows * scale.to(rows.dtype)
                     out = torch.where(hit.any(-1, keepdim=True), rows, out)
             else:  # a tied LM head: the trained rows are output columns
-                out = out.index_copy_(-1, index, torch.nn.functional.linear(x, delta.to(x.dtype)))
+                out = out.index_copy_(-1, index, linear(x, delta.to(x.dtype)))
         return out
