@@ -212,9 +212,15 @@ def _cached(cache: DynamicCache | None) -> int:
 
 
 def _append(cache: DynamicCache | None, i: int, k: torch.Tensor, v: torch.Tensor, pad: int):
-    """Add this step's k, v [b, Hkv, q, d] to layer i of the cache; return its keys and values with `pad`
-    zero keys after them, written in one copy (the cache keeps a view without the padding)."""
-    out = []
+    """Add this step's k, v [b, Hkv, q, d] to layer i of the cache; return its keys and values followed by
+    `pad` keys that every query masks.
+
+    The layer's keys and values are views into buffers with room to grow (kept on the layer), so a decode
+    step writes its q rows in place instead of copying the whole cache: the engine's crops keep the views;
+    anything else that replaces them (row selection, compaction) starts a new buffer. Keys past a view's end
+    are masked, so stale ones there weigh an exact 0 (they are finite: buffers start as zeros).
+    """
+    b, h, q, d = k.shape
     layer = None
     if cache is not None:
         while len(cache.layers) <= i:
@@ -222,20 +228,34 @@ def _append(cache: DynamicCache | None, i: int, k: torch.Tensor, v: torch.Tensor
         layer = cache.layers[i]
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
+    out = []
     for new, name in ((k, "keys"), (v, "values")):
         old = getattr(layer, name) if layer is not None else None
         past = old.shape[-2] if old is not None and old.dim() == 4 else 0
-        b, h, q, d = new.shape
-        full = new.new_empty(b, h, past + q + pad, d)
-        if past:
-            full[:, :, :past] = old
-        full[:, :, past:past + q] = new
-        if pad:
-            full[:, :, past + q:].zero_()
+        need = past + q + pad
+        buffer = getattr(layer, "_room_" + name, None)
+        if not (buffer is not None and past and _is_prefix(old, buffer) and need <= buffer.shape[2]):
+            room = need + _GROWTH if layer is not None else need
+            buffer = new.new_zeros(b, h, room, d)
+            if past:
+                buffer[:, :, :past] = old
+            if layer is not None:
+                setattr(layer, "_room_" + name, buffer)
+        buffer[:, :, past:past + q] = new
         if layer is not None:
-            setattr(layer, name, full[:, :, :past + q])
-        out.append(full)
+            setattr(layer, name, buffer[:, :, :past + q])
+        out.append(buffer[:, :, :need])
     return out
+
+
+_GROWTH = 256
+"""Keys of room a layer's buffer gets beyond what a step needs (a new buffer, one copy, every 256 tokens)."""
+
+
+def _is_prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether `view` is buffer[:, :, :n] (the same memory, from its start)."""
+    return (view.data_ptr() == buffer.data_ptr() and view.shape[:2] == buffer.shape[:2]
+            and view.shape[3] == buffer.shape[3] and view.stride() == buffer.stride())
 
 
 def _key_order(mask: torch.Tensor) -> torch.Tensor | None:
