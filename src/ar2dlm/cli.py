@@ -13,7 +13,7 @@ from pathlib import Path
 from .core import files, interrupts
 from .core.errors import ConfigError
 from .core.flags import add_fields, cli_words, config_from, given, integer
-from .core.hardware import describe, machine, resolve_dtype
+from .core.hardware import describe, machine
 from .core.validation import check
 from .decode.config import DecodeConfig
 from .decode.engine import Request, check_request, generate, stream
@@ -189,8 +189,8 @@ def cmd_prompts(args) -> int:
     return 0
 
 
-def _dtype(args):
-    return resolve_dtype(config_from(args, LoadConfig).dtype)
+def _dtype(args) -> str:
+    return config_from(args, LoadConfig).dtype
 
 
 def _load(args, **kwargs) -> DiffusionLM:

@@ -6,14 +6,19 @@ that times or decodes prints `describe()` beside them.
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 """What a decode dtype setting may say; `auto` = bfloat16 where the hardware computes it natively, else float32."""
+DTYPE_ENV = "AR2DLM_DTYPE"
+"""Environment variable: what a decode dtype of `auto` means (before the checkpoint's own setting)."""
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """CPU flags (/proc/cpuinfo) of native bf16 matmuls: AVX512-BF16 (AMD EPYC, Intel) and AMX (Intel Xeon)."""
 
@@ -53,6 +58,24 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return getattr(torch, name)
+
+
+def decode_dtype(setting: str | torch.dtype, checkpoint: str = "auto",
+                 device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a model decodes in. An explicit setting (a torch dtype, or a name other than auto) is it;
+    `auto` is $AR2DLM_DTYPE when set, else the checkpoint's own (`dtype` in ar2dlm.json), else bfloat16 where
+    the hardware computes it natively, else float32."""
+    if not isinstance(setting, torch.dtype) and setting not in DTYPE_NAMES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {setting!r}", field="dtype")
+    if isinstance(setting, torch.dtype) or setting != "auto":
+        return resolve_dtype(setting, device)
+    env = os.environ.get(DTYPE_ENV, "").strip()
+    if env:
+        if env not in DTYPE_NAMES:
+            raise ConfigError(f"environment variable {DTYPE_ENV}={env!r} is not a dtype: set it to one of "
+                              f"{', '.join(DTYPE_NAMES)}, or unset it", field=DTYPE_ENV)
+        return resolve_dtype(env, device)
+    return resolve_dtype(checkpoint, device)
 
 
 def describe(dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> str:

@@ -55,7 +55,7 @@ class Ar2dlmLM(TemplateLM):
     def __init__(self, pretrained: str = "smollm2-135m", sampler: str = "greedy", mix_weight: float = 0.0,
                  draft_len: int | None = None, proposals: int | None = None, ar: bool = False,
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str = "float32", stats_path: str | None = None, device: str | None = None,
+                 dtype: str = "auto", stats_path: str | None = None, device: str | None = None,
                  max_batch_size: int | None = None, **unused):
         super().__init__()
         if unused:
@@ -63,7 +63,7 @@ class Ar2dlmLM(TemplateLM):
                               "pretrained, sampler, mix_weight, draft_len, proposals, ar, batch_size, max_length, "
                               "max_gen_toks, dtype, stats_path")
         self.ar = _bool(ar)
-        self.lm = DiffusionLM.from_pretrained(pretrained, dtype=getattr(torch, str(dtype)), allow_ar=self.ar)
+        self.lm = DiffusionLM.from_pretrained(pretrained, dtype=str(dtype), allow_ar=self.ar)
         if device and str(device).startswith("cuda") and torch.cuda.is_available():  # as hf: else the CPU
             self.lm.model.to(device)
         self.tokenizer = self.lm.tokenizer

@@ -18,7 +18,7 @@ import torch
 
 from ..core import arguments, files
 from ..core.errors import ConfigError
-from ..core.hardware import resolve_dtype
+from ..core.hardware import decode_dtype
 from ..decode.config import DecodeConfig
 from ..decode.engine import Generation, generate, stream
 from ..nn import attention, kernels, masks
@@ -54,7 +54,7 @@ class DiffusionLM:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32,
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = "auto",
                         attn_implementation: str = "sdpa", allow_ar: bool = False,
                         batch_invariant: bool | None = None) -> "DiffusionLM":
         """Load a converted checkpoint, an adapter folder, or a bundled name (its shipped drafter).
@@ -66,15 +66,16 @@ class DiffusionLM:
         install the fast paths. Each check runs once, before the step it
         protects, so a bad file is named in a ConfigError before the weights load.
 
-        `dtype`: a torch dtype or auto | float32 | bfloat16 | float16 (auto = bfloat16 where the hardware
-        computes it natively). `batch_invariant` (default: on for bf16 / fp16, off for fp32): every row's
+        `dtype`: a torch dtype or auto | float32 | bfloat16 | float16 (auto: $AR2DLM_DTYPE if set, else the
+        checkpoint's `dtype` in ar2dlm.json, else bfloat16 where the hardware computes it natively, else
+        float32; core/hardware.decode_dtype). `batch_invariant` (default: on for bf16 / fp16, off for fp32): every row's
         logits and K/V are bitwise those of a one-row forward (nn/invariant.py), so greedy decoding equals the
         AR loop in that dtype token for token.
         """
         files.check_path(path, "path")
-        dtype = resolve_dtype(dtype)
         folder = resolve_model(str(path))
         settings, base = checkpoint.read_settings(folder, allow_ar)
+        dtype = decode_dtype(dtype, settings.dtype if settings is not None else "auto")
         config = checkpoint.check_architecture(base, settings, exact=settings is not None,
                                                origin=folder / SETTINGS_FILE)
         model, tokenizer = load_weights_and_tokenizer(folder, base, config, settings, dtype=dtype,

@@ -45,6 +45,9 @@ class DiffusionConfig:
     """"" (weights are complete) | drafting (gated LoRA in this folder, applied on mask slots only) | lora."""
     forward_cost: dict = field(default_factory=dict)
     """Measured cost of a forward by token slots per row, relative to 1 slot (`ar2dlm tune`); {} = default."""
+    dtype: str = "auto"
+    """The dtype this checkpoint decodes in when a load asks for `auto` (the default): auto (bfloat16 where the
+    hardware computes it natively, else float32) | float32 | bfloat16 | float16. $AR2DLM_DTYPE overrides it."""
     adaptive: bool = False
     """Decode with adaptive drafting by default (per step, down to plain AR steps where drafting does not pay
     on this machine) when a request fixes no draft_len or proposals; `ar2dlm tune` sets it when it measures
@@ -67,6 +70,7 @@ class DiffusionConfig:
         K = self.draft_len or self.block_size
         check(0 <= self.proposals <= K, f"proposals must be in 0..{K} (the draft length; 0 = min(3, draft length)), "
                                         f"got {self.proposals}", "proposals")
+        check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", "dtype")
         check(self.mask_token.strip() == self.mask_token and self.mask_token != "",
               f"mask_token must be a non-empty text without surrounding whitespace, got {self.mask_token!r}",
               "mask_token")
@@ -129,10 +133,11 @@ class ConvertConfig:
 class LoadConfig:
     """How a verb loads its model."""
 
-    dtype: str = field(default="float32", metadata={"choices": DTYPES})
-    """Weights and activations (auto = bfloat16 where the CPU has AVX512-BF16 or AMX, or on a GPU with bf16,
-    else float32). In bfloat16 / float16 the forward is batch-invariant, so greedy output equals the AR loop in
-    that dtype token for token; in float32 it equals HF generate of the base."""
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
+    """Weights and activations. auto: $AR2DLM_DTYPE if set, else the checkpoint's `dtype` (ar2dlm.json), else
+    bfloat16 where the CPU has AVX512-BF16 or AMX (or on a GPU with bf16), else float32. In bfloat16 / float16
+    the forward is batch-invariant, so greedy output equals the AR loop in that dtype token for token; in
+    float32 it equals HF generate of the base."""
 
     def __post_init__(self):
         check_types(self)

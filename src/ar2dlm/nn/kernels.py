@@ -126,10 +126,14 @@ class Packed:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         M, tile = rows.shape[0], invariant.ROW_TILE
-        padded = invariant.pad_rows(rows, tile)
-        out = [torch.ops.mkldnn._linear_pointwise(padded[i:i + tile], self.weight, self.bias, "none", [], "")
-               for i in range(0, padded.shape[0], tile)]
-        out = out[0] if len(out) == 1 else torch.cat(out)
+        if M % tile:
+            rows = F.pad(rows, (0, 0, 0, tile - M % tile))
+        linear = torch.ops.mkldnn._linear_pointwise
+        if rows.shape[0] == tile:
+            out = linear(rows, self.weight, self.bias, "none", [], "")
+        else:
+            out = torch.cat([linear(rows[i:i + tile], self.weight, self.bias, "none", [], "")
+                             for i in range(0, rows.shape[0], tile)])
         return out[:M].reshape(*x.shape[:-1], self.out_features)
 
 
@@ -184,6 +188,7 @@ class FusedGroup:
                     self.bias[member.out] = member.base.bias.detach()
                     member.base.bias.data = self.bias[member.out]
         self._ptr = weight.data_ptr()
+        self._adapted = [m.module for m in self.members if m.lora is not None]
         self.packed: dict[int, Packed] = {}  # columns -> prepacked weight[:columns] (`pack`)
         self._input: torch.Tensor | None = None
         self._outputs: dict[int, torch.Tensor] = {}
@@ -201,9 +206,9 @@ class FusedGroup:
     def usable(self, x: torch.Tensor) -> bool:
         if not self.switch.on or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return False
-        if self.members[0].base.weight.data_ptr() != self._ptr:  # weights replaced (e.g. .to()): plain path
+        if self.members[0].base._parameters["weight"].data_ptr() != self._ptr:  # weights replaced (.to()): plain
             return False
-        adapted = [m.module for m in self.members if m.lora is not None]
+        adapted = self._adapted
         if not adapted or all(m.disable_adapters for m in adapted):
             return True
         if any(m.training or not _plain_lora(m) for m in adapted):
