@@ -9,6 +9,7 @@ from conftest import EOS, save_base
 from transformers import AutoModelForCausalLM
 
 from ar2dlm.cli import main
+from ar2dlm.decode import costs
 from ar2dlm.decode.engine import generate
 from ar2dlm.measure import bench
 from ar2dlm.model.lm import DiffusionLM
@@ -94,7 +95,8 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
     assert 0 < grid["chosen_vs_best"] <= 1 and any("of the grid's best" in line for line in stdout)
     saved = DiffusionConfig.load(out)
     assert (saved.draft_len, saved.proposals) == (result["best"]["draft_len"], result["best"]["proposals"])
-    assert saved.forward_cost and saved.forward_cost["1"] == 1.0
+    assert saved.forward_cost["slots"]["1"] == 1.0  # with the machine it holds for, which is this one
+    assert saved.forward_cost["machine"] == result["machine_key"] == costs.machine_key(torch.float32)
     assert result["candidates"][0]["predicted_tpf"] > 1.5  # the drafter is accepted, and tune saw it
     assert any(c.get("adaptive") for c in result["candidates"])  # adaptive drafting is timed too
     assert saved.adaptive == bool(result["best"].get("adaptive"))

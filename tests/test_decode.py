@@ -240,12 +240,15 @@ def test_adaptive_default_that_never_drafts_runs_the_ar_loop(drafter):
     hook = drafter.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[1]),
                                                    with_kwargs=True)
     try:
-        drafter.settings = dataclasses.replace(saved, forward_cost={1: 1.0, 2: 3.0, 64: 200.0})
+        from ar2dlm.decode.costs import as_saved, machine_key
+
+        table = as_saved({1: 1.0, 2: 3.0, 64: 200.0}, machine_key(drafter.model.dtype))  # measured "here"
+        drafter.settings = dataclasses.replace(saved, forward_cost=table)
         g = drafter.generate([p], max_new_tokens=20, draft_len=8, proposals=2, adaptive=True)[0]
         assert g.token_ids == want
         assert rows == [len(p)] + [1] * (len(rows) - 1) and g.stats.forwards == 20
         rows.clear()
-        drafter.settings = saved  # the default cost model: drafting pays at the prior, so it drafts
+        drafter.settings = saved  # this machine's measured costs: a tiny model's rows are ~free, so it drafts
         drafter.generate([p], max_new_tokens=20, draft_len=8, proposals=2, adaptive=True)
         assert rows[0] > len(p) and max(rows[1:]) > 1
     finally:
@@ -311,6 +314,9 @@ class OnlyTheInterface:
 
     def base_weights(self):
         return self._lm.base_weights()
+
+    def cost_table(self):
+        return self._lm.cost_table()
 
 
 def test_diffusion_lm_meets_the_decode_interface(drafter, converted_dirs):

@@ -108,7 +108,8 @@ def test_bundled_name_loads_a_local_copy_of_the_shipped_drafter(shipped, tmp_pat
     assert (copy / "adapter_model.safetensors").read_bytes() == (shipped / "adapter_model.safetensors").read_bytes()
 
     from ar2dlm.measure import tune as T2
-    T2.write_defaults(lm.source, {"best": {"draft_len": 3, "proposals": 2}, "forward_cost": {1: 1.0, 4: 1.5}})
+    T2.write_defaults(lm.source, {"best": {"draft_len": 3, "proposals": 2}, "forward_cost": {1: 1.0, 4: 1.5},
+                                  "machine_key": "a CPU | float32 | 2 threads"})
     again = DiffusionLM.from_pretrained("tiny")  # tuned defaults in the copy are kept ...
     assert (again.decode_config().draft_len, again.decode_config().proposals) == (3, 2)
     assert DiffusionConfig.load(shipped).draft_len == 0  # ... and the shipped folder is untouched

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..core.validation import check, check_types, finite
 
 SAMPLERS = ("greedy", "lossless", "mix")
+CANDIDATES = ("both", "diffusion", "suffix")
 MAX_DRAFT_LEN = 64
 """The longest block / draft: a step feeds K (1 + |R|) rows, so longer drafts only cost."""
 MIN_TEMPERATURE = 1e-3
@@ -42,6 +43,10 @@ class DecodeConfig:
     """End-of-sequence ids (None = the model's generation config; () = never stop on EOS)."""
     ar: bool = False
     """Plain autoregressive decoding on the same model and cache (one token per forward)."""
+    candidates: str = field(default="both", metadata={"choices": CANDIDATES})
+    """Where drafts come from: diffusion (the model's slots) | suffix (continuations of the tail found earlier in
+    the prompt or output; no slot rows after the first step) | both (a found continuation, else diffusion).
+    The mix sampler drafts from diffusion only."""
     adaptive: bool = False
     """Adaptive drafting: per step, the draft length (up to draft_len, down to plain AR steps) with the best
     expected tokens per unit of forward cost, from the acceptance seen so far."""
@@ -53,6 +58,8 @@ class DecodeConfig:
               "draft_len")
         check(1 <= self.proposals <= self.draft_len,
               f"proposals must be in 1..draft_len ({self.draft_len}), got {self.proposals}", "proposals")
+        check(self.candidates in CANDIDATES,
+              f"candidates must be one of {', '.join(CANDIDATES)}, got {self.candidates!r}", "candidates")
         check(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}",
               "sampler")
         check(0.0 <= self.mix_weight <= 1.0, f"mix_weight must be in [0, 1], got {self.mix_weight}", "mix_weight")

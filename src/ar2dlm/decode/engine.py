@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from ..core.errors import ConfigError
 from ..nn import masks, predecessors
 from ..nn.vocab import embedding_rows
+from . import suffix
 from .config import DecodeConfig
 from .interface import DecodeModel
 from .policy import AdaptiveDraft, CostModel, choose_proposals
@@ -207,8 +208,7 @@ def _next_draft(t, draft_logits, cfg, mask_token_id, gen) -> torch.Tensor:
 def _controller(lm: DecodeModel, cfg: DecodeConfig, K: int) -> AdaptiveDraft | None:
     if not cfg.adaptive or K == 1:
         return None
-    table = getattr(lm.settings, "forward_cost", None) if lm.settings is not None else None
-    return AdaptiveDraft(K, cfg.proposals, CostModel(table))
+    return AdaptiveDraft(K, cfg.proposals, CostModel(lm.cost_table()))
 
 
 def compact_cache(state: State) -> None:
@@ -242,7 +242,10 @@ def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
         # drafting does not pay at the controller's prior, and steps without drafts observe nothing that
         # could change that: every step would be an AR step, so run the AR loop itself (no slot rows)
         K, adaptive = 1, None
-    n_proposals = 0 if K == 1 else cfg.proposals
+    n_proposals = 0 if K == 1 or cfg.candidates == "suffix" else cfg.proposals
+    lookup = None  # a suffix index per request: model-free candidates (suffix.py)
+    if K > 1 and cfg.candidates != "diffusion" and cfg.sampler != "mix":
+        lookup = [suffix.SuffixIndex(p, exclude=lm.mask_token_id) for p in prompts]
     draft_len = K
     gen = torch.Generator(device=lm.model.device)
     gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item()))
@@ -252,6 +255,7 @@ def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
         for out in outs:
             out.stats.prefill_time = time.perf_counter() - start
         news = [[x] for x in t.tolist()]
+        _look_up(state, lookup, news)
         while True:
             done = []
             for i, (row, new) in enumerate(zip(state.rows.tolist(), news)):
@@ -271,6 +275,7 @@ def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
                 compact_cache(state)
             if adaptive is not None:
                 draft_len, n_proposals = adaptive.choose()
+                n_proposals = 0 if cfg.candidates == "suffix" else n_proposals
                 n_before = state.n_draft.clamp(max=draft_len).tolist()
             draft = state.draft[:, :draft_len] if adaptive is not None else state.draft
             # an adaptive AR step has no slot rows: the bare base weights give the same logits, for less
@@ -281,8 +286,23 @@ def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
             # committed this step: the accepted drafts d_2..d_r, then t
             emitted = torch.cat([draft[:, 1:], t[:, None]], 1).scatter(1, (r - 1)[:, None], t[:, None])
             news = [e[:n] for e, n in zip(emitted.tolist(), r.tolist())]
+            _look_up(state, lookup, news)
             for row, n in zip(state.rows.tolist(), r.tolist()):
                 outs[row].stats.accepted[n] = outs[row].stats.accepted.get(n, 0) + 1
+
+
+def _look_up(state: State, lookup: list | None, news: list[list[int]]) -> None:
+    """Add each row's committed tokens to its request's suffix index; where the tail continues a match, that
+    continuation becomes the row's next draft (suffix.apply)."""
+    if lookup is None:
+        return
+    K = state.draft.shape[1]
+    found = []
+    for row, new in zip(state.rows.tolist(), news):
+        lookup[row].extend(new)
+        found.append(lookup[row].propose(K - 1))
+    if any(found):
+        suffix.apply(state.draft, state.draft_logits, state.n_draft, found)
 
 
 def generate(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) -> list[Generation]:

@@ -11,8 +11,9 @@ with these members; `ar2dlm.model.DiffusionLM` is the one the package ships
   `generation_config` (`eos_token_id`), input and output embeddings, and
   hands it to `nn.predecessors` for the KV cache and CCA-like layers.
 - `tokenizer`: `decode` of committed tokens, `eos_token_id` as a fallback.
-- `settings`: the diffusion settings (`None` = a plain AR model); the engine
-  reads `forward_cost`, the cost table of adaptive drafting.
+- `settings`: the diffusion settings (`None` = a plain AR model).
+- `cost_table()`: {token slots per row: forward cost relative to an AR step}
+  on this machine (costs.py), what adaptive drafting weighs a step by.
 - `mask_token_id`, `context_len`: the mask token (`None` = not converted) and
   the longest sequence the positions allow (`None` = no limit known).
 - `base_weights()`: a context in which AR rows run the bare base weights,
@@ -30,7 +31,7 @@ import torch
 class DraftingSettings(Protocol):
     """What the engine reads of a model's diffusion settings (`model.settings.DiffusionConfig` has it)."""
 
-    forward_cost: dict  # {slots per row: cost of a forward relative to 1 slot}, measured by `ar2dlm tune`
+    mask_token_id: int
 
 
 @runtime_checkable
@@ -54,3 +55,5 @@ class DecodeModel(Protocol):
         ...
 
     def base_weights(self) -> AbstractContextManager: ...
+
+    def cost_table(self) -> dict[int, float]: ...

@@ -42,13 +42,31 @@ def ar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, eos: set[
     return out
 
 
+def lookup(seq: list[int], k: int, exclude: int | None = None, ngrams=(3, 2)) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of seq's longest tail n-gram (a plain scan)."""
+    for n in ngrams:
+        for s in range(len(seq) - n - 1, -1, -1):
+            if n <= len(seq) - 1 and seq[s:s + n] == seq[len(seq) - n:]:
+                out = seq[s + n:s + n + k]
+                return out[:out.index(exclude)] if exclude in out else out
+    return []
+
+
+def _with_lookup(draft: list[int], seq: list[int], exclude) -> list[int]:
+    found = lookup(seq, len(draft) - 1, exclude)
+    return draft[:1] + found + draft[1 + len(found):]
+
+
 def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_len: int,
-                 eos: set[int] = frozenset()) -> tuple[list[int], int]:
+                 eos: set[int] = frozenset(), candidates: str = "both") -> tuple[list[int], int]:
     """Greedy TiDAR decoding with every proposal (R = {1..K}); returns (tokens, forward passes).
 
     Each step: [committed prefix (causal) | d_1..d_K | P_1 .. P_K], where P_r
-    is K mask slots at positions L+r.. seeing the prefix and d_1..d_r.
+    is K mask slots at positions L+r.. seeing the prefix and d_1..d_r. With
+    candidates "both", a draft's d_2.. are the continuation of the tail's latest
+    earlier occurrence (3-gram, else 2-gram) where there is one.
     """
+    suffix = candidates == "both" and draft_len > 1
     K, M = draft_len, lm.mask_token_id
     committed, out, forwards = list(prompt), [], 0
     with torch.no_grad():
@@ -62,6 +80,8 @@ def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_
         t = _argmax(logits[L - 1], M)
         draft = [t] + [_argmax(logits[L + j], M) for j in range(1, K)]
         out.append(t)
+        if suffix:
+            draft = _with_lookup(draft, list(prompt) + out, M)
         while len(out) < max_new_tokens and not eos.intersection(out):
             L = len(committed)
             ids = committed + draft + [M] * (K * K)
@@ -92,6 +112,8 @@ def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_
             out += draft[1:r] + [t]
             base = L + K + (r - 1) * K  # first row of P_r
             draft = [t] + [_argmax(logits[base + s], M) for s in range(1, K)]
+            if suffix:
+                draft = _with_lookup(draft, list(prompt) + out, M)
     out = out[:max_new_tokens]
     for i, tok in enumerate(out):
         if tok in eos:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
+from ..decode import costs
 from ..decode.engine import generate
 from ..decode.policy import CostModel
 from ..model.lm import DiffusionLM
@@ -34,31 +35,10 @@ from .tune_config import TuneConfig
 SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
-@torch.inference_mode()
 def forward_cost(lm: DiffusionLM, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1,
                  machinery: bool = True) -> dict[int, float]:
-    """Median wall time of a step forward with n slots over a cached context, relative to a 1-token AR forward.
-
-    machinery=True: as a decode step runs it (rows after the first are mask slots: the drafting adapter runs
-    on them). False: the bare base forward of the same rows (the adapter off), to price the machinery.
-    """
-    ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, context))
-    cache = predecessors.new_cache(lm.model)  # timing only: a mixer's rows may read their tensor neighbours here
-    lm.forward(ids, torch.arange(context).expand(batch, -1), masks.causal_mask(context, batch), None, cache)
-    samples = {n: [] for n in slots}
-    for rep in range(reps + 1):  # rounds over every n: a busy moment of the machine hits all of them alike
-        for n in slots:
-            step_ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, n))
-            mask = torch.ones(batch, n, context + n, dtype=torch.bool)
-            gate = (torch.arange(n) >= 1).expand(batch, -1) if n > 1 and machinery else None
-            with contextlib.nullcontext() if n > 1 and machinery else lm.base_weights():
-                t = time.perf_counter()
-                lm.forward(step_ids, context + torch.arange(n).expand(batch, -1), mask, gate, cache)
-                if rep:
-                    samples[n].append(time.perf_counter() - t)
-            predecessors.crop(cache, n)
-    one = statistics.median(samples[1])
-    return {n: round(statistics.median(samples[n]) / one, 4) for n in slots}
+    """decode/costs.measure with tune's slots and repetitions."""
+    return costs.measure(lm, slots, context, reps, batch, machinery)
 
 
 def acceptance(lm: DiffusionLM, prompts: list[list[int]], max_len: int, max_new_tokens: int, eos) -> list[float]:
@@ -145,6 +125,7 @@ def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_t
         c["engine_cost"] = eng
     best = max(candidates, key=lambda c: c["measured_tokens_per_s"])
     return {"acceptance": [round(x, 4) for x in a], "forward_cost": cost_table, "base_forward_cost": base_table,
+            "machine_key": costs.machine_key(lm.model.dtype),
             "predictions": preds, "candidates": candidates, "best": best, "ar_tokens_per_s": round(ar_speed, 2),
             "ar_engine_cost": engine[0]}
 
@@ -218,7 +199,7 @@ def write_defaults(model_dir: str | Path, result: dict) -> None:
     best = result["best"]
     settings = dataclasses.replace(settings, draft_len=best["draft_len"], proposals=best["proposals"],
                                    adaptive=bool(best.get("adaptive", False)),
-                                   forward_cost={str(k): v for k, v in result["forward_cost"].items()})
+                                   forward_cost=costs.as_saved(result["forward_cost"], result["machine_key"]))
     settings.save(model_dir)
 
 

@@ -25,7 +25,7 @@ from ..nn import attention, kernels, masks
 from ..nn.decoder import LeanDecoder
 from ..nn.gate import SlotGate
 from ..nn.invariant import BatchInvariant
-from . import adapter, checkpoint
+from . import adapter, checkpoint, costs
 from .bundled import resolve_model
 from .convert import add_mask_token
 from .settings import SETTINGS_FILE, DiffusionConfig
@@ -142,6 +142,14 @@ class DiffusionLM:
                                                past_key_values=past_key_values,
                                                use_cache=past_key_values is not None, **kwargs)
         return out.logits
+
+    def cost_table(self) -> dict[int, float]:
+        """Forward cost by token slots per row on this machine, dtype and thread count (model/costs.py):
+        what adaptive drafting weighs a wider step by. Kept for the life of this object."""
+        key = (self.model.dtype, torch.get_num_threads(), self.settings)
+        if getattr(self, "_costs", (None,))[0] != key:
+            self._costs = (key, costs.cost_table(self))
+        return self._costs[1]
 
     def base_weights(self):
         """Context: run the bare base layers when that gives the same AR outputs (a drafting adapter).

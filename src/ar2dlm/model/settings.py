@@ -44,7 +44,9 @@ class DiffusionConfig:
     adapter: str = ""
     """"" (weights are complete) | drafting (gated LoRA in this folder, applied on mask slots only) | lora."""
     forward_cost: dict = field(default_factory=dict)
-    """Measured cost of a forward by token slots per row, relative to 1 slot (`ar2dlm tune`); {} = default."""
+    """Cost of a forward by token slots per row, relative to 1 slot, as `ar2dlm tune` measured it, with the
+    machine it holds for: {"machine": "<cpu> | <dtype> | <n> threads", "slots": {...}}. Used only on that
+    machine; elsewhere the model measures its own at first use (decode/costs.py). {} = none."""
     dtype: str = "auto"
     """The dtype this checkpoint decodes in when a load asks for `auto` (the default): auto (bfloat16 where the
     hardware computes it natively, else float32) | float32 | bfloat16 | float16. $AR2DLM_DTYPE overrides it."""
