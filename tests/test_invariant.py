@@ -23,7 +23,8 @@ from ar2dlm.model.settings import DiffusionConfig
 from ar2dlm.nn import invariant
 
 DTYPES = [torch.bfloat16, torch.float32]
-SETTINGS = dict(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,  # the same examples on every run, in CI too
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _lm(arch: str, dtype: torch.dtype) -> DiffusionLM:
@@ -188,7 +189,7 @@ def test_greedy_equals_the_ar_loop_in_its_dtype(arch, dtype):
         assert batch == ar, (K, R)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(M=st.integers(1, 40), K=st.sampled_from([8, 64, 96]), N=st.sampled_from([8, 40, 128]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans())
 def test_linear_rows_are_invariant_and_equal_the_plain_linear(M, K, N, dtype, bias):
@@ -207,7 +208,7 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
                "elu": F.elu, "rsqrt": lambda x: torch.rsqrt(x.abs() + 0.01)}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(M=st.integers(1, 300), width=st.sampled_from([1, 3, 64, 96, 256]), op=st.sampled_from(sorted(ACTIVATIONS)),
        dtype=st.sampled_from(DTYPES), threads=st.sampled_from([1, 3]))
 @example(M=33, width=1, op="sigmoid", dtype=torch.float32, threads=1)  # the MoE shared-expert gate of 33 rows
@@ -240,7 +241,7 @@ def test_activations_in_place_write_into_their_input():
     torch.testing.assert_close(z, F.silu(x))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(q=st.integers(1, 20), L=st.integers(1, 300), dtype=st.sampled_from(DTYPES), gqa=st.booleans())
 def test_attention_equals_sdpa_and_trailing_masked_keys_change_nothing(q, L, dtype, gqa):
     g = torch.Generator().manual_seed(q * 1000 + L)
@@ -258,7 +259,7 @@ def test_attention_equals_sdpa_and_trailing_masked_keys_change_nothing(q, L, dty
         assert torch.equal(out[:, :, i], alone[:, :, 0])
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(q=st.integers(1, 8), L=st.integers(1, 200), holes=st.integers(1, 90), dtype=st.sampled_from(DTYPES))
 def test_attention_of_a_row_ignores_holes_in_its_cache(q, L, holes, dtype):
     """Keys a batch row never sees, anywhere among its keys (a ragged batch's padding and rejected drafts), leave
