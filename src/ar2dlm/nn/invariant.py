@@ -24,20 +24,34 @@ fixed order per row, whatever the rest of the batch:
    of the batch kept and this one did not) would shift its keys across the
    chunks, so the keys a batch row sees are first moved to the front, in
    order, where they are when that request decodes alone.
-3. everything else a decoder runs (norms, rotary, activations, residuals)
-   is elementwise or reduces within one row, and is invariant as it is.
+3. activations (`ACTIVATIONS`: sigmoid, silu, gelu, softplus, ...; rsqrt):
+   elementwise, yet not invariant as they are. Their CPU kernel runs its
+   loop in blocks of two vector registers (32 fp32 with AVX512) and the
+   remainder in scalar code, whose libm result can differ from the vector
+   one in the last bit: a column of width 1 (an MoE's shared-expert gate)
+   falls in one or the other depending on how many rows follow it, and
+   so does any element where a thread's share of a large tensor ends.
+   Each runs on rows of whole `ELEMENT_TILE`s (x's own rows when they are
+   that, else its elements laid out flat and padded with zeros), with more
+   than one thread in calls that give each thread whole tiles, so every
+   element takes the vector path wherever it sits.
+4. everything else a decoder runs (norms, rotary, residuals, the exp and
+   tanh of attention and gelu_new) is exact arithmetic, reduces within one
+   row, or has no scalar remainder, and is invariant as it is.
 
 `BatchInvariant` is a `TorchFunctionMode`: inside `with BatchInvariant():`
 (entered by `DiffusionLM.forward` for a model that decodes invariantly, so
 it is scoped to one model's forward, never global) the matmul-like torch
-functions and `scaled_dot_product_attention` run as above; every other op
-is untouched. Under autograd (training) it steps aside. The plain
-functions stay the reference: `tests/test_invariant.py` holds each row of a
-multi-row forward to the 1-row forwards, bit for bit, and the mode's
-results to the plain ops to float rounding.
+functions, `scaled_dot_product_attention` and the activations run as
+above; every other op is untouched. Under autograd (training) it steps
+aside. The plain functions stay the reference: `tests/test_invariant.py`
+holds each row of a multi-row forward to the 1-row forwards, bit for bit,
+and the mode's results to the plain ops to float rounding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +61,10 @@ ROW_TILE = 16
 """Rows per matmul call: every call has this many rows (bf16 CPU kernels cost about the same for 1 to 16)."""
 KEY_CHUNK = 64
 """Keys per chunk of the attention's reductions: the cache is padded to a multiple of it."""
+ELEMENT_TILE = 64
+"""Elements per row of an activation's input: whole blocks of its kernel's loop (32 fp32 AVX512, 16 AVX2)."""
+ELEMENT_BLOCK = 32768
+"""Most elements per activation call with several threads: ATen's default parallel grain (at::internal::GRAIN_SIZE)."""
 
 
 def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -74,6 +92,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     padded = pad_rows(rows, tile)
     out = torch.cat([F.linear(padded[i:i + tile], weight, bias) for i in range(0, padded.shape[0], tile)])
     return out[:rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
+
+
+def elementwise(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """func(x, *args, **kwargs) (an activation, see `ACTIVATIONS`) with every element on the kernel's vector path.
+
+    The kernel's loop runs along x's rows (its last dimension, when that is contiguous) or along all of a
+    contiguous x. Rows of whole `ELEMENT_TILE`s are taken as they are; any other x is laid out flat and padded
+    with zeros to whole tiles. ATen splits a large call among its T threads in equal shares: one call does
+    when its elements are a multiple of `ELEMENT_TILE` times lcm(1..T) (any T with one thread; sizes like 16 x
+    8192 with 2); else the rows go in calls of at most `ELEMENT_BLOCK` elements, each a multiple of T tiles (the
+    last call padded), which a kernel with ATen's default parallel grain runs on one thread and one that splits
+    it anyway (gelu, past 6,144 elements) splits into whole tiles. Which call computes an element changes
+    nothing but the time. An in-place form (`sigmoid_`, `inplace=True`) still writes into x.
+    """
+    n, width = x.numel(), x.shape[-1] if x.dim() else 1
+    if n == 0:
+        return func(x, *args, **kwargs)
+    threads = torch.get_num_threads()
+    share = ELEMENT_TILE * threads  # a call's elements come in multiples of this
+    rows = x.reshape(-1, width)  # a view of x where its layout allows
+    if rows.stride(-1) != 1 or width % ELEMENT_TILE or width * share // math.gcd(width, share) > ELEMENT_BLOCK:
+        rows = _tiles(x.reshape(n, 1), ELEMENT_TILE).reshape(-1, ELEMENT_TILE)
+    if rows.numel() % (ELEMENT_TILE * math.lcm(*range(1, threads + 1))) == 0:
+        pieces = [rows]  # however many of the T threads ATen splits it into, each gets whole tiles
+    else:
+        per = share // math.gcd(rows.shape[1], share)  # rows per call: a multiple of this
+        step = ELEMENT_BLOCK // rows.shape[1] // per * per
+        pieces = [rows[i:i + step] for i in range(0, rows.shape[0], step)]
+        pieces[-1] = _tiles(pieces[-1], per)
+    outs = [func(piece, *args, **kwargs) for piece in pieces]
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(-1)[:n].reshape(x.shape)
+    return x.copy_(out) if outs[0] is pieces[0] else out  # an in-place op returns its input
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -181,7 +231,17 @@ class BatchInvariant(TorchFunctionMode):
             return base.copy_(_scaled_add(base, matmul(a, b), kwargs.get("beta", 1), kwargs.get("alpha", 1)))
         if func is F.scaled_dot_product_attention:
             return _sdpa(self.orders, *args, **kwargs)
+        if func in ACTIVATIONS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return elementwise(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+ACTIVATIONS = {torch.sigmoid, torch.Tensor.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid_, torch.rsqrt,
+               torch.Tensor.rsqrt, torch.rsqrt_, torch.Tensor.rsqrt_, F.silu, F.gelu, F.softplus, F.mish, F.elu, F.elu_,
+               F.selu, F.celu, F.celu_, F.logsigmoid, F.hardswish, F.hardsigmoid}
+"""Elementwise ops whose CPU kernel computes a remainder in scalar code (measured: sigmoid, silu, gelu, softplus,
+mish, elu in fp32; gelu, rsqrt in bf16), and their kin. Ops without a remainder (exp, tanh, erf, log, sqrt: ATen
+runs the remainder as a partial vector) and exact arithmetic are left alone."""
 
 
 def _scaled_add(base: torch.Tensor, product: torch.Tensor, beta, alpha) -> torch.Tensor:
