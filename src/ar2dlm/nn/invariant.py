@@ -113,14 +113,14 @@ def elementwise(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     share = ELEMENT_TILE * threads  # a call's elements come in multiples of this
     rows = x.reshape(-1, width)  # a view of x where its layout allows
     if rows.stride(-1) != 1 or width % ELEMENT_TILE or width * share // math.gcd(width, share) > ELEMENT_BLOCK:
-        rows = _tiles(x.reshape(n, 1), ELEMENT_TILE).reshape(-1, ELEMENT_TILE)
+        rows = pad_rows(x.reshape(n, 1), ELEMENT_TILE).reshape(-1, ELEMENT_TILE)
     if rows.numel() % (ELEMENT_TILE * math.lcm(*range(1, threads + 1))) == 0:
         pieces = [rows]  # however many of the T threads ATen splits it into, each gets whole tiles
     else:
         per = share // math.gcd(rows.shape[1], share)  # rows per call: a multiple of this
         step = ELEMENT_BLOCK // rows.shape[1] // per * per
         pieces = [rows[i:i + step] for i in range(0, rows.shape[0], step)]
-        pieces[-1] = _tiles(pieces[-1], per)
+        pieces[-1] = pad_rows(pieces[-1], per)
     outs = [func(piece, *args, **kwargs) for piece in pieces]
     out = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(-1)[:n].reshape(x.shape)
     return x.copy_(out) if outs[0] is pieces[0] else out  # an in-place op returns its input
