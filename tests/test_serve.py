@@ -39,8 +39,8 @@ def solo(model_dir):
     """Greedy text of one request decoded alone, in-process, in the server's dtype."""
     lm = DiffusionLM.from_pretrained(model_dir, dtype="bfloat16")
 
-    def decode(prompt: str, max_tokens: int, chat: bool = False) -> str:
-        return lm.generate([prompt], chat=chat, max_new_tokens=max_tokens)[0].text
+    def decode(prompt: str, max_tokens: int, chat: bool = False, **settings) -> str:
+        return lm.generate([prompt], chat=chat, max_new_tokens=max_tokens, **settings)[0].text
     return decode
 
 
@@ -109,6 +109,13 @@ def test_openai_client_streaming_and_not_on_both_endpoints(server, model_dir, so
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("length", "stop")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="w5", max_tokens=2)
+    stop = " " + solo("w5 w6 w7", 12).split()[4]  # a stop string in the middle of the text
+    expected = solo("w5 w6 w7", 12, stop=(stop,))
+    c = client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12, stop=[stop])
+    assert c.choices[0].text == expected and c.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12, stop=stop,
+                                            stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == expected and pieces[-1].choices[0].finish_reason == "stop"
 
 
 def test_bad_requests_get_openai_style_errors_and_never_a_500(server, model_dir):
@@ -287,3 +294,46 @@ def test_serve_settings_fail_before_the_model_loads(capsys):
 
     rc, _, err, seen = run_cli(["serve", "no-such-model", "--max-batch", "0"], capsys)
     assert rc == 2 and refusal(err, "serve", seen).field == "max_batch"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident memory from /proc")
+def test_resident_memory_is_flat_over_1000_requests(model_dir, tmp_path):
+    """1,000 streamed requests at concurrency 16 (with cancelled and malformed ones among them): the server's
+    resident memory after them is within 10% of what it was after the first 100 (a warm server)."""
+    s = Server(model_dir, tmp_path, "--max-batch", 16)
+    rng = random.Random(1)
+
+    async def batch(n):
+        async with httpx.AsyncClient(timeout=120) as client:
+            sem = asyncio.Semaphore(16)
+
+            async def one(i):
+                async with sem:
+                    body = {"prompt": " ".join(f"w{rng.randint(2, 90)}" for _ in range(rng.randint(2, 30))),
+                            "max_tokens": rng.randint(1, 48), "stream": i % 2 == 0}
+                    if i % 10 == 3:
+                        body["temperature"] = "bad"
+                    if i % 10 == 7:  # gone after the first event
+                        async with client.stream("POST", s.url + "/v1/completions", json=body | {"stream": True}) \
+                                as r:
+                            async for _ in r.aiter_lines():
+                                break
+                        return
+                    await client.post(s.url + "/v1/completions", json=body)
+            await asyncio.gather(*(one(i) for i in range(n)))
+    try:
+        asyncio.run(batch(100))
+        warm = _rss_kib(s.proc.pid)
+        asyncio.run(batch(900))
+        after = _rss_kib(s.proc.pid)
+        print(f"resident memory: {warm / 1024:.1f} MiB after 100 requests, {after / 1024:.1f} MiB after 1000")
+        assert abs(after - warm) <= 0.10 * warm, (warm, after)
+        assert 'ar2dlm_requests_total{status="500"}' not in s.metrics()
+    finally:
+        assert s.stop() == 0

@@ -34,8 +34,7 @@ import time
 import torch
 
 from .config import DecodeConfig
-from .engine import (Request, State, _controller, _hold_back, compact_cache, prefill, resize_draft, select_rows,
-                     step)
+from .engine import Request, State, _controller, _hold_back, compact_cache, prefill, resize_draft, select_rows, step
 from .interface import DecodeModel
 
 PER_REQUEST = {"max_new_tokens": 128, "stop": (), "seed": None, "eos_token_id": None}

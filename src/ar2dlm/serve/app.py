@@ -123,9 +123,7 @@ def create_app(lm, cfg: ServeConfig, name: str) -> FastAPI:
             for j in range(spec.n):
                 seed = None if dcfg.seed is None else (dcfg.seed + j) % 2**64  # choice j: the next stream
                 choices.append(Choice(i * spec.n + j, ids, dcfg, new_row(lm, dcfg, seed)))
-        job = Job(choices, loop)
-        job.prompt_tokens = prompt_tokens
-        return job
+        return Job(choices, loop, prompt_tokens)
 
     def usage(job: Job) -> dict:
         done = sum(len(c.row.out.tokens) for c in job.choices)
@@ -164,6 +162,7 @@ def create_app(lm, cfg: ServeConfig, name: str) -> FastAPI:
             if event is DONE:
                 break
             if event.error:
+                job.cancel()
                 raise APIError(500, event.error)
         choices = [(c.index, c.row.out.text(), c.row.out.finish_reason) for c in job.choices]
         metrics.request(200)
@@ -182,6 +181,7 @@ def create_app(lm, cfg: ServeConfig, name: str) -> FastAPI:
                 if event.error:
                     metrics.request(500)
                     done = True
+                    job.cancel()  # its other choices, if any, stop too
                     yield _sse(APIError(500, event.error).body())
                     return
                 yield _sse(schema.chunk(spec, rid, created, name, event.index, event.text, event.finish))
@@ -247,7 +247,7 @@ def _tokenize(lm, prompt, chat: bool) -> list[int]:
         return ids
     except ConfigError as e:
         raise APIError(422, str(e), where) from None
-    except Exception as e:  # the template's own checks (a jinja error such as "roles must alternate")
+    except Exception as e:  # noqa: BLE001 -- the template's own checks (a jinja error such as "roles must alternate")
         raise APIError(422, f"the chat template refused these messages: {type(e).__name__}: {str(e)[:200]}",
                        where) from None
 

@@ -61,6 +61,9 @@ def cmd_serve(args) -> int:
     name = cfg.served_name or args.model
     print(f"serve: {args.model} as {name!r}, {describe(lm.model.dtype)}"
           f"{', batch-invariant' * lm.batch_invariant}{', AR' * cfg.ar}", file=sys.stderr, flush=True)
+    if cfg.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"serve: warning: listening on {cfg.host} without an API key: anyone who reaches this port can use "
+              f"the model (set --api-key or $AR2DLM_API_KEY)", file=sys.stderr, flush=True)
     app = create_app(lm, cfg, name)
     server = _server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
                                     timeout_graceful_shutdown=cfg.grace, lifespan="on"), app.state.scheduler)

@@ -66,8 +66,8 @@ class Event:
 class Job:
     """One HTTP request: its choices, and the queue its handler reads events from (on the event loop)."""
 
-    def __init__(self, choices: list[Choice], loop: asyncio.AbstractEventLoop):
-        self.choices, self.loop = choices, loop
+    def __init__(self, choices: list[Choice], loop: asyncio.AbstractEventLoop, prompt_tokens: int = 0):
+        self.choices, self.loop, self.prompt_tokens = choices, loop, prompt_tokens
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.left = len(choices)
@@ -142,7 +142,7 @@ class Scheduler:
             self.metrics.running = len(self.owner)
             for key, group in list(self.groups.items()):
                 if len(group):
-                    self._guarded(group, lambda: group.step(draft or key[1]))
+                    self._guarded(group, group.step, draft or key[1])
                 if not len(group):
                     del self.groups[key]
             self.metrics.running = len(self.owner)
@@ -160,14 +160,16 @@ class Scheduler:
             group = self.groups[key]
             for i, job, choice in rows:
                 self.owner[i] = (job, choice, group)
-            self._guarded(group, lambda: group.join([i for i, _, _ in rows], [c.prompt for _, _, c in rows],
-                                                    [c.row for _, _, c in rows]), [i for i, _, _ in rows])
+            ids = [i for i, _, _ in rows]
+            self._guarded(group, group.join, ids, [c.prompt for _, _, c in rows], [c.row for _, _, c in rows],
+                          joining=ids)
 
-    def _guarded(self, group: Running, run, joining: list[int] = ()) -> None:
-        """Run a join or step and send its tokens; a failure (a bug, never the input) fails that batch's jobs."""
+    def _guarded(self, group: Running, run, *args, joining: list[int] = ()) -> None:
+        """run(*args) (a join or a step) and send its tokens; a failure (a bug, never the input) fails that
+        batch's requests."""
         try:
-            taken = run()
-        except Exception as e:  # the server stays up: report it, end this batch's requests with an error
+            taken = run(*args)
+        except Exception as e:  # noqa: BLE001 -- the server stays up: report it, end this batch's requests
             traceback.print_exc(file=sys.stderr)
             message = f"internal error while decoding: {type(e).__name__}: {e}"
             for i in list(group.order) + list(joining):
@@ -178,7 +180,7 @@ class Scheduler:
             return
         self.metrics.steps += 1
         self.metrics.tokens(sum(len(t) for t in taken.values()), len(taken))
-        for i, tokens in taken.items():
+        for i in taken:
             job, choice, _ = self.owner[i]
             text, finish = choice.row.delta(), choice.row.out.finish_reason or None
             if text or finish:
