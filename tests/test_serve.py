@@ -94,6 +94,9 @@ def test_openai_client_streaming_and_not_on_both_endpoints(server, model_dir, so
     c = client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12)
     assert c.choices[0].text == expected and c.choices[0].finish_reason in ("length", "stop")
     assert c.usage.prompt_tokens == 3 and c.usage.completion_tokens >= 1
+    c = client.completions.create(model=model_dir, prompt=["w5 w6 w7", "w8"], max_tokens=12, n=2)
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3] and c.usage.prompt_tokens == 4
+    assert [ch.text for ch in c.choices] == [expected] * 2 + [solo("w8", 12)] * 2
     pieces = client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12, stream=True,
                                        extra_body={"draft_len": 2, "proposals": 1})
     assert "".join(p.choices[0].text for p in pieces) == expected
