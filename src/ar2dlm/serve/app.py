@@ -223,6 +223,8 @@ def create_app(lm, cfg: ServeConfig, name: str) -> FastAPI:
     async def health():
         if not scheduler.accepting:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not scheduler.thread.is_alive():
+            return JSONResponse({"status": "scheduler stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -136,16 +136,27 @@ class Scheduler:
                         return
                     self.lock.wait(0.25)
                     continue
-            self._join(admitted)
-            self._reap()
-            draft = len(self.owner) <= self.cfg.draft_max_batch
-            self.metrics.running = len(self.owner)
-            for key, group in list(self.groups.items()):
-                if len(group):
-                    self._guarded(group, group.step, draft or key[1])
-                if not len(group):
-                    del self.groups[key]
-            self.metrics.running = len(self.owner)
+            try:
+                self._iteration(admitted)
+            except Exception as e:  # noqa: BLE001 -- a bug outside a batch's step: end every request, go on
+                traceback.print_exc(file=sys.stderr)
+                for job in admitted + [job for job, _, _ in self.owner.values()]:
+                    job.send(Event(0, "", None, error=f"internal error: {type(e).__name__}: {e}"))
+                self.owner.clear()
+                self.groups.clear()
+
+    def _iteration(self, admitted: list[Job]) -> None:
+        """Join the admitted jobs, drop rows no one waits for, step every running batch once."""
+        self._join(admitted)
+        self._reap()
+        draft = len(self.owner) <= self.cfg.draft_max_batch
+        self.metrics.running = len(self.owner)
+        for key, group in list(self.groups.items()):
+            if len(group):
+                self._guarded(group, group.step, draft or key[1])
+            if not len(group):
+                del self.groups[key]
+        self.metrics.running = len(self.owner)
 
     def _join(self, jobs: list[Job]) -> None:
         """Prefill the admitted jobs' choices, one forward per step setting, into the running batches."""
