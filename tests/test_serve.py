@@ -164,6 +164,14 @@ def test_a_disconnect_mid_stream_frees_its_row(server):
     assert after['ar2dlm_requests_total{status="cancelled"}'] == before.get(
         'ar2dlm_requests_total{status="cancelled"}', 0) + 1
     assert after["ar2dlm_generation_tokens_total"] - before["ar2dlm_generation_tokens_total"] < 250
+    with pytest.raises(httpx.ReadTimeout):  # a client that stops waiting for a whole answer frees its row too
+        slow = {"stream": False, "draft_len": 16, "proposals": 16}  # 272 rows a step: seconds for 250 tokens
+        httpx.post(server.url + "/v1/completions", json=body | slow, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while server.metrics()['ar2dlm_requests_total{status="cancelled"}'] < after[
+            'ar2dlm_requests_total{status="cancelled"}'] + 1 or server.metrics()["ar2dlm_running_batch_size"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 async def _stream(client, url, body) -> tuple[str, str | None, bool]:

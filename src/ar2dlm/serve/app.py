@@ -150,20 +150,25 @@ def create_app(lm, cfg: ServeConfig, name: str) -> FastAPI:
         if spec.stream:
             return StreamingResponse(stream(job, spec, rid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), 1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    metrics.request("cancelled")
-                    return JSONResponse({}, status_code=499)
-                continue
-            if event is DONE:
-                break
-            if event.error:
+        event, checked = None, time.monotonic()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), 0.25)
+                except asyncio.TimeoutError:
+                    event = None
+                if event is DONE:
+                    break
+                if event is not None and event.error:
+                    raise APIError(500, event.error)
+                if time.monotonic() - checked > 0.25:  # events come every step: look for a disconnect by the clock
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        metrics.request("cancelled")
+                        return JSONResponse({}, status_code=499)
+        finally:  # whichever way it ended (a disconnect, an error, the handler cancelled), its rows are free
+            if event is not DONE:
                 job.cancel()
-                raise APIError(500, event.error)
         choices = [(c.index, c.row.out.text(), c.row.out.finish_reason) for c in job.choices]
         metrics.request(200)
         return schema.result(spec, rid, created, name, choices, usage(job))
