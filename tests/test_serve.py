@@ -300,11 +300,13 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(model_dir, tmp_path)
     assert "serve: stopped" in s.log.read_text()
 
 
-def test_serve_settings_fail_before_the_model_loads(capsys):
+def test_serve_settings_fail_before_the_model_loads(capsys, base_dirs):
     from conftest import refusal, run_cli
 
     rc, _, err, seen = run_cli(["serve", "no-such-model", "--max-batch", "0"], capsys)
     assert rc == 2 and refusal(err, "serve", seen).field == "max_batch"
+    rc, _, err, seen = run_cli(["serve", base_dirs["llama"]], capsys)  # not converted: say --ar
+    assert rc == 2 and "--ar" in refusal(err, "serve", seen)
 
 
 def _rss_kib(pid: int) -> int:

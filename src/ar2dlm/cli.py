@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.fn(args, extra)
         return args.fn(args)
     except NotConvertedError as e:
-        message = str(e) if args.verb == "generate" else \
+        message = str(e) if args.verb in ("generate", "serve") else \
             (f"{e.path} has no ar2dlm.json: it is an unconverted AR model; convert it first: "
              f"`ar2dlm convert {e.path} OUT_DIR`")
         return refuse(args.verb, ConfigError(message, e.field), verb_parser)
