@@ -32,6 +32,8 @@ from .model.convert import convert
 from .model.export import export, merge
 from .model.lm import DiffusionLM
 from .model.settings import DTYPES, ConvertConfig, LoadConfig
+from .serve.config import ServeConfig
+from .serve.main import cmd_serve
 from .train.config import DistillConfig
 from .train.data import read_prompt_file
 from .train.distill import distill
@@ -398,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(pn, PlanConfig, choices={"hardware": HARDWARE_NAMES, "dtype": tuple(DTYPE_BYTES)})
     pn.add_argument("--measure", action="store_true", help="also time the model's forwards by slots (tune's "
                     "forward_cost; needs its weights) next to the prediction")
+    add_fields(verb("serve", cmd_serve, model=MODEL + " (any HF causal LM with --ar)", load=True), ServeConfig)
     pr = verb("prompts", cmd_prompts)
     pr.add_argument("out", help="output folder")
     pr.add_argument("--force", action="store_true", help="replace train.jsonl and bench.jsonl if OUT has them")
@@ -429,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.fn(args, extra)
         return args.fn(args)
     except NotConvertedError as e:
-        message = str(e) if args.verb == "generate" else \
+        message = str(e) if args.verb in ("generate", "serve") else \
             (f"{e.path} has no ar2dlm.json: it is an unconverted AR model; convert it first: "
              f"`ar2dlm convert {e.path} OUT_DIR`")
         return refuse(args.verb, ConfigError(message, e.field), verb_parser)

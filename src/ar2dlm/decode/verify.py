@@ -80,7 +80,7 @@ def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: 
     d = draft[:, 1:, None]  # [b, K-1, 1]
     p_d = p[:, :-1].gather(2, d)[..., 0]  # [b, K-1]
     q_d = q[:, 1:].gather(2, d)[..., 0]
-    u = torch.rand(p_d.shape, generator=generator, device=p.device)
+    u = uniform(p_d.shape, generator, p.device, torch.float32)
     ok = (u * q_d < p_d) & draft_valid(n_draft, K)  # u < p/q without dividing by q = 0
     r = accepted_length(ok)  # 1.
     p_r = p.gather(1, (r - 1)[:, None, None].expand(b, 1, p.shape[-1]))[:, 0]  # [b, V]
@@ -143,7 +143,7 @@ def sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     more than the sampling.
     """
     flat = weights.reshape(-1, weights.shape[-1])
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=torch.float64)
+    u = uniform(weights.shape[:-1], generator, flat.device, torch.float64).reshape(-1, 1)
     out = [torch.zeros(0, dtype=torch.long, device=flat.device)]
     for i in range(0, flat.shape[0], 4):
         cdf = flat[i:i + 4].cumsum(-1, dtype=torch.float64)
@@ -151,3 +151,11 @@ def sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Te
         ui = torch.minimum(u[i:i + 4] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
         out.append(torch.searchsorted(cdf, ui, right=True)[:, 0])
     return torch.cat(out).reshape(weights.shape[:-1])
+
+
+def uniform(shape, generator, device, dtype) -> torch.Tensor:
+    """U[0, 1) of `shape` from one generator, or from a list of generators, one per batch row (shape[0]):
+    then each row's draws come from its own stream alone, whatever rows share the batch (served requests)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)

@@ -1,0 +1,56 @@
+"""`ServeConfig`: the `serve` verb's settings (its flags map 1:1 onto the fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.validation import check, check_types, finite
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `ar2dlm serve` listens, admits and batches. The CLI flags have the same names."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (the loopback by default: set 0.0.0.0 only behind an API key or a firewall)."""
+    port: int = 8000
+    """TCP port (0 = any free port; the line `listening on http://HOST:PORT` on stderr names it)."""
+    max_batch: int = 16
+    """Most rows (one per choice of a request) decoding together; more requests wait in the queue."""
+    max_queue: int = 64
+    """Most requests waiting for a row; one more gets 429 with Retry-After."""
+    draft_max_batch: int = 8
+    """Draft only while at most this many rows run (0 = never): in a larger batch a forward's extra draft and
+    proposal rows are no longer free, so the steps are plain AR steps."""
+    api_key: str | None = None
+    """Bearer key every /v1 request must carry (default: $AR2DLM_API_KEY if set, else none)."""
+    served_name: str | None = None
+    """The model id clients send and /v1/models lists (default: MODEL as given)."""
+    default_max_tokens: int = 256
+    """max_tokens of a request that gives none (cut to the room left in the model's context)."""
+    max_request_bytes: int = 4_000_000
+    """Largest request body accepted (413 above)."""
+    grace: float = 30.0
+    """Seconds SIGTERM waits for in-flight requests to finish before the server exits."""
+    ar: bool = False
+    """Serve plain AR decoding (one token per forward, no drafts): the baseline drafting is measured against;
+    also serves a model that is not converted."""
+
+    def __post_init__(self):
+        check_types(self)
+        check(self.host != "", "host must not be empty (127.0.0.1 = this machine only)", "host")
+        check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}", "port")
+        check(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}", "max_batch")
+        check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}", "max_queue")
+        check(self.draft_max_batch >= 0, f"draft_max_batch must be >= 0, got {self.draft_max_batch}",
+              "draft_max_batch")
+        check(self.api_key is None or len(self.api_key) >= 8,
+              "api_key must have at least 8 characters (a short key is guessed)", "api_key")
+        check(self.served_name is None or self.served_name.strip() != "", "served_name must not be empty",
+              "served_name")
+        check(self.default_max_tokens >= 1, f"default_max_tokens must be >= 1, got {self.default_max_tokens}",
+              "default_max_tokens")
+        check(self.max_request_bytes >= 1024, f"max_request_bytes must be >= 1024, got {self.max_request_bytes}",
+              "max_request_bytes")
+        check(finite(self.grace) and self.grace >= 0, f"grace must be a number of seconds >= 0, got {self.grace}",
+              "grace")

@@ -1,0 +1,78 @@
+"""`ar2dlm serve`: load the model, run the app under uvicorn, drain on SIGTERM and exit 0.
+
+FastAPI and uvicorn are the `serve` extra: they are imported when the verb runs, so the rest of the CLI
+works without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from ..core.errors import ConfigError
+from ..core.flags import config_from
+from ..core.hardware import describe, resolve_dtype
+from ..model.lm import DiffusionLM
+from ..model.settings import LoadConfig
+from .config import ServeConfig
+
+
+def _server(config, scheduler):
+    """uvicorn's server that also tells the scheduler to stop admitting when a signal asks it to stop, and says
+    where it listens (with --port 0 the system chose)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            scheduler.stop_admission()
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"ar2dlm serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+
+    return Server(config)
+
+
+def cmd_serve(args) -> int:
+    """an OpenAI-compatible HTTP server (completions, chat) with continuous batching
+
+    Serve MODEL on /v1/completions and /v1/chat/completions (streamed or not), /v1/models, /health and /metrics.
+    One scheduler decodes every request in one running batch that requests join and leave between steps; greedy
+    output equals decoding each request alone. SIGTERM stops admission, lets in-flight requests finish within
+    --grace seconds, and exits 0. Binds 127.0.0.1 unless --host says otherwise."""
+    cfg = config_from(args, ServeConfig)  # settings fail before the model loads
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise ConfigError(f"ar2dlm serve needs the serve extra ({e.name} is missing): pip install 'ar2dlm[serve]'") \
+            from None
+    if cfg.api_key is None and os.environ.get("AR2DLM_API_KEY"):
+        cfg = dataclasses.replace(cfg, api_key=os.environ["AR2DLM_API_KEY"])
+    lm = DiffusionLM.from_pretrained(args.model, dtype=resolve_dtype(config_from(args, LoadConfig).dtype),
+                                     allow_ar=cfg.ar)
+    if lm.mask_token_id is None and not cfg.ar:
+        raise ConfigError(f"{args.model} is not converted: serve it with --ar, or convert it first", field="ar")
+    name = cfg.served_name or args.model
+    print(f"serve: {args.model} as {name!r}, {describe(lm.model.dtype)}"
+          f"{', batch-invariant' * lm.batch_invariant}{', AR' * cfg.ar}", file=sys.stderr, flush=True)
+    if cfg.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"serve: warning: listening on {cfg.host} without an API key: anyone who reaches this port can use "
+              f"the model (set --api-key or $AR2DLM_API_KEY)", file=sys.stderr, flush=True)
+    app = create_app(lm, cfg, name)
+    server = _server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
+                                    timeout_graceful_shutdown=cfg.grace, lifespan="on"), app.state.scheduler)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has drained: that is a clean stop
+        pass
+    except SystemExit as e:  # uvicorn could not start (it logged why)
+        raise ConfigError(f"could not serve on {cfg.host}:{cfg.port} (exit {e.code}; see the log above): is the "
+                          f"port in use?", field="port") from None
+    print("serve: stopped", file=sys.stderr, flush=True)
+    return 0

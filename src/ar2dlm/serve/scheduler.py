@@ -1,0 +1,210 @@
+"""The scheduler: one thread owns the model and runs the continuous batch.
+
+Requests (`Job`s, one row per choice) wait in a bounded queue. Between two
+steps the scheduler drops the rows whose client went away, admits waiting
+jobs while rows are free (`max_batch`), prefills them into the running batch
+of their step settings (`decode.batching.Running`), then steps every running
+batch once. Tokens go back to the request's handler on the event loop
+(`Job.send`), one event per commit.
+
+Drafting adapts to load: while more than `draft_max_batch` rows run, the
+steps are plain AR steps (no draft or proposal rows). In a large batch the
+forward is no longer bound by reading the weights, so the extra rows a draft
+adds cost their full price, as serving engines turn speculation off at high
+batch. Greedy output does not depend on the draft length, sampled output
+does: seeded sampled requests run in batches of their own that keep their
+drafting whatever the load, so a seed reproduces its text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import math
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+from ..decode.batching import Row, Running, step_settings
+from ..decode.config import DecodeConfig
+from .config import ServeConfig
+from .metrics import Metrics
+
+DONE = object()
+"""The last event of a job: every choice has finished."""
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server's queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Draining(Exception):
+    """The server is shutting down and admits nothing new."""
+
+
+@dataclass
+class Choice:
+    index: int  # OpenAI's choice index: prompt i, choice j -> i * n + j
+    prompt: list[int]
+    cfg: DecodeConfig
+    row: Row
+
+
+@dataclass
+class Event:
+    index: int
+    text: str  # new text safe to show
+    finish: str | None  # the engine's finish reason when the choice is done
+    error: str | None = None
+
+
+class Job:
+    """One HTTP request: its choices, and the queue its handler reads events from (on the event loop)."""
+
+    def __init__(self, choices: list[Choice], loop: asyncio.AbstractEventLoop, prompt_tokens: int = 0):
+        self.choices, self.loop, self.prompt_tokens = choices, loop, prompt_tokens
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.left = len(choices)
+
+    def send(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop has closed: no one is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """The client went away: its rows leave the batch before the next step."""
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(self, lm, cfg: ServeConfig, metrics: Metrics):
+        self.lm, self.cfg, self.metrics = lm, cfg, metrics
+        self.lock = threading.Condition()
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.groups: dict[tuple[DecodeConfig, bool], Running] = {}  # (step settings, seeded sampling) -> batch
+        self.owner: dict[int, tuple[Job, Choice, Running]] = {}  # row id -> its job, choice and batch
+        self.ids = itertools.count()
+        self.accepting, self.stopping = True, False
+        self.mean_seconds = 1.0  # running mean of a request's time, for Retry-After
+        self.thread = threading.Thread(target=self.run, name="ar2dlm-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ the event loop's side
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if not self.accepting:
+                raise Draining()
+            if len(self.waiting) >= self.cfg.max_queue:
+                waits = (len(self.waiting) + 1) / self.cfg.max_batch
+                raise QueueFull(max(1, math.ceil(waits * self.mean_seconds)))
+            self.waiting.append(job)
+            self.metrics.queue_depth = len(self.waiting)
+            self.lock.notify()
+
+    def stop_admission(self) -> None:
+        """SIGTERM: admit nothing new (a plain write: this runs in a signal handler, which must not lock)."""
+        self.accepting = False
+
+    def stop(self, timeout: float) -> None:
+        """Finish what was admitted (or give up after `timeout` s), then end the thread."""
+        self.accepting = False
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout)
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                self.waiting = collections.deque(job for job in self.waiting if not job.cancelled)
+                admitted = []
+                free = self.cfg.max_batch - len(self.owner)
+                while self.waiting and len(self.waiting[0].choices) <= free:
+                    job = self.waiting.popleft()
+                    admitted.append(job)
+                    free -= len(job.choices)
+                self.metrics.queue_depth = len(self.waiting)
+                if not admitted and not self.owner:
+                    if self.stopping and not self.waiting:
+                        return
+                    self.lock.wait(0.25)
+                    continue
+            try:
+                self._iteration(admitted)
+            except Exception as e:  # noqa: BLE001 -- a bug outside a batch's step: end every request, go on
+                traceback.print_exc(file=sys.stderr)
+                for job in admitted + [job for job, _, _ in self.owner.values()]:
+                    job.send(Event(0, "", None, error=f"internal error: {type(e).__name__}: {e}"))
+                self.owner.clear()
+                self.groups.clear()
+
+    def _iteration(self, admitted: list[Job]) -> None:
+        """Join the admitted jobs, drop rows no one waits for, step every running batch once."""
+        self._join(admitted)
+        self._reap()
+        draft = len(self.owner) <= self.cfg.draft_max_batch
+        self.metrics.running = len(self.owner)
+        for key, group in list(self.groups.items()):
+            if len(group):
+                self._guarded(group, group.step, draft or key[1])
+            if not len(group):
+                del self.groups[key]
+        self.metrics.running = len(self.owner)
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill the admitted jobs' choices, one forward per step setting, into the running batches."""
+        by_key: dict[tuple[DecodeConfig, bool], list[tuple[int, Job, Choice]]] = {}
+        for job in jobs:
+            for choice in job.choices:
+                key = step_settings(choice.cfg), not choice.cfg.greedy and choice.cfg.seed is not None
+                by_key.setdefault(key, []).append((next(self.ids), job, choice))
+        for key, rows in by_key.items():
+            if key not in self.groups:
+                self.groups[key] = Running(self.lm, rows[0][2].cfg)
+            group = self.groups[key]
+            for i, job, choice in rows:
+                self.owner[i] = (job, choice, group)
+            ids = [i for i, _, _ in rows]
+            self._guarded(group, group.join, ids, [c.prompt for _, _, c in rows], [c.row for _, _, c in rows],
+                          joining=ids)
+
+    def _guarded(self, group: Running, run, *args, joining: list[int] = ()) -> None:
+        """run(*args) (a join or a step) and send its tokens; a failure (a bug, never the input) fails that
+        batch's requests."""
+        try:
+            taken = run(*args)
+        except Exception as e:  # noqa: BLE001 -- the server stays up: report it, end this batch's requests
+            traceback.print_exc(file=sys.stderr)
+            message = f"internal error while decoding: {type(e).__name__}: {e}"
+            for i in list(group.order) + list(joining):
+                if i in self.owner:
+                    job, choice, _ = self.owner.pop(i)
+                    job.send(Event(choice.index, "", None, error=message))
+            group.leave(list(group.order))
+            return
+        self.metrics.steps += 1
+        self.metrics.tokens(sum(len(t) for t in taken.values()), len(taken))
+        for i in taken:
+            job, choice, _ = self.owner[i]
+            text, finish = choice.row.delta(), choice.row.out.finish_reason or None
+            if text or finish:
+                job.send(Event(choice.index, text, finish))
+            if finish:
+                del self.owner[i]
+                job.left -= 1
+                if job.left == 0:
+                    self.mean_seconds = 0.9 * self.mean_seconds + 0.1 * (time.perf_counter() - choice.row.started)
+                    job.send(DONE)
+
+    def _reap(self) -> None:
+        """Rows whose client went away leave their batch."""
+        for i in [i for i, (job, _, _) in self.owner.items() if job.cancelled]:
+            _, _, group = self.owner.pop(i)
+            group.leave([i])

@@ -1,0 +1,352 @@
+"""`ar2dlm serve` as a client sees it: a real server process on the loopback, driven by the openai client and
+httpx (a tiny random model served in bfloat16, whose batch-invariant forward makes greedy output bitwise that
+of decoding each request alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import make_tokenizer, save_base
+
+from ar2dlm import convert
+from ar2dlm.model.lm import DiffusionLM
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base = save_base("llama", root / "base")
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(base)
+    return str(convert(base, root / "converted", block_size=4))
+
+
+@pytest.fixture(scope="module")
+def solo(model_dir):
+    """Greedy text of one request decoded alone, in-process, in the server's dtype."""
+    lm = DiffusionLM.from_pretrained(model_dir, dtype="bfloat16")
+
+    def decode(prompt: str, max_tokens: int, chat: bool = False, **settings) -> str:
+        return lm.generate([prompt], chat=chat, max_new_tokens=max_tokens, **settings)[0].text
+    return decode
+
+
+class Server:
+    """`ar2dlm serve MODEL --port 0 ...` as a subprocess; its log goes to a file (a full pipe would block it)."""
+
+    def __init__(self, model_dir, tmp_path, *flags):
+        self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ar2dlm", "serve", model_dir, "--port", "0",
+                                          "--dtype", "bfloat16", *map(str, flags)], stdout=log, stderr=log,
+                                         env={**os.environ, "AR2DLM_API_KEY": ""})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if "listening on http://" in text:
+                self.url = text.split("listening on ")[1].split()[0]
+                return
+            assert self.proc.poll() is None, text
+            time.sleep(0.2)
+        raise AssertionError(f"the server did not start: {self.log.read_text()}")
+
+    def metrics(self) -> dict:
+        out = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server(model_dir, tmp_path_factory.mktemp("log"), "--max-batch", 12, "--draft-max-batch", 4,
+               "--max-request-bytes", 4096)
+    yield s
+    assert s.stop() == 0
+    assert "Traceback" not in s.log.read_text()
+
+
+def test_openai_client_streaming_and_not_on_both_endpoints(server, model_dir, solo):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == [model_dir]
+    expected = solo("w5 w6 w7", 12)
+    c = client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12)
+    assert c.choices[0].text == expected and c.choices[0].finish_reason in ("length", "stop")
+    assert c.usage.prompt_tokens == 3 and c.usage.completion_tokens >= 1
+    c = client.completions.create(model=model_dir, prompt=["w5 w6 w7", "w8"], max_tokens=12, n=2)
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3] and c.usage.prompt_tokens == 4
+    assert [ch.text for ch in c.choices] == [expected] * 2 + [solo("w8", 12)] * 2
+    pieces = client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12, stream=True,
+                                       extra_body={"draft_len": 2, "proposals": 1})
+    assert "".join(p.choices[0].text for p in pieces) == expected
+    messages = [{"role": "user", "content": "w9 w10"}]
+    expected = solo("w9 w10", 10, chat=True)
+    r = client.chat.completions.create(model=model_dir, messages=messages, max_tokens=10)
+    assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=model_dir, messages=messages, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("length", "stop")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="w5", max_tokens=2)
+    stop = " " + solo("w5 w6 w7", 12).split()[4]  # a stop string in the middle of the text
+    expected = solo("w5 w6 w7", 12, stop=(stop,))
+    c = client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12, stop=[stop])
+    assert c.choices[0].text == expected and c.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model=model_dir, prompt="w5 w6 w7", max_tokens=12, stop=stop,
+                                            stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == expected and pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_openai_style_errors_and_never_a_500(server, model_dir):
+    url = server.url + "/v1/completions"
+    cases = [(b"{not json", 400), (b"[1, 2]", 400), (b"[" * 4000, 400),
+             (json.dumps({"prompt": "w5 " * 2000}).encode(), 413),  # a body over --max-request-bytes
+             (json.dumps({"prompt": "w5 " * 300}).encode(), 413),  # longer than the model's context
+             (json.dumps({"prompt": "w5", "max_tokens": 10**9}).encode(), 413),
+             (json.dumps({"prompt": "w5", "temperature": -1}).encode(), 422),
+             (json.dumps({"prompt": "w5", "draft_len": "4"}).encode(), 422),
+             (json.dumps({"prompt": "w5", "sampler": "greedy", "top_p": 0.5}).encode(), 422),
+             (json.dumps({"prompt": [5, 10**6]}).encode(), 422), (json.dumps({"prompt": ""}).encode(), 422),
+             (json.dumps({"prompt": "w5", "frequency_penalty": 1.0}).encode(), 422),
+             (json.dumps({"prompt": "w5", "n": 1000}).encode(), 422),
+             (json.dumps({"prompt": "w5", "x": 1}).encode(), 422),
+             (json.dumps({"prompt": "w5", "model": "gpt-4"}).encode(), 404)]
+    for body, status in cases:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body[:60], r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error", r.text
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0].role"
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/models/gpt-4").status_code == 404
+    m = server.metrics()
+    assert m['ar2dlm_requests_total{status="422"}'] >= 8 and 'ar2dlm_requests_total{status="500"}' not in m
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_a_disconnect_mid_stream_frees_its_row(server):
+    before = server.metrics()
+    body = {"prompt": "w7 w8", "max_tokens": 250, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.metrics()["ar2dlm_running_batch_size"] == 1
+    deadline = time.monotonic() + 10
+    while server.metrics()["ar2dlm_running_batch_size"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    after = server.metrics()
+    assert after['ar2dlm_requests_total{status="cancelled"}'] == before.get(
+        'ar2dlm_requests_total{status="cancelled"}', 0) + 1
+    assert after["ar2dlm_generation_tokens_total"] - before["ar2dlm_generation_tokens_total"] < 250
+    with pytest.raises(httpx.ReadTimeout):  # a client that stops waiting for a whole answer frees its row too
+        slow = {"stream": False, "draft_len": 16, "proposals": 16}  # 272 rows a step: seconds for 250 tokens
+        httpx.post(server.url + "/v1/completions", json=body | slow, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while server.metrics()['ar2dlm_requests_total{status="cancelled"}'] < after[
+            'ar2dlm_requests_total{status="cancelled"}'] + 1 or server.metrics()["ar2dlm_running_batch_size"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+async def _stream(client, url, body) -> tuple[str, str | None, bool]:
+    """(text, last finish_reason, whether [DONE] came) of one streamed request."""
+    text, finish, done = "", None, False
+    async with client.stream("POST", url, json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+                finish = choice["finish_reason"] or finish
+    return text, finish, done
+
+
+def test_load_32_streams_with_bad_requests_interleaved(server, solo):
+    """32 concurrent streams (completions and chat, greedy and seeded sampling), malformed requests between them:
+    every stream completes, every greedy text equals decoding alone, seeded ones reproduce, the server stays up."""
+    rng = random.Random(0)
+    jobs = []
+    for i in range(32):
+        prompt = " ".join(f"w{rng.randint(2, 90)}" for _ in range(rng.randint(2, 10)))
+        chat, n = i % 3 == 0, rng.randint(4, 40)
+        body = {"max_tokens": n, "stream": True}
+        if i % 8 == 5:  # seeded sampling: the same request four times among the others
+            prompt, chat, n = "w11 w12 w13", False, 30
+            body.update(max_tokens=n, temperature=1.0, seed=42)
+        body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+        jobs.append((prompt, chat, n, body))
+    seeded_alone = httpx.post(server.url + "/v1/completions", json={**jobs[5][3], "stream": False}, timeout=60)
+    seeded_alone = seeded_alone.json()["choices"][0]["text"]
+    bad = [b"{", json.dumps({"prompt": "w5", "top_k": -1}).encode(), json.dumps({"messages": []}).encode(),
+           json.dumps({"prompt": "w5", "model": "other"}).encode()]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(prompt, chat, n, body):
+                url = server.url + ("/v1/chat/completions" if chat else "/v1/completions")
+                return await _stream(client, url, body)
+
+            async def malformed(body):
+                r = await client.post(server.url + "/v1/completions", content=body)
+                return r.status_code
+
+            tasks = []
+            for i, job in enumerate(jobs):
+                tasks.append(asyncio.create_task(one(*job)))
+                if i % 2:
+                    tasks.append(asyncio.create_task(malformed(bad[i // 2 % len(bad)])))
+                await asyncio.sleep(rng.random() * 0.02)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    streams = [r for r in results if isinstance(r, tuple)]
+    statuses = [r for r in results if isinstance(r, int)]
+    assert len(streams) == 32 and all(done and finish in ("stop", "length") for _, finish, done in streams)
+    assert sorted(set(statuses)) == [400, 404, 422]
+    for (prompt, chat, n, body), (text, _, _) in zip(jobs, streams):
+        assert text == (seeded_alone if "seed" in body else solo(prompt, n, chat)), body
+    m = server.metrics()
+    assert 'ar2dlm_requests_total{status="500"}' not in m and m["ar2dlm_running_batch_size"] == 0
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_api_key_and_a_full_queue(model_dir, tmp_path):
+    s = Server(model_dir, tmp_path, "--max-batch", 1, "--max-queue", 1, "--api-key", KEY)
+    try:
+        url, auth = s.url + "/v1/completions", {"Authorization": f"Bearer {KEY}"}
+        assert httpx.post(url, json={"prompt": "w5"}).status_code == 401
+        r = httpx.post(url, json={"prompt": "w5"}, headers={"Authorization": "Bearer wrong-key-123"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers=auth).status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200
+        long = {"prompt": "w5 w6", "max_tokens": 250, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60, headers=auth) as client, client.stream("POST", url, json=long) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+            assert next(lines).startswith("data: ")  # running: the one row is taken
+
+            async def queued():
+                async with httpx.AsyncClient(timeout=60, headers=auth) as c:
+                    waiting = asyncio.create_task(c.post(url, json={"prompt": "w5", "max_tokens": 2}))
+                    deadline = time.monotonic() + 30
+                    while s.metrics()["ar2dlm_queue_depth"] < 1:
+                        assert time.monotonic() < deadline, s.metrics()
+                        await asyncio.sleep(0.02)
+                    full = await c.post(url, json={"prompt": "w5", "max_tokens": 2})
+                    waiting.cancel()
+                    return full
+            full = asyncio.run(queued())
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert full.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(model_dir, tmp_path):
+    s = Server(model_dir, tmp_path, "--max-batch", 4)
+    url = s.url + "/v1/completions"
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            bodies = [{"prompt": f"w{5 + i} w9", "max_tokens": 60, "ignore_eos": True, "stream": True}
+                      for i in range(6)]  # 4 running, 2 queued
+            tasks = [asyncio.create_task(_stream(client, url, b)) for b in bodies]
+            deadline = time.monotonic() + 30
+            while s.metrics()["ar2dlm_running_batch_size"] < 4:
+                assert time.monotonic() < deadline, s.metrics()
+                await asyncio.sleep(0.02)
+            s.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            try:
+                refused = (await client.post(url, json={"prompt": "w5"})).status_code
+            except httpx.TransportError:
+                refused = "connection refused"
+            return await asyncio.gather(*tasks), refused
+
+    streams, refused = asyncio.run(run())
+    assert refused in (503, "connection refused")
+    assert all(done and finish == "length" and len(text.split()) == 60 for text, finish, done in streams)
+    assert s.proc.wait(60) == 0
+    assert "serve: stopped" in s.log.read_text()
+
+
+def test_serve_settings_fail_before_the_model_loads(capsys, base_dirs):
+    from conftest import refusal, run_cli
+
+    rc, _, err, seen = run_cli(["serve", "no-such-model", "--max-batch", "0"], capsys)
+    assert rc == 2 and refusal(err, "serve", seen).field == "max_batch"
+    rc, _, err, seen = run_cli(["serve", base_dirs["llama"]], capsys)  # not converted: say --ar
+    assert rc == 2 and "--ar" in refusal(err, "serve", seen)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident memory from /proc")
+def test_resident_memory_is_flat_over_1000_requests(model_dir, tmp_path):
+    """1,000 streamed requests at concurrency 16 (with cancelled and malformed ones among them): the server's
+    resident memory after them is within 10% of what it was after the first 100 (a warm server)."""
+    s = Server(model_dir, tmp_path, "--max-batch", 16)
+    rng = random.Random(1)
+
+    async def batch(n):
+        async with httpx.AsyncClient(timeout=120) as client:
+            sem = asyncio.Semaphore(16)
+
+            async def one(i):
+                async with sem:
+                    body = {"prompt": " ".join(f"w{rng.randint(2, 90)}" for _ in range(rng.randint(2, 30))),
+                            "max_tokens": rng.randint(1, 48), "stream": i % 2 == 0}
+                    if i % 10 == 3:
+                        body["temperature"] = "bad"
+                    if i % 10 == 7:  # gone after the first event
+                        async with client.stream("POST", s.url + "/v1/completions", json=body | {"stream": True}) \
+                                as r:
+                            async for _ in r.aiter_lines():
+                                break
+                        return
+                    await client.post(s.url + "/v1/completions", json=body)
+            await asyncio.gather(*(one(i) for i in range(n)))
+    try:
+        asyncio.run(batch(100))
+        warm = _rss_kib(s.proc.pid)
+        asyncio.run(batch(900))
+        after = _rss_kib(s.proc.pid)
+        print(f"resident memory: {warm / 1024:.1f} MiB after 100 requests, {after / 1024:.1f} MiB after 1000")
+        assert abs(after - warm) <= 0.10 * warm, (warm, after)
+        assert 'ar2dlm_requests_total{status="500"}' not in s.metrics()
+    finally:
+        assert s.stop() == 0
