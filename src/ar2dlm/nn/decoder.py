@@ -136,6 +136,8 @@ class LeanDecoder:
             mask = mask.gather(2, order[:, None, :].expand(-1, q, -1))
         rows_mask = mask.repeat(1, rep, 1)  # [b, rep q, L]: row r q + i is query i of head r
         rows_mask = F.pad(rows_mask, (0, pad))[:, None]  # [b, 1, rep q, L + pad]
+        # additive, once per forward (SDPA would convert a bool mask in every layer; the same values)
+        rows_mask = torch.zeros(rows_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~rows_mask, float("-inf"))
         if order is not None:
             order = torch.cat([order, torch.arange(length, length + pad, device=order.device).expand(b, -1)], 1)
         H, Hkv = self.heads, self.kv_heads

@@ -119,6 +119,7 @@ class Packed:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
         self.bias = None if bias is None else bias.detach().contiguous()
         self.out_features = weight.shape[0]
+        self._zeros: torch.Tensor | None = None  # the padding rows of a short tile
 
     def current(self, weight: torch.Tensor) -> bool:
         return weight is self.source and weight._version == self.version
@@ -127,7 +128,9 @@ class Packed:
         rows = x.reshape(-1, x.shape[-1])
         M, tile = rows.shape[0], invariant.ROW_TILE
         if M % tile:
-            rows = F.pad(rows, (0, 0, 0, tile - M % tile))
+            if self._zeros is None or self._zeros.dtype != rows.dtype:
+                self._zeros = rows.new_zeros(tile, rows.shape[1])
+            rows = torch.cat([rows, self._zeros[:tile - M % tile]])
         linear = torch.ops.mkldnn._linear_pointwise
         if rows.shape[0] == tile:
             out = linear(rows, self.weight, self.bias, "none", [], "")
