@@ -60,7 +60,11 @@ def specs_for(lm: DiffusionLM, draft_lens, proposals, mix_weights, samplers, hf:
         raise ConfigError(f"unknown bench sampler(s) {unknown}: choose from greedy, lossless, adaptive "
                           f"(mix is set with --mix-weights)")
     sampling = {"temperature": temperature}
-    out = [Spec("ar", "ar", {"ar": True}), Spec("default", "ar2dlm", {})]
+    # default: the model's settings, drafts from the model and from the request itself (candidates=both);
+    # the two candidate kinds alone beside it
+    out = [Spec("ar", "ar", {"ar": True}), Spec("default", "ar2dlm", {}),
+           Spec("default_diffusion_only", "ar2dlm", {"candidates": "diffusion"}),
+           Spec("default_suffix_only", "ar2dlm", {"candidates": "suffix"})]
     if "lossless" in samplers or mix_weights:
         out += [Spec("ar_sample", "ar", {"ar": True, "sampler": "lossless", **sampling}),
                 Spec("default_lossless", "ar2dlm", {"sampler": "lossless", **sampling})]

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import weakref
 from pathlib import Path
 
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from ..core.errors import ConfigError
@@ -74,6 +76,7 @@ def install_gates(lm) -> int:
     `lora.AdapterLinear` (same object and keys), whose forward computes the
     same function in fewer ops.
     """
+    _GATED.pop(lm.model, None)
     from peft.tuners.lora import Linear as LoraLinear
 
     n = 0
@@ -90,6 +93,20 @@ def install_gates(lm) -> int:
     if n == 0:
         raise ConfigError("no LoRA layers found to gate")
     return n
+
+
+def all_gated(model) -> bool:
+    """Whether every LoRA layer of `model` applies its update to slot rows only (a gated AdapterLinear, or a
+    RowGate in its dropout slot): then a forward without slot rows computes the base model exactly. Kept per
+    model until `install_gates` changes its layers."""
+    if model not in _GATED:
+        _GATED[model] = all(getattr(m, "slot_gate", None) is not None
+                            or (len(m.lora_dropout) > 0 and all(isinstance(d, RowGate) for d in m.lora_dropout.values()))
+                            for m in model.modules() if isinstance(m, LoraLinear))
+    return _GATED[model]
+
+
+_GATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def load(lm, folder: Path) -> None:

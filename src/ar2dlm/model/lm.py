@@ -156,8 +156,13 @@ class DiffusionLM:
 
         The gated adapter never touches clean rows, so AR decoding and HF
         generate are unchanged without it; this only drops its idle cost.
+        Where every LoRA layer is gated (what `adapter.install_gates` makes), a
+        forward without slot rows already runs the base weights alone (its
+        fused groups skip the A rows; a gated layer returns the base output),
+        so nothing is switched: peft's `disable_adapter()` walks every module
+        on entry and exit (~30 ms for SmolLM2, the cost of a whole AR step).
         """
-        if self.settings is not None and self.settings.adapter == "drafting":
+        if self.settings is not None and self.settings.adapter == "drafting" and not adapter.all_gated(self.model):
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 

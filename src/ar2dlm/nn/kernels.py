@@ -193,6 +193,8 @@ class FusedGroup:
         self._ptr = weight.data_ptr()
         self._adapted = [m.module for m in self.members if m.lora is not None]
         self.packed: dict[int, Packed] = {}  # columns -> prepacked weight[:columns] (`pack`)
+        self.updates: Packed | None = None  # every member's scaled LoRA B, block-diagonal, prepacked (`pack`)
+        self._update_versions: list[int] = []
         self._input: torch.Tensor | None = None
         self._outputs: dict[int, torch.Tensor] = {}
 
@@ -204,6 +206,13 @@ class FusedGroup:
         self.packed = {n: Packed(self.weight[:n]) for n in views}
         for p in self.packed.values():
             p.source = self.weight  # a view is a new object each time: check the buffer (views share its version)
+        if self.members and all(m.lora is not None for m in self.members):
+            # every member's update in one product: [h_1 .. h_n] blockdiag(s_1 B_1, .., s_n B_n)^T
+            B = self.weight.new_zeros(self.n_base, self.weight.shape[0] - self.n_base)
+            for m in self.members:
+                B[m.out, m.h.start - self.n_base:m.h.stop - self.n_base] = m.lora[0].detach() * m.lora[1]
+            self.updates = Packed(B)
+            self._update_versions = [m.lora[0]._version for m in self.members]
         return True
 
     def usable(self, x: torch.Tensor) -> bool:
@@ -248,11 +257,21 @@ class FusedGroup:
             Y = packed(x)  # [..., n]
         else:
             Y = (invariant.linear if tiled else F.linear)(x, self.weight[:n], None if self.bias is None else self.bias[:n])
+        if tiled and self._one_update(starts):
+            rows = (slice(starts[0], None),) if Y.dim() == 2 else (slice(None), slice(starts[0], None))
+            Y[rows][..., :self.n_base] += self.updates(Y[rows][..., self.n_base:])
+            return Y[..., :self.n_base]
         for i, m in enumerate(self.members):
             if i in starts:
                 B, scale, _ = m.lora
                 _add_lora(Y[..., m.out], Y[..., m.h], B, scale, starts[i], tiled)
         return Y[..., :self.n_base]
+
+    def _one_update(self, starts: dict[int, int]) -> bool:
+        """Whether the prepacked block-diagonal update serves this call: every member adapted from one row on,
+        and no B changed since packing."""
+        return (self.updates is not None and len(starts) == len(self.members) and len(set(starts.values())) == 1
+                and all(m.lora[0]._version == v for m, v in zip(self.members, self._update_versions)))
 
 
 def _add_lora(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float, start: int,
