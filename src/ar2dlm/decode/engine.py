@@ -255,7 +255,7 @@ def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
         for out in outs:
             out.stats.prefill_time = time.perf_counter() - start
         news = [[x] for x in t.tolist()]
-        _look_up(state, lookup, news)
+        matched = _look_up(state, lookup, news)
         while True:
             done = []
             for i, (row, new) in enumerate(zip(state.rows.tolist(), news)):
@@ -271,31 +271,39 @@ def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
                 if not keep:
                     return
                 select_rows(state, torch.tensor(keep, device=state.rows.device))
+                matched = [matched[i] for i in keep]
             if state.cache_valid.shape[1] > 2 * int(state.length.max()) + 64:
                 compact_cache(state)
+            # every row drafts from its own text this step: verify those drafts alone (no slot rows, about the
+            # cost of an AR step); the model drafts again where the text stops repeating
+            copying = lookup is not None and all(matched)
+            n_step = 0 if copying or cfg.candidates == "suffix" else n_proposals
             if adaptive is not None:
-                draft_len, n_proposals = adaptive.choose()
-                n_proposals = 0 if cfg.candidates == "suffix" else n_proposals
+                draft_len, n_step = adaptive.choose()
+                if copying:
+                    draft_len, n_step = max(draft_len, min(1 + max(matched), K)), 0
+                n_step = 0 if cfg.candidates == "suffix" else n_step
                 n_before = state.n_draft.clamp(max=draft_len).tolist()
             draft = state.draft[:, :draft_len] if adaptive is not None else state.draft
             # an adaptive AR step has no slot rows: the bare base weights give the same logits, for less
             with lm.base_weights() if adaptive is not None and draft_len == 1 else contextlib.nullcontext():
-                r, t = step(lm, state, n_proposals, cfg, gen, draft_len if adaptive is not None else None)
-            if adaptive is not None:
-                adaptive.update(r.tolist(), n_before)
+                r, t = step(lm, state, n_step, cfg, gen, draft_len if adaptive is not None else None)
+            if adaptive is not None and not copying:  # it learns how the model's drafts fare
+                model_rows = [i for i, m in enumerate(matched or [0] * len(n_before)) if not m]
+                adaptive.update([r.tolist()[i] for i in model_rows], [n_before[i] for i in model_rows])
             # committed this step: the accepted drafts d_2..d_r, then t
             emitted = torch.cat([draft[:, 1:], t[:, None]], 1).scatter(1, (r - 1)[:, None], t[:, None])
             news = [e[:n] for e, n in zip(emitted.tolist(), r.tolist())]
-            _look_up(state, lookup, news)
+            matched = _look_up(state, lookup, news)
             for row, n in zip(state.rows.tolist(), r.tolist()):
                 outs[row].stats.accepted[n] = outs[row].stats.accepted.get(n, 0) + 1
 
 
-def _look_up(state: State, lookup: list | None, news: list[list[int]]) -> None:
+def _look_up(state: State, lookup: list | None, news: list[list[int]]) -> list[int]:
     """Add each row's committed tokens to its request's suffix index; where the tail continues a match, that
-    continuation becomes the row's next draft (suffix.apply)."""
+    continuation becomes the row's next draft (suffix.apply). Returns each row's continuation length."""
     if lookup is None:
-        return
+        return [0] * len(news)
     K = state.draft.shape[1]
     found = []
     for row, new in zip(state.rows.tolist(), news):
@@ -303,6 +311,7 @@ def _look_up(state: State, lookup: list | None, news: list[list[int]]) -> None:
         found.append(lookup[row].propose(K - 1))
     if any(found):
         suffix.apply(state.draft, state.draft_logits, state.n_draft, found)
+    return [len(f) for f in found]
 
 
 def generate(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) -> list[Generation]:

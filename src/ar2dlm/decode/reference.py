@@ -52,9 +52,10 @@ def lookup(seq: list[int], k: int, exclude: int | None = None, ngrams=(3, 2)) ->
     return []
 
 
-def _with_lookup(draft: list[int], seq: list[int], exclude) -> list[int]:
+def _with_lookup(draft: list[int], real: int, seq: list[int], exclude) -> tuple[list[int], int, bool]:
+    """The draft with d_2.. replaced by the tail's continuation where there is one: (draft, real drafts, found)."""
     found = lookup(seq, len(draft) - 1, exclude)
-    return draft[:1] + found + draft[1 + len(found):]
+    return draft[:1] + found + draft[1 + len(found):], max(real, 1 + len(found)), bool(found)
 
 
 def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_len: int,
@@ -64,9 +65,12 @@ def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_
     Each step: [committed prefix (causal) | d_1..d_K | P_1 .. P_K], where P_r
     is K mask slots at positions L+r.. seeing the prefix and d_1..d_r. With
     candidates "both", a draft's d_2.. are the continuation of the tail's latest
-    earlier occurrence (3-gram, else 2-gram) where there is one.
+    earlier occurrence (3-gram, else 2-gram) where there is one, and a step whose
+    draft is such a continuation has no slots: the next draft is [t] and what the
+    text continues with.
     """
     suffix = candidates == "both" and draft_len > 1
+    copying = False
     K, M = draft_len, lm.mask_token_id
     committed, out, forwards = list(prompt), [], 0
     with torch.no_grad():
@@ -79,13 +83,15 @@ def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_
         forwards += 1
         t = _argmax(logits[L - 1], M)
         draft = [t] + [_argmax(logits[L + j], M) for j in range(1, K)]
+        real = K
         out.append(t)
         if suffix:
-            draft = _with_lookup(draft, list(prompt) + out, M)
+            draft, real, copying = _with_lookup(draft, real, list(prompt) + out, M)
         while len(out) < max_new_tokens and not eos.intersection(out):
             L = len(committed)
-            ids = committed + draft + [M] * (K * K)
-            pos = list(range(L)) + [L + j for j in range(K)] + [L + r + s for r in range(1, K + 1) for s in range(K)]
+            P = 0 if copying else K  # proposals P_1..P_K, none while the text repeats
+            ids = committed + draft + [M] * (K * P)
+            pos = list(range(L)) + [L + j for j in range(K)] + [L + r + s for r in range(1, P + 1) for s in range(K)]
             n = len(ids)
 
             def sees(i, j):
@@ -105,15 +111,18 @@ def tidar_greedy(lm: DecodeModel, prompt: list[int], max_new_tokens: int, draft_
             forwards += 1
             target = [_argmax(logits[L + j], M) for j in range(K)]  # target[j-1] = argmax p_j
             r = 1
-            while r < K and draft[r] == target[r - 1]:
+            while r < real and draft[r] == target[r - 1]:
                 r += 1
             t = target[r - 1]
             committed += draft[:r]
             out += draft[1:r] + [t]
-            base = L + K + (r - 1) * K  # first row of P_r
-            draft = [t] + [_argmax(logits[base + s], M) for s in range(1, K)]
+            if P:
+                base = L + K + (r - 1) * K  # first row of P_r
+                draft, real = [t] + [_argmax(logits[base + s], M) for s in range(1, K)], K
+            else:
+                draft, real = [t] + [0] * (K - 1), 1  # nothing drafted: padding, never accepted
             if suffix:
-                draft = _with_lookup(draft, list(prompt) + out, M)
+                draft, real, copying = _with_lookup(draft, real, list(prompt) + out, M)
     out = out[:max_new_tokens]
     for i, tok in enumerate(out):
         if tok in eos:
