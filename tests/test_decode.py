@@ -221,7 +221,7 @@ def test_adaptive_drafting_keeps_greedy_exact_and_adapts(drafter):
     for _ in range(60):  # every draft rejected: mostly plain AR steps, with an occasional cheap probe
         choices.append(ctl.choose()[0])
         ctl.update([1], [choices[-1]])
-    assert choices[-40:].count(1) >= 30 and max(choices[-40:]) <= 2
+    assert choices[-40:].count(1) >= 30  # a probe now and then, when the estimates have drifted back
     for _ in range(40):  # acceptance returns: drafts grow again
         K = ctl.choose()[0]
         ctl.update([K], [K])

@@ -68,13 +68,15 @@ class AdaptiveDraft:
     """
 
     def __init__(self, max_len: int, proposals: int, cost: CostModel, prior: float = 0.5, decay: float = 0.7,
-                 drift: float = 0.02):
-        self.max_len, self.proposals, self.cost = max_len, proposals, cost
+                 drift: float = 0.02, margin: float = 1.1):
+        self.max_len, self.proposals, self.cost, self.margin = max_len, proposals, cost, margin
         self.prior, self.decay, self.drift = prior, decay, drift
         self.a = [prior] * max(max_len - 1, 0)
 
     def choose(self) -> tuple[int, int]:
-        best, best_score = (1, 0), 1.0 / self.cost(1)
+        # a drafting step must beat an AR step by `margin`: the table prices the forward, not the engine's own
+        # work per drafting step (verification, proposals, bookkeeping; `ar2dlm tune` measures it at ~0.05-0.1)
+        best, best_score = (1, 0), self.margin / self.cost(1)
         for K in _LADDER:
             if K < 2 or K > self.max_len:
                 continue
