@@ -66,7 +66,10 @@ def decode_dtype(setting: str | torch.dtype, checkpoint: str = "auto",
     `auto` is $AR2DLM_DTYPE when set, else the checkpoint's own (`dtype` in ar2dlm.json), else bfloat16 where
     the hardware computes it natively, else float32."""
     if not isinstance(setting, torch.dtype) and setting not in DTYPE_NAMES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {setting!r}", field="dtype")
+        named = getattr(torch, str(setting), None)  # any other floating dtype by name (float64 in the tests)
+        if not isinstance(named, torch.dtype) or not named.is_floating_point:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {setting!r}", field="dtype")
+        setting = named
     if isinstance(setting, torch.dtype) or setting != "auto":
         return resolve_dtype(setting, device)
     env = os.environ.get(DTYPE_ENV, "").strip()
