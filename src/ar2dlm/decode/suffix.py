@@ -75,4 +75,6 @@ def apply(draft: torch.Tensor, draft_logits: torch.Tensor, n_draft: torch.Tensor
                            device=draft_logits.device)
         point[torch.arange(m), tokens] = 0.0
         draft_logits[i, 1:1 + m] = point
-        n_draft[i] = max(int(n_draft[i]), 1 + m)
+    # real drafts: at least t and the continuation (one tensor op, no host read per row)
+    lengths = torch.tensor([1 + len(c) for c in proposals], device=n_draft.device, dtype=n_draft.dtype)
+    torch.maximum(n_draft, lengths, out=n_draft)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import invariant
-from .kernels import FusedGroup, Packed, Switch, packs
+from .kernels import FusedGroup, Packed, Switch, packs, project
 from .lora import TokenRows
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -74,12 +74,9 @@ class _Linear:
             if self.group.usable(x):
                 return self.group.stacked(x, tiled=True)
             return torch.cat([m.module(x) for m in self.group.members], -1)  # each member's plain forward
-        if self.packed is not None and self.packed.current(self.module.weight):
-            out = self.packed(x)
-        elif type(self.module) is torch.nn.Linear:
-            out = invariant.linear(x, self.module.weight, self.module.bias)
-        else:
+        if type(self.module) is not torch.nn.Linear:
             return self.module(x)  # an adapted head outside a group: its own (gated) forward
+        out = project(x, self.module.weight, self.module.bias, self.packed, tiled=True)
         # the trained rows replace their columns; disabled (base_weights) or merged, the base linear is the layer
         return out if self.rows is None or not self.rows.patches() else self.rows.patch(x, out, invariant.linear)
 
