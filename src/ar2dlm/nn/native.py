@@ -1,0 +1,104 @@
+"""ar2dlm's own CPU kernels (`csrc/`), built once per machine and loaded as torch ops.
+
+A kernel here exists because the order of its reductions must be ours:
+`csrc/attention.cpp` is attention whose every row is one fixed function of
+its query, its keys and its values (its header says how), where a library's
+attention blocks rows by the call's shape and the CPU's instruction set.
+
+The source is compiled with torch's extension builder (g++ and ninja, both in
+the project's install) for the CPU at hand (-march=native), into
+`$AR2DLM_HOME/kernels/<hash of the source, torch version and CPU>/`: the
+first use on a machine builds it (about 20 s), later ones load it. Where
+it cannot be built, `available()` is False and `reason()` says why; the
+callers then run the reference in plain torch ops (`invariant.attention`),
+slower but with the same property.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from ..core import hardware
+from ..core.home import ar2dlm_home
+
+SOURCES = (Path(__file__).parent / "csrc" / "attention.cpp",)
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    for path in SOURCES:
+        h.update(path.read_bytes())
+    h.update(" ".join(FLAGS).encode())
+    h.update(torch.__version__.encode())
+    model, flags = hardware._cpuinfo()
+    h.update(model.encode())
+    h.update(" ".join(sorted(flags)).encode())
+    return h.hexdigest()[:16]
+
+
+def _build() -> str | None:
+    """Build or load the library; None when it loaded, else why not."""
+    if os.environ.get("AR2DLM_NATIVE", "").strip() == "off":
+        return "AR2DLM_NATIVE=off"
+    try:
+        from torch.utils import cpp_extension
+    except Exception as e:  # noqa: BLE001 - a torch without the builder
+        return f"torch's extension builder is missing ({e})"
+    key = _key()
+    folder = ar2dlm_home() / "kernels" / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{folder} cannot be created ({e.strerror or e})"
+    # ninja from the environment's own bin (pip's ninja) when the PATH does not hold it
+    path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path if path else bindir
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            cpp_extension.load(name=f"ar2dlm_native_{key}", sources=[str(p) for p in SOURCES],
+                               extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                               is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - a failed build is a fact about the machine, reported by reason()
+        text = str(e).strip().splitlines()
+        return f"the kernels did not build in {folder}: {text[-1] if text else type(e).__name__}"
+    finally:
+        os.environ["PATH"] = path
+    return None
+
+
+def available() -> bool:
+    """Whether ar2dlm's kernels run in this process (built or loaded on first call, once per process)."""
+    if "reason" not in _state:
+        with _lock:
+            if "reason" not in _state:
+                _state["reason"] = _build()
+    return _state["reason"] is None
+
+
+def reason() -> str | None:
+    """Why the kernels do not run here (None when they do)."""
+    available()
+    return _state["reason"]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              keys_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch-invariant attention (csrc/attention.cpp). q [B, H, R, D]; k, v [B, H, L, D] (any strides with the last
+    dim contiguous); mask bool [B, 1 or H, R, L] (True = attend); keys_t: optionally k transposed, [B, H, D, L] (the
+    lean forward's cache keeps it: the same numbers, read without a transpose); -> [B, H, R, D] in q's dtype. A row
+    that sees no key gets zeros."""
+    return torch.ops.ar2dlm_native.attention(q, k, v, mask, scale, keys_t)

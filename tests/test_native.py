@@ -1,0 +1,113 @@
+"""ar2dlm's attention kernel (nn/csrc/attention.cpp): equal to attention computed in float64, and every row one
+fixed function of its own query, keys and values, bit for bit, whatever else is in the call.
+
+Oracles: float64 SDPA (values), the row alone over only the keys it sees (the AR loop's cache ends there), the
+same call at another thread count, and the reference in torch ops (the same property, other bits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ar2dlm.nn import invariant, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"kernels not built: {native.reason()}")
+
+DTYPES = [torch.bfloat16, torch.float32, torch.float16]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _inputs(B, H, R, L, D, dtype, seed, holes=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, R, D, generator=g).to(dtype)
+    k = (torch.randn(B, H, L, D, generator=g) * 2).to(dtype)
+    v = torch.randn(B, H, L, D, generator=g).to(dtype)
+    mask = torch.rand(B, 1, R, L, generator=g) < (0.6 if holes else 2.0)
+    return q, k, v, mask
+
+
+def _float64(q, k, v, mask, scale):
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))  # a row that sees nothing: 0
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(R=st.integers(1, 20), L=st.integers(1, 700), D=st.sampled_from([8, 16, 24, 64, 128]),
+       dtype=st.sampled_from(DTYPES), holes=st.booleans(), heads=st.sampled_from([1, 3]))
+def test_kernel_equals_attention_in_float64(R, L, D, dtype, holes, heads):
+    q, k, v, mask = _inputs(2, heads, R, L, D, dtype, seed=R * 1000 + L, holes=holes)
+    out = native.attention(q, k, v, mask, D ** -0.5)
+    ref = _float64(q, k, v, mask, D ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(R=st.integers(1, 16), context=st.integers(1, 3000), dtype=st.sampled_from(DTYPES),
+       D=st.sampled_from([16, 64]), extra=st.integers(0, 300))
+def test_a_row_alone_equals_the_row_among_others(R, context, dtype, D, extra):
+    """R causal rows after `context` keys, plus `extra` trailing keys none of them sees (proposals, a longer
+    request's cache): row i == the row alone over exactly the keys it sees, bitwise."""
+    L = context + R + extra
+    q, k, v, _ = _inputs(1, 3, R, L, D, dtype, seed=context * 7 + R)
+    mask = torch.zeros(1, 1, R, L, dtype=torch.bool)
+    for i in range(R):
+        mask[0, 0, i, :context + i + 1] = True
+    out = native.attention(q, k, v, mask, 0.125)
+    for i in range(R):
+        n = context + i + 1
+        alone = native.attention(q[:, :, i:i + 1].contiguous(), k[:, :, :n], v[:, :, :n],
+                                 torch.ones(1, 1, 1, n, dtype=torch.bool), 0.125)
+        assert torch.equal(out[:, :, i], alone[:, :, 0]), f"row {i} of {R} at {context} keys"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_thread_count_and_strides_change_nothing(dtype):
+    """The work is split by (batch, head, segment, rows) among threads; any split gives the same bits. Keys and
+    values may be views of a larger buffer (the lean forward's cache)."""
+    q, k, v, mask = _inputs(2, 3, 48, 2100, 64, dtype, seed=5, holes=True)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native.attention(q, k, v, mask, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    buffer_k = torch.zeros(2, 3, 2400, 64, dtype=dtype)
+    buffer_v = torch.zeros(2, 3, 2400, 64, dtype=dtype)
+    buffer_k[:, :, :2100], buffer_v[:, :, :2100] = k, v
+    assert torch.equal(native.attention(q, buffer_k[:, :, :2100], buffer_v[:, :, :2100], mask, 0.125), outs[0])
+
+
+def test_a_key_no_row_sees_is_never_read():
+    """Keys a row does not see weigh an exact 0, even when they hold inf or NaN (a buffer's stale tail)."""
+    q, k, v, mask = _inputs(1, 2, 5, 300, 32, torch.float32, seed=3)
+    mask[..., 200:] = False
+    clean = native.attention(q, k, v, mask, 0.2)
+    k[..., 200:, :], v[..., 200:, :] = float("nan"), float("inf")
+    assert torch.equal(native.attention(q, k, v, mask, 0.2), clean)
+
+
+def test_invariant_attention_runs_the_kernel_and_the_reference_keeps_the_property():
+    """invariant.attention (the lean forward's and BatchInvariant's attention) runs the kernel; the reference in
+    torch ops has the same property, to other bits, and agrees to rounding."""
+    g = torch.Generator().manual_seed(0)
+    b, H, Hkv, q, L, d = 1, 6, 2, 7, 450, 32
+    query = torch.randn(b, H, q, d, generator=g).to(torch.bfloat16)
+    key, value = (torch.randn(b, Hkv, L, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    allowed = torch.ones(q, L, dtype=torch.bool).tril(L - q)[None, None]
+    assert invariant.kernel_runs(query, value)
+    out = invariant.attention(query, key, value, allowed)
+    rows = query.reshape(b, Hkv, 3 * q, d)
+    ref = invariant.reference_attention(rows, key, value, allowed.repeat(1, 1, 3, 1), d ** -0.5).reshape(b, H, q, d)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    for i in range(q):
+        n = L - q + i + 1
+        one = invariant.reference_attention(rows.reshape(b, Hkv, 3, q, d)[:, :, :, i], key[:, :, :n],
+                                            value[:, :, :n], torch.ones(1, 1, 3, n, dtype=torch.bool), d ** -0.5)
+        assert torch.equal(ref[:, :, i], one.reshape(b, H, d))
