@@ -111,3 +111,50 @@ def test_invariant_attention_runs_the_kernel_and_the_reference_keeps_the_propert
         one = invariant.reference_attention(rows.reshape(b, Hkv, 3, q, d)[:, :, :, i], key[:, :, :n],
                                             value[:, :, :n], torch.ones(1, 1, 3, n, dtype=torch.bool), d ** -0.5)
         assert torch.equal(ref[:, :, i], one.reshape(b, H, d))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(M=st.integers(1, 40), K=st.sampled_from([1, 7, 32, 64, 191, 576]), N=st.sampled_from([1, 5, 16, 40, 130]),
+       bias=st.booleans(), strided=st.booleans())
+def test_linear_equals_the_product_and_each_row_equals_the_row_alone(M, K, N, bias, strided):
+    """ar2dlm's bf16 linear (csrc/linear.cpp) == x W^T + b computed in float64 (to bf16 rounding), and every row of
+    an M-row call == that row alone, bitwise; rows may be a strided view (a LoRA's h inside the stacked output)."""
+    g = torch.Generator().manual_seed(M * 1000 + K * 7 + N)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(torch.bfloat16) if bias else None
+    wide = torch.randn(M, K + 6, generator=g).to(torch.bfloat16)
+    x = wide[:, 3:3 + K] if strided else wide[:, :K].contiguous()
+    packed = native.pack(w)
+    y = native.linear(x, packed, b, N)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(y.double(), ref, atol=2e-2 * K ** 0.5, rtol=1e-2)
+    for i in range(M):
+        assert torch.equal(y[i], native.linear(x[i:i + 1].contiguous(), packed, b, N)[0]), f"row {i} of {M}"
+
+
+def test_linear_thread_count_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(1000, 576, generator=g).to(torch.bfloat16), torch.randn(23, 576, generator=g).to(torch.bfloat16)
+    packed, before = native.pack(w), torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native.linear(x, packed, None, 1000))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_packed_runs_the_kernel_and_rows_need_no_tile():
+    """kernels.Packed (every prepacked linear of the lean forward and the fused groups) uses the kernel: a one-row
+    call is not padded to a tile, and gives the row's bits in any call."""
+    from ar2dlm.nn.kernels import Packed
+
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(96, 64, generator=g).to(torch.bfloat16), torch.randn(5, 64, generator=g).to(torch.bfloat16)
+    p = Packed(w)
+    assert p.own
+    y = p(x[None])  # [1, 5, 96]
+    assert y.shape == (1, 5, 96)
+    assert all(torch.equal(y[0, i], p(x[i:i + 1])[0]) for i in range(5))

@@ -106,7 +106,7 @@ def test_bf16_rows_of_a_step_equal_the_row_alone_from_30_to_3000_keys(smol_bf16)
     from ar2dlm.nn import predecessors
 
     lm = smol_bf16
-    text = "\n\n".join(_unseen_text()) * 4
+    text = "\n\n".join(_unseen_text()) * 6
     ids = torch.tensor(lm.tokenizer(text)["input_ids"])
     assert len(ids) > 3100
     with torch.inference_mode():

@@ -223,6 +223,7 @@ def _load(args, **kwargs) -> DiffusionLM:
     lm = DiffusionLM.from_pretrained(args.model, dtype=_dtype(args), **kwargs)
     print(f"{args.verb}: {args.model}, {describe(lm.model.dtype)}{', batch-invariant' * lm.batch_invariant}",
           file=sys.stderr)
+    print(f"{args.verb}: {lm.paths()}", file=sys.stderr)
     print(f"{args.verb}: {_verdict_line(lm)}", file=sys.stderr)
     return lm
 
@@ -273,7 +274,7 @@ def cmd_bench(args) -> int:
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("quick", "seed", "prompt_lengths")}
     report = bench.bench(lm, seed=cfg.seed, reference=reference, log=print, prompt_sets=prompt_sets, **opts)
-    report["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant,
+    report["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant, "paths": lm.paths(),
                           "exactness": _verdict_record(lm)}
     if cfg.prompt_lengths:
         report["context_scaling"] = bench.context_scaling(lm, list(cfg.prompt_lengths), cfg.max_new_tokens, cfg.runs,
@@ -299,7 +300,7 @@ def cmd_tune(args) -> int:
     cfg = without_chat(cfg, _has_chat_template(lm), args.model, explicit=args.sets is not None)
     prompts = [p for s in cfg.sets for p in bench.load_prompt_set(lm, s, cfg.n_prompts)]
     result = tune.tune(lm, prompts, max_len=cfg.max_draft_len, max_new_tokens=cfg.max_new_tokens)
-    result["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant,
+    result["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant, "paths": lm.paths(),
                           "exactness": _verdict_record(lm)}
     print(tune.format_tune(result))
     best = result["best"]
@@ -336,7 +337,7 @@ def cmd_eval(args) -> int:
     files.check_not_input(out, [resolve_model(args.model)], "output folder", replaces=False)
     lm = _load(args, allow_ar=ar_only)
     summary = eval_run.evaluate(lm, cfg, out, args.model, force=args.force, progress=not args.no_progress)
-    summary["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant,
+    summary["machine"] = {**machine(lm.model.dtype), "batch_invariant": lm.batch_invariant, "paths": lm.paths(),
                           "exactness": _verdict_record(lm)}
     print(f"{cfg.task} ({cfg.form} form), {summary['problems']} problems, {summary['wall_seconds']:.0f}s -> {out}")
     print(eval_run.table(summary["settings"]))

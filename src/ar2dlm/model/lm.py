@@ -103,6 +103,29 @@ class DiffusionLM:
             self._verdict = exactness.verdict(self, quiet=quiet)
         return self._verdict
 
+    def paths(self) -> str:
+        """Which forward, linears and attention this model runs, and why not the faster ones (decided at load)."""
+        from ..nn import decoder, native
+
+        if self.lean is not None:
+            forward = "lean Llama-family forward (nn/decoder.py)"
+        elif not self.batch_invariant:
+            forward = "transformers' forward (batch invariance off)"
+        else:
+            forward = f"transformers' forward under BatchInvariant (no lean forward: {decoder.why_not(self.model)})"
+        weight = self.model.get_output_embeddings().weight
+        if weight.dtype == torch.bfloat16 and kernels.packs(weight):
+            linears = "ar2dlm kernel, prepacked" if native.available() else "oneDNN prepacked, 16-row tiles"
+        elif weight.dtype == torch.bfloat16:
+            linears = f"16-row tiles of F.linear (not prepacked: {native.reason()}; oneDNN does not pack bf16 here)"
+        else:
+            linears = f"F.linear{' in 16-row tiles' if self.batch_invariant else ''} ({str(weight.dtype)[6:]})"
+        if not self.batch_invariant:
+            attention = "transformers' SDPA"
+        else:
+            attention = "ar2dlm kernel" if native.available() else f"reference in torch ops ({native.reason()})"
+        return f"forward: {forward}; linears: {linears}; attention: {attention}"
+
     def fuse(self) -> int:
         """Inference fast paths of this model: one matmul per group of linears reading the same input, with
         the LoRA A of each (kernels.py; the members become `FusedLinear` / `lora.AdapterLinear`; returns how

@@ -160,6 +160,11 @@ class LeanDecoder:
         return logits
 
 
+def why_not(model) -> str | None:
+    """Why the lean forward does not run `model` (None: it does)."""
+    return _unsupported(model)
+
+
 def _unsupported(model) -> str | None:
     """Why the lean forward does not run this model (None: it does)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

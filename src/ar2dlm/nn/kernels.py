@@ -43,7 +43,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from ..core.errors import ConfigError
-from . import invariant
+from . import invariant, native
 from .gate import RowGate, SlotGate
 from .lora import AdapterLinear
 
@@ -98,8 +98,10 @@ class FusedLinear(nn.Linear):
 
 
 def packs(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can hold `weight` prepacked: bf16 on a CPU where oneDNN packs and multiplies bf16."""
-    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _onednn_packs_bf16()
+    """Whether `weight` can be held prepacked: bf16 on a CPU, for ar2dlm's own linear (nn/csrc/linear.cpp) where it
+    is built, else for oneDNN where it packs and multiplies bf16."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and (native.available() or _onednn_packs_bf16()))
 
 
 @functools.cache
@@ -119,29 +121,35 @@ def _onednn_packs_bf16() -> bool:
 
 
 class Packed:
-    """A linear's weight in oneDNN's blocked layout (bf16, CPU): a separate copy, for inference.
+    """A linear's weight prepacked for a bf16 CPU product: a separate copy, for inference.
 
-    The stock bf16 matmul reorders the weight on every call; prepacked, a
-    one-row product of the whole bundled model's linears takes about 15 ms
-    instead of 22 (AMX). Every call has exactly `invariant.ROW_TILE` rows (zeros
-    pad the last tile): oneDNN picks its kernel by the row count, and with small
-    inner dimensions a 1-row and a 16-row call sum differently. Each row's
-    result is then the same whatever the row count (tests/test_fast.py). `current` tells when the source weight was replaced or
-    changed in place since packing (training, `.to()`): the caller then runs F.linear.
+    Where ar2dlm's kernels are built, the weight is packed for its own linear (nn/csrc/linear.cpp): each output
+    is a fixed sequence of bf16 pair-dots over k, whatever the row count, so a call of any rows gives each row the
+    bits of the row alone, and a one-row call (an AR step) reads the weight once instead of computing 16 rows.
+    Elsewhere it is held in oneDNN's blocked layout, and every call has exactly `invariant.ROW_TILE` rows (zeros
+    pad the last tile): oneDNN picks its kernel by the row count, and with small inner dimensions a 1-row and a
+    16-row call sum differently. `current` tells when the source weight was replaced or changed in place since
+    packing (training, `.to()`): the caller then runs F.linear.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.source, self.version = weight, weight._version
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+        self.own = native.available()
+        w = weight.detach().contiguous()
+        self.weight = native.pack(w) if self.own else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.bias = None if bias is None else bias.detach().contiguous()
         self.out_features = weight.shape[0]
-        self._zeros: torch.Tensor | None = None  # the padding rows of a short tile
+        self._zeros: torch.Tensor | None = None  # the padding rows of a short tile (oneDNN)
 
     def current(self, weight: torch.Tensor) -> bool:
         return weight is self.source and weight._version == self.version
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
+        if self.own:
+            out = native.linear(rows if rows.stride(-1) == 1 else rows.contiguous(), self.weight, self.bias,
+                                self.out_features)
+            return out.reshape(*x.shape[:-1], self.out_features)
         M, tile = rows.shape[0], invariant.ROW_TILE
         if M % tile:
             if self._zeros is None or self._zeros.dtype != rows.dtype:

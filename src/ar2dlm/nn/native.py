@@ -3,7 +3,10 @@
 A kernel here exists because the order of its reductions must be ours:
 `csrc/attention.cpp` is attention whose every row is one fixed function of
 its query, its keys and its values (its header says how), where a library's
-attention blocks rows by the call's shape and the CPU's instruction set.
+attention blocks rows by the call's shape and the CPU's instruction set;
+`csrc/linear.cpp` is a bf16 linear whose every output is a fixed sequence
+of pair-dots, so a one-row call needs no padding to a fixed tile and reads
+the weight once (an AR step then costs about its bytes).
 
 The source is compiled with torch's extension builder (g++ and ninja, both in
 the project's install) for the CPU at hand (-march=native), into
@@ -29,7 +32,7 @@ import torch
 from ..core import hardware
 from ..core.home import ar2dlm_home
 
-SOURCES = (Path(__file__).parent / "csrc" / "attention.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("attention.cpp", "linear.cpp"))
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17")
 _lock = threading.Lock()
 _state: dict = {}
@@ -102,3 +105,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     lean forward's cache keeps it: the same numbers, read without a transpose); -> [B, H, R, D] in q's dtype. A row
     that sees no key gets zeros."""
     return torch.ops.ar2dlm_native.attention(q, k, v, mask, scale, keys_t)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] in the layout `linear` reads: [N/16, K/2, 16, 2] (zero-padded to whole blocks)."""
+    return torch.ops.ar2dlm_native.pack(weight)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [M, K] bf16 (rows with a contiguous last dim) times the packed weight -> [M, out_features] bf16: each output
+    a fixed sequence of bf16 pair-dots over k in fp32, plus the bias, rounded once (csrc/linear.cpp)."""
+    return torch.ops.ar2dlm_native.linear(x, packed, bias, out_features)
