@@ -30,8 +30,6 @@
 namespace {
 
 constexpr int64_t COLS = 16;   // output columns per block (one zmm of fp32 accumulators)
-constexpr int BLOCKS = 4;      // column blocks a micro-tile computes together
-constexpr int ROWS = 4;        // rows a micro-tile computes together
 
 #ifdef __AVX512BF16__
 #define AR2DLM_DPBF16 1
@@ -81,18 +79,34 @@ inline void run_tile(const uint32_t* const* x, const uint32_t* w, int64_t pairs,
     }
 }
 
-template <int R>
-inline void run_rows(const uint32_t* const* x, const uint32_t* w, int64_t pairs, const float* bias, int64_t nb,
-                     int64_t blocks, int64_t N, uint16_t* const* y) {
-  // column blocks nb.. in tiles of BLOCKS (the tail in one narrower tile): the same per-output arithmetic
+// Column blocks nb.. for rn rows (rn <= 8), in a tile of up to C blocks (the tail narrower): each output the same
+// arithmetic whatever the tile.
+template <int C>
+inline void run_rows(int rn, const uint32_t* const* x, const uint32_t* w, int64_t pairs, const float* bias,
+                     int64_t nb, int64_t blocks, int64_t N, uint16_t* const* y) {
   const int64_t left = blocks - nb;
+  const int c = static_cast<int>(left >= C ? C : left);
   const uint32_t* wb = w + nb * pairs * COLS;
-  switch (left >= BLOCKS ? BLOCKS : left) {
-    case 4: run_tile<R, 4>(x, wb, pairs, bias, nb * COLS, N, y); break;
-    case 3: run_tile<R, 3>(x, wb, pairs, bias, nb * COLS, N, y); break;
-    case 2: run_tile<R, 2>(x, wb, pairs, bias, nb * COLS, N, y); break;
-    default: run_tile<R, 1>(x, wb, pairs, bias, nb * COLS, N, y); break;
+#define AR2DLM_TILE(R, CC) run_tile<R, CC>(x, wb, pairs, bias, nb * COLS, N, y)
+#define AR2DLM_ROWS(CC)                                      \
+  switch (rn) {                                              \
+    case 8: AR2DLM_TILE(8, CC); break;                       \
+    case 7: AR2DLM_TILE(7, CC); break;                       \
+    case 6: AR2DLM_TILE(6, CC); break;                       \
+    case 5: AR2DLM_TILE(5, CC); break;                       \
+    case 4: AR2DLM_TILE(4, CC); break;                       \
+    case 3: AR2DLM_TILE(3, CC); break;                       \
+    case 2: AR2DLM_TILE(2, CC); break;                       \
+    default: AR2DLM_TILE(1, CC); break;                      \
   }
+  switch (c) {
+    case 4: AR2DLM_ROWS(4); break;
+    case 3: AR2DLM_ROWS(3); break;
+    case 2: AR2DLM_ROWS(2); break;
+    default: AR2DLM_ROWS(1); break;
+  }
+#undef AR2DLM_ROWS
+#undef AR2DLM_TILE
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N) {
@@ -122,23 +136,24 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   const int64_t xstride = xs.stride(0) / 2;
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
-  const int64_t tiles = (blocks + BLOCKS - 1) / BLOCKS;
+  // micro-tiles: up to 8 rows x 3 column blocks (24 accumulators) when there are rows to share the weight's loads,
+  // else 4 rows x 4 blocks (a one-row call streams 4 blocks at once)
+  const int rows_per = M >= 6 ? 8 : 4, cols_per = M >= 6 ? 3 : 4;
+  const int64_t tiles = (blocks + cols_per - 1) / cols_per;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t m = 0; m < M; m += ROWS) {
-        const uint32_t* xr[ROWS];
-        uint16_t* yr[ROWS];
-        const int rn = static_cast<int>(std::min<int64_t>(ROWS, M - m));
+      for (int64_t m = 0; m < M; m += rows_per) {
+        const uint32_t* xr[8];
+        uint16_t* yr[8];
+        const int rn = static_cast<int>(std::min<int64_t>(rows_per, M - m));
         for (int r = 0; r < rn; ++r) {
           xr[r] = xp + (m + r) * xstride;
           yr[r] = yp + (m + r) * N;
         }
-        switch (rn) {
-          case 4: run_rows<4>(xr, wp, pairs, bp, t * BLOCKS, blocks, N, yr); break;
-          case 3: run_rows<3>(xr, wp, pairs, bp, t * BLOCKS, blocks, N, yr); break;
-          case 2: run_rows<2>(xr, wp, pairs, bp, t * BLOCKS, blocks, N, yr); break;
-          default: run_rows<1>(xr, wp, pairs, bp, t * BLOCKS, blocks, N, yr); break;
-        }
+        if (cols_per == 3)
+          run_rows<3>(rn, xr, wp, pairs, bp, t * 3, blocks, N, yr);
+        else
+          run_rows<4>(rn, xr, wp, pairs, bp, t * 4, blocks, N, yr);
       }
     }
   });
