@@ -309,6 +309,25 @@ def test_serve_settings_fail_before_the_model_loads(capsys, base_dirs):
     assert rc == 2 and "--ar" in refusal(err, "serve", seen)
 
 
+def test_serve_resolves_its_dtype_as_every_verb_does(capsys, base_dirs, monkeypatch):
+    """$AR2DLM_DTYPE (and a checkpoint's own dtype) decide `auto` for the server as for generate: with
+    AR2DLM_DTYPE=float32 the server loads float32, so its answers equal the library's in the same environment."""
+    from conftest import run_cli
+
+    from ar2dlm.serve import main
+
+    monkeypatch.setenv("AR2DLM_DTYPE", "float32")
+    loaded, real = [], DiffusionLM.from_pretrained
+
+    def from_pretrained(path, dtype="auto", **kwargs):
+        loaded.append(real(path, dtype=dtype, **kwargs).model.dtype)
+        raise SystemExit(0)  # the model is what this test checks; no server is started
+
+    monkeypatch.setattr(main.DiffusionLM, "from_pretrained", staticmethod(from_pretrained))
+    rc, _, _, _ = run_cli(["serve", base_dirs["llama"], "--ar"], capsys)
+    assert loaded == [__import__("torch").float32]
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

@@ -12,7 +12,7 @@ import sys
 
 from ..core.errors import ConfigError
 from ..core.flags import config_from
-from ..core.hardware import describe, resolve_dtype
+from ..core.hardware import describe
 from ..model.lm import DiffusionLM
 from ..model.settings import LoadConfig
 from .config import ServeConfig
@@ -54,13 +54,18 @@ def cmd_serve(args) -> int:
             from None
     if cfg.api_key is None and os.environ.get("AR2DLM_API_KEY"):
         cfg = dataclasses.replace(cfg, api_key=os.environ["AR2DLM_API_KEY"])
-    lm = DiffusionLM.from_pretrained(args.model, dtype=resolve_dtype(config_from(args, LoadConfig).dtype),
-                                     allow_ar=cfg.ar)
+    # the setting as given: from_pretrained resolves auto as every verb does ($AR2DLM_DTYPE, then the checkpoint's own
+    # dtype, then the hardware), so the server answers as the library does in the same environment
+    lm = DiffusionLM.from_pretrained(args.model, dtype=config_from(args, LoadConfig).dtype, allow_ar=cfg.ar)
     if lm.mask_token_id is None and not cfg.ar:
         raise ConfigError(f"{args.model} is not converted: serve it with --ar, or convert it first", field="ar")
     name = cfg.served_name or args.model
     print(f"serve: {args.model} as {name!r}, {describe(lm.model.dtype)}"
           f"{', batch-invariant' * lm.batch_invariant}{', AR' * cfg.ar}", file=sys.stderr, flush=True)
+    print(f"serve: {lm.paths()}", file=sys.stderr, flush=True)
+    verdict = lm.exactness()
+    if verdict is not None:
+        print(f"serve: {verdict.line()}", file=sys.stderr, flush=True)
     if cfg.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"serve: warning: listening on {cfg.host} without an API key: anyone who reaches this port can use "
               f"the model (set --api-key or $AR2DLM_API_KEY)", file=sys.stderr, flush=True)
