@@ -158,3 +158,34 @@ def test_packed_runs_the_kernel_and_rows_need_no_tile():
     y = p(x[None])  # [1, 5, 96]
     assert y.shape == (1, 5, 96)
     assert all(torch.equal(y[0, i], p(x[i:i + 1])[0]) for i in range(5))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(M=st.integers(1, 20), rank=st.sampled_from([2, 8, 16]), outs=st.sampled_from([(24, 8, 8), (40,), (16, 48)]),
+       batch=st.integers(1, 2))
+def test_linear_add_is_the_block_diagonal_update_and_row_invariant(M, rank, outs, batch):
+    """The fused group's LoRA update (kernels.FusedGroup: y[slots] += h blockdiag(B_1..B_n)^T in one call) == the
+    update computed in float64 from the members' B, rows bitwise as alone; only the slot rows change."""
+    from types import SimpleNamespace
+
+    from ar2dlm.nn.kernels import _pair_ranges
+
+    g = torch.Generator().manual_seed(M * 31 + rank + len(outs))
+    n_base, start = sum(outs), 1
+    members, B, o = [], torch.zeros(n_base, rank * len(outs)), 0
+    for i, n in enumerate(outs):
+        members.append(SimpleNamespace(out=slice(o, o + n), h=slice(n_base + i * rank, n_base + (i + 1) * rank)))
+        B[o:o + n, i * rank:(i + 1) * rank] = torch.randn(n, rank, generator=g)
+        o += n
+    B = B.to(torch.bfloat16)
+    packed, ranges = native.pack(B), _pair_ranges(members, n_base)
+    Y = torch.randn(batch, M + start, n_base + rank * len(outs), generator=g).to(torch.bfloat16)
+    before = Y.clone()
+    native.linear_add(Y[:, start:, n_base:], packed, ranges, Y[:, start:, :n_base])
+    ref = before[:, start:, :n_base].double() + before[:, start:, n_base:].double() @ B.double().T
+    torch.testing.assert_close(Y[:, start:, :n_base].double(), ref, atol=0.05 * rank ** 0.5, rtol=2e-2)
+    assert torch.equal(Y[:, :start], before[:, :start]) and torch.equal(Y[..., n_base:], before[..., n_base:])
+    for i in range(M):
+        one = before[:1, start + i:start + i + 1].clone()
+        native.linear_add(one[:, :, n_base:], packed, ranges, one[:, :, :n_base])
+        assert torch.equal(one[0, 0], Y[0, start + i]), f"row {i} of {M}"

@@ -218,6 +218,7 @@ class FusedGroup:
         self._adapted = [m.module for m in self.members if m.lora is not None]
         self.packed: dict[int, Packed] = {}  # columns -> prepacked weight[:columns] (`pack`)
         self.updates: Packed | None = None  # every member's scaled LoRA B, block-diagonal, prepacked (`pack`)
+        self.update_ranges: torch.Tensor | None = None  # [blocks, 2]: the k-pairs of h each 16 outputs read
         self._update_versions: list[int] = []
         self._input: torch.Tensor | None = None
         self._outputs: dict[int, torch.Tensor] = {}
@@ -237,6 +238,8 @@ class FusedGroup:
                 B[m.out, m.h.start - self.n_base:m.h.stop - self.n_base] = m.lora[0].detach() * m.lora[1]
             self.updates = Packed(B)
             self._update_versions = [m.lora[0]._version for m in self.members]
+            if self.updates.own:  # ar2dlm's kernel adds the update into the slot rows in one call, block by block
+                self.update_ranges = _pair_ranges(self.members, self.n_base)
         return True
 
     def usable(self, x: torch.Tensor) -> bool:
@@ -282,6 +285,12 @@ class FusedGroup:
         else:
             Y = (invariant.linear if tiled else F.linear)(x, self.weight[:n], None if self.bias is None else self.bias[:n])
         if tiled and self._one_update(starts):
+            Y3 = Y if Y.dim() == 3 else Y[None]
+            if self.update_ranges is not None and Y3.stride(1) % 2 == 0:
+                # the slot rows' update, h [.., 3r] blockdiag(B)^T added into their outputs in place
+                native.linear_add(Y3[:, starts[0]:, self.n_base:], self.updates.weight, self.update_ranges,
+                                  Y3[:, starts[0]:, :self.n_base])
+                return Y[..., :self.n_base]
             rows = (slice(starts[0], None),) if Y.dim() == 2 else (slice(None), slice(starts[0], None))
             Y[rows][..., :self.n_base] += self.updates(Y[rows][..., self.n_base:])
             return Y[..., :self.n_base]
@@ -296,6 +305,21 @@ class FusedGroup:
         and no B changed since packing."""
         return (self.updates is not None and len(starts) == len(self.members) and len(set(starts.values())) == 1
                 and all(m.lora[0]._version == v for m, v in zip(self.members, self._update_versions)))
+
+
+def _pair_ranges(members: list, n_base: int) -> torch.Tensor:
+    """[ceil(n_base / 16), 2]: for each block of 16 outputs, the k-pairs of the stacked h its members' B read (the
+    block-diagonal update's nonzero columns: a block outside every member reads none)."""
+    blocks = -(-n_base // 16)
+    ranges = torch.zeros(blocks, 2, dtype=torch.long)
+    for nb in range(blocks):
+        lo, hi = nb * 16, min(n_base, nb * 16 + 16)
+        spans = [(m.h.start - n_base, m.h.stop - n_base) for m in members
+                 if m.h is not None and m.out.start < hi and m.out.stop > lo]
+        if spans:
+            ranges[nb, 0] = min(a for a, _ in spans) // 2
+            ranges[nb, 1] = -(-max(b for _, b in spans) // 2)
+    return ranges
 
 
 def _add_lora(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float, start: int,

@@ -116,3 +116,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     """x [M, K] bf16 (rows with a contiguous last dim) times the packed weight -> [M, out_features] bf16: each output
     a fixed sequence of bf16 pair-dots over k in fp32, plus the bias, rounded once (csrc/linear.cpp)."""
     return torch.ops.ar2dlm_native.linear(x, packed, bias, out_features)
+
+
+def linear_add(x: torch.Tensor, packed: torch.Tensor, ranges: torch.Tensor, y: torch.Tensor) -> None:
+    """y += x W^T in place, for a block-diagonal W packed by `pack`: column block nb (16 outputs) reads only the
+    k-pairs ranges[nb, 0] .. ranges[nb, 1]. x [B, M, K], y [B, M, N] bf16 (views: a fused group's h columns and its
+    output columns, the slot rows); each output y + its pair-dots in fp32, rounded once."""
+    torch.ops.ar2dlm_native.linear_add(x, packed, ranges, y)

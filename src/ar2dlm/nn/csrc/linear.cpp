@@ -35,10 +35,10 @@ constexpr int64_t COLS = 16;   // output columns per block (one zmm of fp32 accu
 #define AR2DLM_DPBF16 1
 #endif
 
-// acc[r][c] += x[r] . w[c] over k-pairs kp0..kp1 (x: bf16 rows, k-pairs as int32; w: packed blocks)
+// acc[r][c] += x[r] . w[c] over `count` k-pairs (x: bf16 rows, k-pairs as int32; w: packed blocks of `pairs`)
 template <int R, int C>
-inline void tile(const uint32_t* const* x, const uint32_t* w, int64_t pairs, __m512* acc) {
-  for (int64_t p = 0; p < pairs; ++p) {
+inline void tile(const uint32_t* const* x, const uint32_t* w, int64_t pairs, __m512* acc, int64_t count) {
+  for (int64_t p = 0; p < count; ++p) {
     __m512i wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512(w + (c * pairs + p) * COLS);
     for (int r = 0; r < R; ++r) {
@@ -67,7 +67,7 @@ inline void run_tile(const uint32_t* const* x, const uint32_t* w, int64_t pairs,
                      int64_t N, uint16_t* const* y) {
   __m512 acc[R * C];
   for (int i = 0; i < R * C; ++i) acc[i] = _mm512_setzero_ps();
-  tile<R, C>(x, w, pairs, acc);
+  tile<R, C>(x, w, pairs, acc, pairs);
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       alignas(64) float out[COLS];
@@ -160,6 +160,73 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const c10::opti
   return y;
 }
 
+// y[b, m, n] = bf16(y[b, m, n] + sum over the k-pairs [ranges[nb, 0], ranges[nb, 1]) of column block nb, ascending)
+// in place: a block-diagonal product (each column block reads only its own member's k range: a LoRA update of a
+// fused group, [h_1 .. h_n] blockdiag(B_1 .. B_n)^T) added into the rows it updates, in one call.
+template <int R>
+inline void add_block(const uint32_t* const* x, const uint32_t* wblock, int64_t pairs, int64_t p0, int64_t p1,
+                      int64_t n0, int64_t N, uint16_t* const* y) {
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const uint32_t* xs[R];
+  for (int r = 0; r < R; ++r) xs[r] = x[r] + p0;
+  tile<R, 1>(xs, wblock + p0 * COLS, pairs, acc, p1 - p0);
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float out[COLS];
+    _mm512_store_ps(out, acc[r]);
+    for (int64_t j = 0; j < COLS; ++j) {
+      const int64_t n = n0 + j;
+      if (n < N) y[r][n] = round_bf16(static_cast<float>(c10::BFloat16(y[r][n], c10::BFloat16::from_bits())) + out[j]);
+    }
+  }
+}
+
+void linear_add(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& ranges, at::Tensor y) {
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.scalar_type() == at::kBFloat16 && y.scalar_type() == at::kBFloat16,
+              "x, y: bf16 [B, M, *]");
+  TORCH_CHECK(x.stride(2) == 1 && y.stride(2) == 1 && x.stride(1) % 2 == 0 && x.stride(0) % 2 == 0,
+              "x, y: the last dim contiguous; x's rows whole k-pairs");
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), N = y.size(2);
+  const int64_t blocks = packed.size(0), pairs = packed.size(1);
+  TORCH_CHECK(y.size(0) == B && y.size(1) == M && K % 2 == 0 && K / 2 == pairs && N <= blocks * COLS,
+              "shapes of x, y and the packed weight disagree");
+  TORCH_CHECK(ranges.scalar_type() == at::kLong && ranges.is_contiguous() && ranges.size(0) == blocks,
+              "ranges: int64 [blocks, 2]");
+  const int64_t* rp = ranges.data_ptr<int64_t>();
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), ys0 = y.stride(0), ys1 = y.stride(1);
+  // both threads even for one row: the update's weights come from memory, and two cores draw more bandwidth
+  at::parallel_for(0, blocks, 4, [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const int64_t p0 = rp[2 * nb], p1 = rp[2 * nb + 1];
+      if (p1 <= p0) continue;
+      const uint32_t* wblock = wp + nb * pairs * COLS;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t m = 0; m < M; m += 8) {
+          const uint32_t* xr[8];
+          uint16_t* yr[8];
+          const int rn = static_cast<int>(std::min<int64_t>(8, M - m));
+          for (int r = 0; r < rn; ++r) {
+            xr[r] = xp + (b * xs0 + (m + r) * xs1) / 2;
+            yr[r] = yp + b * ys0 + (m + r) * ys1;
+          }
+          switch (rn) {
+            case 8: add_block<8>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            case 7: add_block<7>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            case 6: add_block<6>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            case 5: add_block<5>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            case 4: add_block<4>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            case 3: add_block<3>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            case 2: add_block<2>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+            default: add_block<1>(xr, wblock, pairs, p0, p1, nb * COLS, N, yr); break;
+          }
+        }
+    }
+  });
+}
+
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "weight: bf16 [N, K]");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -175,9 +242,11 @@ at::Tensor pack(const at::Tensor& weight) {
 TORCH_LIBRARY_FRAGMENT(ar2dlm_native, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int N) -> Tensor");
   m.def("pack(Tensor weight) -> Tensor");
+  m.def("linear_add(Tensor x, Tensor packed, Tensor ranges, Tensor(a!) y) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ar2dlm_native, CPU, m) {
   m.impl("linear", &linear);
   m.impl("pack", &pack);
+  m.impl("linear_add", &linear_add);
 }
