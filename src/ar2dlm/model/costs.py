@@ -20,8 +20,10 @@ from ..core.files import read_json, write_text
 from ..decode import costs
 from .bundled import ar2dlm_home
 
-_SHAPE = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+SHAPE = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "vocab_size", "num_experts", "num_experts_per_tok")
+"""The config fields that name a model's shape: what a cost table (and an exactness verdict) belongs to, besides
+the machine."""
 
 
 def cost_table(lm) -> dict[int, float]:
@@ -58,7 +60,7 @@ def cost_table(lm) -> dict[int, float]:
 def cache_path(lm, key: str) -> Path:
     """$AR2DLM_HOME/costs/<hash of the machine key, the model's shape, its adapter and forward>.json"""
     config = lm.model.config
-    shape = {name: getattr(config, name, None) for name in _SHAPE}
+    shape = {name: getattr(config, name, None) for name in SHAPE}
     ident = json.dumps([key, shape, getattr(lm.settings, "adapter", None), lm.batch_invariant,
                         lm.lean is not None], sort_keys=True)
     return ar2dlm_home() / "costs" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"

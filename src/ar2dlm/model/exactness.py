@@ -43,6 +43,7 @@ from ..core.files import read_json, write_text
 from ..core.home import ar2dlm_home
 from ..decode import costs
 from ..nn import native, predecessors
+from . import costs as costs_table
 
 COMPONENTS = ("linears", "attention", "norms", "adapter", "head", "forward")
 """What the check names: each part's rows, then the whole forward's logits and K/V."""
@@ -87,9 +88,7 @@ def attention_in_use() -> str:
 def cache_path(lm) -> Path:
     """$AR2DLM_HOME/checks/<hash of the machine, the attention in use, the model's shape and forward>.json"""
     config = lm.model.config
-    shape = {name: getattr(config, name, None) for name in (
-        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "vocab_size", "num_experts")}
+    shape = {name: getattr(config, name, None) for name in (*costs_table.SHAPE, "head_dim")}
     ident = json.dumps([VERSION, costs.machine_key(lm.model.dtype), attention_in_use(), shape,
                         getattr(lm.settings, "adapter", None), lm.lean is not None], sort_keys=True)
     return ar2dlm_home() / "checks" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
