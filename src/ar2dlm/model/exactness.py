@@ -21,9 +21,9 @@ the LM head) and so is the whole (`forward`: logits and the K/V written).
 
 The verdict is cached per machine (CPU, dtype, threads, the attention kernel
 in use) and model shape under `$AR2DLM_HOME/checks/`, as the cost table is.
-`DiffusionLM.exactness()` consults it; decoding prints it once per process
-where it is not exact, naming the parts that failed, and `demo`, `bench`,
-`eval` and `doctor` print its line.
+`DiffusionLM.exactness()` consults it; loading a bf16 / fp16 model says on
+stderr when it is not exact, naming the parts that failed, and every verb
+that loads a model (`demo`, `bench`, `eval`, `doctor`, ...) prints its line.
 """
 
 from __future__ import annotations
@@ -199,7 +199,9 @@ def check(lm, contexts=CONTEXTS, rows: int = ROWS, seed: int = 0) -> Verdict:
     g = torch.Generator().manual_seed(seed)
     judge, recorder = _Judge(), _Recorder()
     handles = _hooks(lm, recorder) if lm.lean is None else []
-    lm.probe = recorder
+    lm.probe = recorder  # transformers' forward: BatchInvariant reports attention; the lean forward: every part
+    if lm.lean is not None:
+        lm.lean.probe = recorder
     try:
         for context in sorted({min(c, limit - 2 * rows - 1) for c in contexts if c > 0}):
             cache = _prefill(lm, torch.randint(0, vocab, (1, context), generator=g))
@@ -243,6 +245,8 @@ def check(lm, contexts=CONTEXTS, rows: int = ROWS, seed: int = 0) -> Verdict:
         for h in handles:
             h.remove()
         lm.probe = None
+        if lm.lean is not None:
+            lm.lean.probe = None
     return Verdict(costs.machine_key(lm.model.dtype), attention_in_use(), judge.ok, judge.compared)
 
 

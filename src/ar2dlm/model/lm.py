@@ -22,7 +22,7 @@ from ..core.errors import ConfigError
 from ..core.hardware import decode_dtype
 from ..decode.config import DecodeConfig
 from ..decode.engine import Generation, generate, stream
-from ..nn import attention, kernels, masks
+from ..nn import attention, decoder, kernels, masks, native
 from ..nn.decoder import LeanDecoder
 from ..nn.gate import SlotGate
 from ..nn.invariant import BatchInvariant
@@ -52,7 +52,7 @@ class DiffusionLM:
         self.batch_invariant = (model.dtype in (torch.bfloat16, torch.float16) if batch_invariant is None
                                 else batch_invariant)
         self.lean: LeanDecoder | None = None  # the lean batch-invariant forward of a Llama-family model (fuse)
-        self.probe = None  # callable(component, rows) reading each part's output while model/exactness.py checks
+        self.probe = None  # callable(component, rows): each part's output while model/exactness.py checks (HF path)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -105,8 +105,6 @@ class DiffusionLM:
 
     def paths(self) -> str:
         """Which forward, linears and attention this model runs, and why not the faster ones (decided at load)."""
-        from ..nn import decoder, native
-
         if self.lean is not None:
             forward = "lean Llama-family forward (nn/decoder.py)"
         elif not self.batch_invariant:
@@ -168,8 +166,6 @@ class DiffusionLM:
         kwargs go to the HF forward (e.g. logits_to_keep).
         """
         lean = self.lean
-        if lean is not None:
-            lean.probe = self.probe
         if (lean is not None and self.batch_invariant and self.wrapped is None and set(kwargs) <= {"logits_to_keep"}
                 and lean.usable(past_key_values)):
             with self.slot_gate.rows(mask_slots):

@@ -15,9 +15,10 @@ fixed order per row, whatever the rest of the batch:
    wherever it sits in whichever step. Where a few rows cost what one row
    costs (bf16 on AMX / AVX512-BF16) the padding is free.
 2. attention: scores and the weighted sum of values in fp32, over the keys
-   in fixed chunks of `KEY_CHUNK` from position 0 (the cache padded to a
-   whole chunk with masked keys), the chunks summed in order. A masked key
-   adds an exact zero, so trailing keys a row does not see (later drafts,
+   in fixed chunks of `KEY_CHUNK` from position 0, the chunks summed in
+   order: ar2dlm's kernel (native.attention, csrc/attention.cpp) where it is
+   built, else `reference_attention` in torch ops. A masked key adds an
+   exact zero, so trailing keys a row does not see (later drafts,
    proposals, a longer request's cache) change nothing: a verify row equals
    the AR loop's row at that position, whose cache simply ends there. Holes
    before a row's keys (a shorter prompt's padding, drafts another request
@@ -62,7 +63,7 @@ from . import native
 ROW_TILE = 16
 """Rows per matmul call: every call has this many rows (bf16 CPU kernels cost about the same for 1 to 16)."""
 KEY_CHUNK = 64
-"""Keys per chunk of the attention's reductions: the cache is padded to a multiple of it."""
+"""Keys per chunk of the attention's reductions, from key 0 (the reference pads the cache to a multiple of it)."""
 ELEMENT_TILE = 64
 """Elements per row of an activation's input: whole blocks of its kernel's loop (32 fp32 AVX512, 16 AVX2)."""
 ELEMENT_BLOCK = 32768
