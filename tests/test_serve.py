@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -149,6 +150,88 @@ def test_bad_requests_get_openai_style_errors_and_never_a_500(server, model_dir)
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
+def _raw(server, head: bytes, parts: list[bytes]) -> tuple[int, dict]:
+    """Send `head` and then `parts` on a raw socket, read the answer before the body is complete: (status, body)."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        for part in parts:
+            s.sendall(part)
+            time.sleep(0.01)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+            answer += s.recv(65536)
+        for part in parts[:4]:  # still sending after the answer: the server reads and drops it, no reset
+            s.sendall(part)
+    status = int(answer.split(b" ")[1])
+    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_body_over_the_limit_gets_413_while_the_client_is_still_sending(server, solo):
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, body = _raw(server, post + b"Content-Length: 8000000\r\n\r\n", [b'{"prompt": "'] + [b"w5 " * 300] * 4)
+    assert status == 413 and "8000000 bytes" in body["error"]["message"], body
+    chunk = b"w5 " * 300
+    status, body = _raw(server, post + b"Transfer-Encoding: chunked\r\n\r\n",  # no length: counted as it comes
+                        [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 8)
+    assert status == 413 and "longer than 4096 bytes" in body["error"]["message"], body
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "w5 w6 w7", "max_tokens": 6})
+    assert r.json()["choices"][0]["text"] == solo("w5 w6 w7", 6)
+
+
+def test_every_malformed_request_gets_its_4xx_and_the_server_keeps_serving(server, model_dir, solo):
+    url, as_json = server.url + "/v1/completions", {"content-type": "application/json"}
+    cases = [(b'{"prompt": "w5 \xff\xfe"}', as_json, 400, None),  # not UTF-8
+             (b'{"prompt": "w5 \\ud800"}', as_json, 400, None),  # a lone surrogate, in a value
+             (b'{"\\udfff": 1, "prompt": "w5"}', as_json, 400, None),  # in a key
+             (b'{"prompt": "w5", "temperature": true}', as_json, 422, "temperature"),  # a bool is no number
+             (b'{"prompt": "w5", "stream": 1}', as_json, 422, "stream"),  # a number is no bool
+             (b'{"prompt": "w5", "top_p": NaN}', as_json, 422, "top_p"),
+             (b'{"prompt": "w5", "stream_options": {"include_usage": true}}', as_json, 422, "stream_options"),
+             (b'{"prompt": "w5", "stream": true, "stream_options": {"usage": true}}', as_json, 422,
+              "stream_options.usage"),
+             (b'{"prompt": "w5", "logprobs": 1}', as_json, 422, "logprobs"),
+             (b'{"prompt": "w5"}', {"content-type": "text/plain"}, 415, None),  # a browser's "simple" request
+             (b'{"prompt": "w5"}', {}, 415, None)]
+    for body, headers, status, param in cases:
+        r = httpx.post(url, content=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (body, r.text)
+    r = httpx.post(url, json={"prompt": "w5", "proposals": 9})  # over the checkpoint's draft_len: says where from
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["param"] == "proposals" and "ar2dlm.json" in error["message"], error
+    assert model_dir not in r.text and "/tmp" not in r.text  # but not where the server keeps its files
+    assert httpx.head(server.url + "/health").status_code == 200
+    assert "swagger" in httpx.get(server.url + "/docs").text.lower()
+    shapes = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    assert {"CompletionRequest", "ChatCompletionRequest", "CompletionChunk", "ErrorResponse"} <= set(shapes)
+    assert 'ar2dlm_requests_total{status="500"}' not in server.metrics()
+    r = httpx.post(url, json={"prompt": "w5 w6", "max_tokens": 5})
+    assert r.json()["choices"][0]["text"] == solo("w5 w6", 5)
+
+
+def test_openai_fields_are_honoured_or_refused_by_name(server, model_dir, solo):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "w9 w10"}]
+    sampled = dict(model=model_dir, prompt="w11 w12", max_tokens=12, temperature=1.0, seed=7)
+    two = [c.text for c in client.completions.create(n=2, **sampled).choices]
+    assert two == [c.text for c in client.completions.create(n=2, **sampled).choices]  # seed: reproduced
+    assert two[0] == client.completions.create(**sampled).choices[0].text  # choice j draws from seed + j
+    assert two[1] == client.completions.create(**sampled | {"seed": 8}).choices[0].text
+    r = client.chat.completions.create(model=model_dir, messages=messages, max_tokens=6, user="u-1",
+                                       response_format={"type": "text"}, logprobs=False)
+    assert r.choices[0].message.content == solo("w9 w10", 6, chat=True)
+    for fields, param in [(dict(logprobs=True), "logprobs"), (dict(top_logprobs=2), "top_logprobs"),
+                          (dict(response_format={"type": "json_object"}), "response_format.type"),
+                          (dict(stream_options={"include_usage": True}), "stream_options"),
+                          (dict(presence_penalty=1.0), "presence_penalty"),
+                          (dict(extra_body={"reasoning": "high"}), "reasoning")]:
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            client.chat.completions.create(model=model_dir, messages=messages, max_tokens=6, **fields)
+        assert e.value.body["param"] == param, e.value.body
+
+
 def test_a_disconnect_mid_stream_frees_its_row(server):
     before = server.metrics()
     body = {"prompt": "w7 w8", "max_tokens": 250, "ignore_eos": True, "stream": True}
@@ -164,14 +247,8 @@ def test_a_disconnect_mid_stream_frees_its_row(server):
     assert after['ar2dlm_requests_total{status="cancelled"}'] == before.get(
         'ar2dlm_requests_total{status="cancelled"}', 0) + 1
     assert after["ar2dlm_generation_tokens_total"] - before["ar2dlm_generation_tokens_total"] < 250
-    with pytest.raises(httpx.ReadTimeout):  # a client that stops waiting for a whole answer frees its row too
-        slow = {"stream": False, "draft_len": 16, "proposals": 16}  # 272 rows a step: seconds for 250 tokens
-        httpx.post(server.url + "/v1/completions", json=body | slow, timeout=0.5)
-    deadline = time.monotonic() + 10
-    while server.metrics()['ar2dlm_requests_total{status="cancelled"}'] < after[
-            'ar2dlm_requests_total{status="cancelled"}'] + 1 or server.metrics()["ar2dlm_running_batch_size"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # a client that leaves a whole answer frees it too: test_serve_protocol.py (a stub engine whose jobs never end;
+    # the tiny model here answers 250 tokens faster than a client could leave)
 
 
 async def _stream(client, url, body) -> tuple[str, str | None, bool]:
@@ -217,7 +294,8 @@ def test_load_32_streams_with_bad_requests_interleaved(server, solo):
                 return await _stream(client, url, body)
 
             async def malformed(body):
-                r = await client.post(server.url + "/v1/completions", content=body)
+                r = await client.post(server.url + "/v1/completions", content=body,
+                                      headers={"content-type": "application/json"})
                 return r.status_code
 
             tasks = []
@@ -305,6 +383,9 @@ def test_serve_settings_fail_before_the_model_loads(capsys, base_dirs):
 
     rc, _, err, seen = run_cli(["serve", "no-such-model", "--max-batch", "0"], capsys)
     assert rc == 2 and refusal(err, "serve", seen).field == "max_batch"
+    for key in (" padded-key ", "key with spaces", "clé-secrète-1"):  # no Authorization header could match it
+        rc, _, err, seen = run_cli(["serve", "no-such-model", "--api-key", key], capsys)
+        assert rc == 2 and refusal(err, "serve", seen).field == "api_key"
     rc, _, err, seen = run_cli(["serve", base_dirs["llama"]], capsys)  # not converted: say --ar
     assert rc == 2 and "--ar" in refusal(err, "serve", seen)
 

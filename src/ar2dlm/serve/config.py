@@ -46,6 +46,10 @@ class ServeConfig:
               "draft_max_batch")
         check(self.api_key is None or len(self.api_key) >= 8,
               "api_key must have at least 8 characters (a short key is guessed)", "api_key")
+        check(self.api_key is None or (self.api_key.isascii() and self.api_key.isprintable()
+                                       and " " not in self.api_key),
+              "api_key must be printable ASCII without spaces (a header cannot carry another key whole: no request "
+              "could match it)", "api_key")
         check(self.served_name is None or self.served_name.strip() != "", "served_name must not be empty",
               "served_name")
         check(self.default_max_tokens >= 1, f"default_max_tokens must be >= 1, got {self.default_max_tokens}",

@@ -3,9 +3,9 @@
 Requests (`Job`s, one row per choice) wait in a bounded queue. Between two
 steps the scheduler drops the rows whose client went away, admits waiting
 jobs while rows are free (`max_batch`), prefills them into the running batch
-of their step settings (`decode.batching.Running`), then steps every running
+of their step settings (`decode.core.Batch`), then steps every running
 batch once. Tokens go back to the request's handler on the event loop
-(`Job.send`), one event per commit.
+(`Job.send`, one event per commit of a streamed request; `Job.finish` once).
 
 Drafting adapts to load: while more than `draft_max_batch` rows run, the
 steps are plain AR steps (no draft or proposal rows). In a large batch the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import math
 import sys
 import threading
@@ -28,13 +27,13 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from ..decode.batching import Row, Running, step_settings
+from ..decode.core import Batch, Request, step_settings
 from ..decode.config import DecodeConfig
 from .config import ServeConfig
 from .metrics import Metrics
 
 DONE = object()
-"""The last event of a job: every choice has finished."""
+"""The last event of a streamed job: every choice has finished."""
 
 
 class QueueFull(Exception):
@@ -52,7 +51,7 @@ class Choice:
     index: int  # OpenAI's choice index: prompt i, choice j -> i * n + j
     prompt: list[int]
     cfg: DecodeConfig
-    row: Row
+    row: Request  # the engine's row: its tokens, text, generator
 
 
 @dataclass
@@ -64,23 +63,55 @@ class Event:
 
 
 class Job:
-    """One HTTP request: its choices, and the queue its handler reads events from (on the event loop)."""
+    """One HTTP request: its choices, and how its handler on the event loop hears of them.
 
-    def __init__(self, choices: list[Choice], loop: asyncio.AbstractEventLoop, prompt_tokens: int = 0):
+    A streamed job gets each commit as an `Event` in `events`, then DONE (or an error event). Every job's
+    `done` future resolves once: None when all its choices have finished, else the error's message. The
+    scheduler thread reaches the loop only through `call_soon_threadsafe`.
+    """
+
+    def __init__(self, choices: list[Choice], loop: asyncio.AbstractEventLoop, prompt_tokens: int, stream: bool):
         self.choices, self.loop, self.prompt_tokens = choices, loop, prompt_tokens
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events: asyncio.Queue | None = asyncio.Queue() if stream else None
+        self.done: asyncio.Future = loop.create_future()
         self.cancelled = False
         self.left = len(choices)
 
-    def send(self, item) -> None:
+    # ------------------------------------------------------------------ the scheduler thread's side
+    def send(self, event: Event) -> None:
+        if self.events is not None:
+            self._call(self.events.put_nowait, event)
+
+    def finish(self, error: str | None = None) -> None:
+        self._call(self._finish, error)
+
+    def _call(self, fn, *args) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop has closed: no one is listening any more
             self.cancelled = True
+
+    # ------------------------------------------------------------------ the event loop's side
+    def _finish(self, error: str | None) -> None:
+        if self.done.done():
+            return
+        self.done.set_result(error)
+        if self.events is not None:
+            self.events.put_nowait(DONE if error is None else Event(0, "", None, error))
 
     def cancel(self) -> None:
         """The client went away: its rows leave the batch before the next step."""
         self.cancelled = True
+
+    def indices(self) -> list[int]:
+        return [c.index for c in self.choices]
+
+    def outputs(self) -> list[tuple[int, str, str]]:
+        """(choice index, text, engine finish reason) of every choice, once done."""
+        return [(c.index, c.row.text(), c.row.finish_reason) for c in self.choices]
+
+    def completion_tokens(self) -> int:
+        return sum(len(c.row.tokens) for c in self.choices)
 
 
 class Scheduler:
@@ -88,21 +119,24 @@ class Scheduler:
         self.lm, self.cfg, self.metrics = lm, cfg, metrics
         self.lock = threading.Condition()
         self.waiting: collections.deque[Job] = collections.deque()
-        self.groups: dict[tuple[DecodeConfig, bool], Running] = {}  # (step settings, seeded sampling) -> batch
-        self.owner: dict[int, tuple[Job, Choice, Running]] = {}  # row id -> its job, choice and batch
-        self.ids = itertools.count()
+        self.groups: dict[tuple[DecodeConfig, bool], Batch] = {}  # (step settings, seeded sampling) -> batch
+        self.owner: dict[Request, tuple[Job, Choice, Batch]] = {}  # row -> its job, choice and batch
         self.accepting, self.stopping = True, False
         self.mean_seconds = 1.0  # running mean of a request's time, for Retry-After
         self.thread = threading.Thread(target=self.run, name="ar2dlm-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ the event loop's side
+    def queue_full(self) -> QueueFull:
+        """The refusal of one more request, saying when to retry (from the mean time of a request)."""
+        waits = (len(self.waiting) + 1) / self.cfg.max_batch
+        return QueueFull(max(1, math.ceil(waits * self.mean_seconds)))
+
     def submit(self, job: Job) -> None:
         with self.lock:
             if not self.accepting:
                 raise Draining()
             if len(self.waiting) >= self.cfg.max_queue:
-                waits = (len(self.waiting) + 1) / self.cfg.max_batch
-                raise QueueFull(max(1, math.ceil(waits * self.mean_seconds)))
+                raise self.queue_full()
             self.waiting.append(job)
             self.metrics.queue_depth = len(self.waiting)
             self.lock.notify()
@@ -141,7 +175,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 -- a bug outside a batch's step: end every request, go on
                 traceback.print_exc(file=sys.stderr)
                 for job in admitted + [job for job, _, _ in self.owner.values()]:
-                    job.send(Event(0, "", None, error=f"internal error: {type(e).__name__}: {e}"))
+                    job.finish(error=_internal(e))
                 self.owner.clear()
                 self.groups.clear()
 
@@ -160,51 +194,56 @@ class Scheduler:
 
     def _join(self, jobs: list[Job]) -> None:
         """Prefill the admitted jobs' choices, one forward per step setting, into the running batches."""
-        by_key: dict[tuple[DecodeConfig, bool], list[tuple[int, Job, Choice]]] = {}
+        by_key: dict[tuple[DecodeConfig, bool], list[tuple[Job, Choice]]] = {}
         for job in jobs:
             for choice in job.choices:
                 key = step_settings(choice.cfg), not choice.cfg.greedy and choice.cfg.seed is not None
-                by_key.setdefault(key, []).append((next(self.ids), job, choice))
+                by_key.setdefault(key, []).append((job, choice))
         for key, rows in by_key.items():
             if key not in self.groups:
-                self.groups[key] = Running(self.lm, rows[0][2].cfg)
+                self.groups[key] = Batch(self.lm, rows[0][1].cfg)
             group = self.groups[key]
-            for i, job, choice in rows:
-                self.owner[i] = (job, choice, group)
-            ids = [i for i, _, _ in rows]
-            self._guarded(group, group.join, ids, [c.prompt for _, _, c in rows], [c.row for _, _, c in rows],
-                          joining=ids)
+            for job, choice in rows:
+                self.owner[choice.row] = (job, choice, group)
+            joining = [choice.row for _, choice in rows]
+            self._guarded(group, group.join, joining, joining=joining)
 
-    def _guarded(self, group: Running, run, *args, joining: list[int] = ()) -> None:
+    def _guarded(self, group: Batch, run, *args, joining: list[Request] = ()) -> None:
         """run(*args) (a join or a step) and send its tokens; a failure (a bug, never the input) fails that
         batch's requests."""
         try:
             taken = run(*args)
         except Exception as e:  # noqa: BLE001 -- the server stays up: report it, end this batch's requests
             traceback.print_exc(file=sys.stderr)
-            message = f"internal error while decoding: {type(e).__name__}: {e}"
-            for i in list(group.order) + list(joining):
-                if i in self.owner:
-                    job, choice, _ = self.owner.pop(i)
-                    job.send(Event(choice.index, "", None, error=message))
-            group.leave(list(group.order))
+            for row in list(group.rows) + list(joining):
+                if row in self.owner:
+                    job, _, _ = self.owner.pop(row)
+                    job.finish(error=_internal(e))  # its other choices, if any, are reaped: the handler cancels
+            group.leave(list(group.rows))
             return
         self.metrics.steps += 1
-        self.metrics.tokens(sum(len(t) for t in taken.values()), len(taken))
-        for i in taken:
-            job, choice, _ = self.owner[i]
-            text, finish = choice.row.delta(), choice.row.out.finish_reason or None
-            if text or finish:
-                job.send(Event(choice.index, text, finish))
+        self.metrics.tokens(sum(len(t) for _, t in taken), len(taken))
+        for row, _ in taken:
+            job, choice, _ = self.owner[row]
+            finish = row.finish_reason or None
+            if job.events is not None:  # a whole answer is read once at the end (row.text), not in deltas
+                text = row.delta()
+                if text or finish:
+                    job.send(Event(choice.index, text, finish))
             if finish:
-                del self.owner[i]
+                del self.owner[row]
                 job.left -= 1
                 if job.left == 0:
-                    self.mean_seconds = 0.9 * self.mean_seconds + 0.1 * (time.perf_counter() - choice.row.started)
-                    job.send(DONE)
+                    self.mean_seconds = 0.9 * self.mean_seconds + 0.1 * (time.perf_counter() - row.started)
+                    job.finish()
 
     def _reap(self) -> None:
         """Rows whose client went away leave their batch."""
-        for i in [i for i, (job, _, _) in self.owner.items() if job.cancelled]:
-            _, _, group = self.owner.pop(i)
-            group.leave([i])
+        for row in [row for row, (job, _, _) in self.owner.items() if job.cancelled]:
+            _, _, group = self.owner.pop(row)
+            group.leave([row])
+
+
+def _internal(e: Exception) -> str:
+    """What a client is told of a bug: its kind, not its text (which may name the server's files)."""
+    return f"internal error while decoding ({type(e).__name__}); the server's log has the details"

@@ -1,0 +1,171 @@
+"""The engine client: between a validated request and the engine, and the only part of the server that runs it.
+
+The routes above hold pydantic models and never import torch. `submit` turns a request into a `Job` on a
+thread of its own (tokenizing and the chat template are CPU work that would stall the event loop): the
+prompts tokenized and checked against the model (`check_request`), the settings made a `DecodeConfig`, one
+engine `Request` per choice; then it hands the job to the scheduler thread, which owns the model. `stream`,
+`result` and `cancel` are how the routes follow a job; `start` / `stop` run and drain the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from ..core.errors import ConfigError
+from ..decode.core import Request
+from ..decode.engine import check_request
+from ..model.lm import DiffusionLM
+from .config import ServeConfig
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .scheduler import DONE, Choice, Draining, Event, Job, QueueFull, Scheduler
+
+ABSOLUTE_DIRS = r"(?<![\w.])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"/\\]+[/\\])+(?=[^\s'\"/\\])"
+"""The directories of an absolute path (/home/u/.cache/m/ar2dlm.json -> ar2dlm.json): not a client's business."""
+PARAMS = {"max_new_tokens": "max_tokens", "eos_token_id": "ignore_eos"}
+"""DecodeConfig fields under their request names."""
+
+
+class EngineClient:
+    """The model behind the HTTP layer: `submit` a request, then `stream` its events or await its `result`."""
+
+    def __init__(self, lm: DiffusionLM, cfg: ServeConfig):
+        self.lm, self.cfg = lm, cfg
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(lm, cfg, self.metrics)
+        # one thread: a fast tokenizer is not to be called from several threads at once
+        self.builder = ThreadPoolExecutor(1, thread_name_prefix="ar2dlm-tokenize")
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        self.scheduler.thread.start()
+
+    async def stop(self) -> None:
+        """Admit nothing more, let the admitted requests finish (at most the grace period), end the threads."""
+        await asyncio.to_thread(self.scheduler.stop, self.cfg.grace)
+        self.builder.shutdown(wait=False, cancel_futures=True)
+
+    def stop_admission(self) -> None:
+        """A signal asked the server to stop (a plain write: safe in a signal handler)."""
+        self.scheduler.stop_admission()
+
+    @property
+    def health(self) -> str:
+        """ok | draining | scheduler stopped."""
+        if not self.scheduler.accepting:
+            return "draining"
+        return "ok" if self.scheduler.thread.is_alive() else "scheduler stopped"
+
+    # ------------------------------------------------------------------ requests
+    async def submit(self, request: CompletionRequest | ChatCompletionRequest) -> Job:
+        """The request's job, admitted to the queue; APIError 413 / 422 for what the model cannot take, 429 for a
+        full queue (with Retry-After), 503 while draining."""
+        self._admissible()  # before any work: a refusal costs nothing
+        choices, prompt_tokens = await asyncio.get_running_loop().run_in_executor(self.builder, self._build, request)
+        job = Job(choices, asyncio.get_running_loop(), prompt_tokens, stream=request.stream)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise _busy(e) from None
+        except Draining:
+            raise _draining() from None
+        self.metrics.tokens(0, 0, prompt=job.prompt_tokens)
+        return job
+
+    async def stream(self, job: Job) -> AsyncIterator[Event]:
+        """A streamed job's events, up to its last (an error event is the last too)."""
+        while (event := await job.events.get()) is not DONE:
+            yield event
+            if event.error:
+                return
+
+    async def result(self, job: Job) -> None:
+        """Wait until every choice has finished; APIError 500 if decoding failed."""
+        error = await asyncio.shield(job.done)
+        if error is not None:
+            raise APIError(500, error)
+
+    def cancel(self, job: Job) -> None:
+        """No one waits for the job any more: its rows leave the batch before the next step."""
+        job.cancel()
+
+    def _admissible(self) -> None:
+        if not self.scheduler.accepting:
+            raise _draining()
+        if len(self.scheduler.waiting) >= self.cfg.max_queue:
+            raise _busy(self.scheduler.queue_full())
+
+    # ------------------------------------------------------------------ the tokenizer thread
+    def _build(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[list[Choice], int]:
+        """A request's choices (its prompts tokenized and checked, its settings validated, one engine row per
+        choice) and its prompt tokens."""
+        chat = isinstance(request, ChatCompletionRequest)
+        where, n, prompts = "messages" if chat else "prompt", request.n or 1, request.prompts()
+        if n * len(prompts) > self.cfg.max_batch:
+            raise APIError(422, f"{n * len(prompts)} choices (n x prompts) exceed the server's max_batch of "
+                                f"{self.cfg.max_batch}", "n")
+        settings = dict(request.settings(), max_new_tokens=request.max_tokens, ar=True if self.cfg.ar else None)
+        choices, prompt_tokens, ctx = [], 0, self.lm.context_len
+        for i, prompt in enumerate(prompts):
+            ids = self._tokenize(prompt, chat)
+            prompt_tokens += len(ids)
+            room = None if ctx is None else ctx - len(ids)
+            if room is not None and room < 1:
+                raise APIError(413, f"the prompt has {len(ids)} tokens, the model's context {ctx}: shorten it to "
+                                    f"at most {ctx - 1}", where, "context_length_exceeded")
+            own = dict(settings)
+            if own["max_new_tokens"] is None:
+                own["max_new_tokens"] = min(self.cfg.default_max_tokens, room or self.cfg.default_max_tokens)
+            try:
+                cfg = self.lm.decode_config(**own)
+            except ConfigError as e:
+                raise APIError(422, self._words(e), PARAMS.get(e.field, e.field), "invalid_value") from None
+            if room is not None and cfg.max_new_tokens > room:
+                raise APIError(413, f"the prompt has {len(ids)} tokens; with max_tokens={cfg.max_new_tokens} that "
+                                    f"exceeds the model's context of {ctx} tokens: lower max_tokens to at most "
+                                    f"{room}", "max_tokens", "context_length_exceeded")
+            try:
+                check_request(self.lm, [ids], cfg)
+            except ConfigError as e:
+                raise APIError(422, self._words(e), PARAMS.get(e.field, e.field or where)) from None
+            for j in range(n):
+                seed = None if cfg.seed is None else (cfg.seed + j) % 2**64  # choice j: the next stream
+                choices.append(Choice(i * n + j, ids, cfg, Request(self.lm, cfg, ids, seed)))
+        return choices, prompt_tokens
+
+    def _tokenize(self, prompt, chat: bool) -> list[int]:
+        where = "messages" if chat else "prompt"
+        try:
+            if not chat:
+                return self.lm.encode([prompt])[0]
+            if not getattr(self.lm.tokenizer, "chat_template", None):
+                raise ConfigError("this model's tokenizer has no chat template: use /v1/completions with the "
+                                  "prompt text as the model expects it")
+            ids = self.lm.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False)
+            ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+            if not ids:
+                raise ConfigError("the messages render to an empty prompt")
+            return ids
+        except ConfigError as e:
+            raise APIError(422, self._words(e), where) from None
+        except Exception as e:  # noqa: BLE001 -- the template's own checks (a jinja error: "roles must alternate")
+            raise APIError(422, f"the chat template refused these messages: {type(e).__name__}: "
+                                f"{self._words(str(e))[:200]}", where) from None
+
+    @staticmethod
+    def _words(error) -> str:
+        """A DecodeConfig message in the request's words (max_new_tokens is OpenAI's max_tokens), without the
+        server's paths (a checkpoint's default names its file: the file name is kept, not where it lives)."""
+        return re.sub(ABSOLUTE_DIRS, "", str(error).replace("max_new_tokens", "max_tokens"))
+
+
+def _busy(e: QueueFull) -> APIError:
+    return APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
+
+
+def _draining() -> APIError:
+    return APIError(503, "the server is shutting down: retry against another instance", headers={"Retry-After": "1"})
