@@ -15,7 +15,7 @@ from ar2dlm.decode.reference import ar_greedy, tidar_greedy
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from ar2dlm.model.settings import DiffusionConfig
-from ar2dlm.nn import masks
+from ar2dlm.nn import masks, predecessors
 
 SETTINGS = [(1, 1), (4, 1), (4, 3), (4, 4), (16, 1), (16, 3), (16, 16)]  # (K, |R|)
 N_PROMPTS, NEW = 20, 24
@@ -128,7 +128,7 @@ def test_crop_is_as_if_never_seen():
     lm.forward(a, torch.arange(6)[None], masks.causal_mask(6), None, cache)
     lm.forward(rejected, torch.arange(6, 9)[None], torch.ones(1, 3, 9, dtype=torch.bool) & _causal_tail(6, 3), None,
                cache)
-    engine._crop(cache, 3)
+    predecessors.crop(cache, 3)
     after = lm.forward(b, torch.arange(6, 8)[None], _causal_tail(6, 2), None, cache)
     fresh = lm.forward(torch.cat([a, b], 1), torch.arange(8)[None], masks.causal_mask(8), None)
     torch.testing.assert_close(after[0], fresh[0, 6:], rtol=1e-9, atol=1e-9)
@@ -149,14 +149,13 @@ def test_compaction_keeps_results(drafter):
         state, _ = engine.prefill(drafter, prompts, 4, cfg, g)
         for _ in range(3):
             engine.step(drafter, state, 2, cfg, g)
-        assert not state.cache_valid.all()  # ragged: holes exist
+        assert not state.cache_valid.all() and state.holes  # ragged: holes exist, and the state knows
         twin = copy.deepcopy(state)
         engine.compact_cache(twin)
         assert twin.cache_valid.shape[1] < state.cache_valid.shape[1]
         for _ in range(3):
-            r1, t1 = engine.step(drafter, state, 2, cfg, g)
-            r2, t2 = engine.step(drafter, twin, 2, cfg, g)
-            assert torch.equal(r1, r2) and torch.equal(t1, t2)
+            one, two = engine.step(drafter, state, 2, cfg, g), engine.step(drafter, twin, 2, cfg, g)
+            assert one == two
 
 
 def test_eos_and_stop_strings():
@@ -290,7 +289,7 @@ def test_prefill_keeps_only_the_logits_it_reads(K, monkeypatch):
     head = lm.model.get_output_embeddings()
     monkeypatch.setattr(head, "lora_A", {}, raising=False)  # what a LoRA'd LM head looks like: every row
     full_state, full_t = engine.prefill(lm, prompts, K, cfg, None)
-    assert torch.equal(t, full_t)
+    assert t == full_t
     assert torch.allclose(state.draft_logits, full_state.draft_logits, atol=1e-12)
     assert torch.equal(state.draft, full_state.draft)
 

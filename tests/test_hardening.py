@@ -344,9 +344,9 @@ def test_prompt_longer_than_the_context_says_how_much_to_cut(lm):
 # ---------------------------------------------------------------------------- Ctrl-C
 @pytest.mark.parametrize("json_out", [False, True])
 def test_ctrl_c_stops_cleanly_with_stats(capsys, conv, tmp_path, monkeypatch, json_out):
-    from ar2dlm.decode import engine
+    from ar2dlm.decode import core
 
-    real, calls = engine.step, []
+    real, calls = core.step, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -354,7 +354,7 @@ def test_ctrl_c_stops_cleanly_with_stats(capsys, conv, tmp_path, monkeypatch, js
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "step", interrupted)
+    monkeypatch.setattr(core, "step", interrupted)
     err = refused(capsys, tmp_path, "generate", conv, "--prompt", PROMPT, "--max-new-tokens", "40",
                   *(["--json"] if json_out else []), code=130)
     assert "interrupted" in err

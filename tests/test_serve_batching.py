@@ -1,4 +1,4 @@
-"""Continuous batching (decode/batching.py): rows join and leave between steps, each row decodes as if alone."""
+"""Continuous batching (decode/core.Batch): rows join and leave between steps, each row decodes as if alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import make_tokenizer, tiny_model
 
-from ar2dlm.decode.batching import Running, merge, new_row, step_settings
+from ar2dlm.decode.core import Batch, Request, step_settings
+from ar2dlm.decode.step import merge
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from ar2dlm.model.settings import DiffusionConfig
@@ -38,21 +39,21 @@ def drive(lm, cfgs, ps, joins, cancel=None, draft=lambda step, rows: True):
         for i in now:
             by_key.setdefault(step_settings(cfgs[i]), []).append(i)
         for key, ids in by_key.items():
-            group = groups.setdefault(key, Running(lm, cfgs[ids[0]]))
-            new = [new_row(lm, cfgs[i]) for i in ids]
+            group = groups.setdefault(key, Batch(lm, cfgs[ids[0]]))
+            new = [Request(lm, cfgs[i], ps[i]) for i in ids]
             rows.update(zip(ids, new))
-            group.join(ids, [ps[i] for i in ids], new)
+            group.join(new)
         for i, at in (cancel or {}).items():
             if at == step:
                 for g in groups.values():
-                    g.leave([i])
+                    g.leave([rows[i]])
         running = sum(len(g) for g in groups.values())
         sizes.append(running)
         for g in groups.values():
             if len(g):
                 g.step(draft(step, running))
         step += 1
-    return {i: r.out.tokens for i, r in rows.items()}, sizes
+    return {i: r.tokens for i, r in rows.items()}, sizes
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
@@ -104,10 +105,10 @@ def test_seeded_sampling_reproduces_whatever_shares_the_batch(drafter):
 def test_merge_pads_the_shorter_cache_with_holes():
     lm = converted("llama")
     cfg = lm.decode_config(max_new_tokens=8, draft_len=4, proposals=1)
-    a, b = Running(lm, cfg), Running(lm, cfg)
+    a, b = Batch(lm, cfg), Batch(lm, cfg)
     with torch.inference_mode():
-        a.join([0], [list(range(2, 12))], [new_row(lm, cfg)])
-        b.join([1], [[5, 6]], [new_row(lm, cfg)])
+        a.join([Request(lm, cfg, list(range(2, 12)))])
+        b.join([Request(lm, cfg, [5, 6])])
     merged = merge(a.state, b.state)
     assert merged.cache_valid.shape == (2, 10) and merged.cache_valid.sum(1).tolist() == [10, 2]
-    assert merged.cache.layers[0].keys.shape[:3] == (2, 2, 10) and merged.rows.tolist() == [0, 1]
+    assert merged.cache.layers[0].keys.shape[:3] == (2, 2, 10) and merged.lengths == [10, 2] and merged.holes

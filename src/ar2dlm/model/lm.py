@@ -158,22 +158,25 @@ class DiffusionLM:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mask_slots: torch.Tensor | None = None, past_key_values=None, **kwargs) -> torch.Tensor:
+                mask_slots: torch.Tensor | None = None, past_key_values=None, slots_from: int | None = None,
+                holes: bool | None = None, **kwargs) -> torch.Tensor:
         """Logits [b, q, vocab] of the stock forward.
 
         input_ids, position_ids: [b, q]; attention_mask: bool [b, q, k] over
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
-        kwargs go to the HF forward (e.g. logits_to_keep).
+        What the caller knows of the layout, so that nothing is read back from the masks (the decode engine):
+        slots_from, that every row's slots are its columns from there on; holes, whether a row's keys have
+        holes (`nn.invariant.key_order`). kwargs go to the HF forward (e.g. logits_to_keep).
         """
         lean = self.lean
         if (lean is not None and self.batch_invariant and self.wrapped is None and set(kwargs) <= {"logits_to_keep"}
                 and lean.usable(past_key_values)):
-            with self.slot_gate.rows(mask_slots):
+            with self.slot_gate.rows(mask_slots, slots_from):
                 if self.slot_gate.slot_start is None or self.slot_gate.slot_start >= 0:  # slots a suffix, or none
                     return lean(input_ids, position_ids, attention_mask, past_key_values,
-                                kwargs.get("logits_to_keep", 0))
-        invariant = BatchInvariant(self.probe) if self.batch_invariant else contextlib.nullcontext()
-        with self.slot_gate.rows(mask_slots), self.packed_masks.one_forward(), invariant:
+                                kwargs.get("logits_to_keep", 0), holes)
+        invariant = BatchInvariant(self.probe, holes) if self.batch_invariant else contextlib.nullcontext()
+        with self.slot_gate.rows(mask_slots, slots_from), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(attention_mask, self.model),
                                                past_key_values=past_key_values,

@@ -27,12 +27,18 @@ class SlotGate:
         self.slot_start: int | None = None
 
     @contextlib.contextmanager
-    def rows(self, mask_slots: torch.Tensor | None):
+    def rows(self, mask_slots: torch.Tensor | None, slots_from: int | None = None):
+        """Within it, `mask_slots` are the forward's slot rows. slots_from: the caller knows that every row's
+        slots are its columns from there on (the decode engine's layouts), so nothing is read back from the
+        mask; without it the layout is found from the mask (one host read)."""
         previous = self.mask_slots, self._column, self.slot_start
         self.mask_slots, self._column, self.slot_start = mask_slots, None, None
-        if mask_slots is not None:
+        if mask_slots is not None and slots_from is not None:
+            if slots_from < mask_slots.shape[-1]:
+                self._column, self.slot_start = mask_slots.reshape(-1, 1), slots_from
+        elif mask_slots is not None:
             n_slots = mask_slots.sum(-1)  # [b]
-            lo, hi = int(n_slots.min()), int(n_slots.max())  # one host sync per forward
+            lo, hi = int(n_slots.min()), int(n_slots.max())  # host reads: the layout is not known
             if hi > 0:
                 self._column = mask_slots.reshape(-1, 1)
                 start = mask_slots.shape[-1] - hi

@@ -152,7 +152,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         order, allowed = cached[1], cached[2]
     else:
         allowed = _allowed(attn_mask, is_causal, b, q, L, query.device)
-        order = key_order(allowed.any(1).any(1))
+        order = key_order(allowed.any(1).any(1), orders.get(HOLES) if orders is not None else None)
         if order is not None:
             allowed = allowed.gather(3, order[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
         # the query heads of a KV head stacked as its rows: row rep_i * q + i is query head h_kv * rep + rep_i
@@ -230,16 +230,25 @@ def reference_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out.to(rows.dtype)
 
 
-def key_order(seen: torch.Tensor) -> torch.Tensor | None:
+HOLES = "holes"
+"""The key of `orders` under which a caller that knows says whether the forward's keys have holes (True / False);
+without it `key_order` looks (a host read)."""
+
+
+def key_order(seen: torch.Tensor, holes: bool | None = None) -> torch.Tensor | None:
     """[b, L] the order that moves each batch row's seen keys to the front, in order, or None when no row has a
-    hole (a seen key after an unseen one). seen: bool [b, L]. One host sync.
+    hole (a seen key after an unseen one). seen: bool [b, L]. `holes`: what the caller knows (the decode engine
+    tracks it as it commits); None: look, one host read. Sorting where no row has a hole changes nothing but the
+    time (the order is the identity).
 
     The chunked sums run from key 0, so a row must find its keys where they are when it decodes alone. In a
     ragged batch they are not: a shorter prompt's padding, or drafts another row accepted and this one did not,
     leave holes in the shared cache before the step's own keys. Without holes (a single request, the AR loop)
     nothing moves.
     """
-    if not bool((seen[:, 1:] & ~seen[:, :-1]).any()):
+    if holes is None:
+        holes = bool((seen[:, 1:] & ~seen[:, :-1]).any())
+    if not holes:
         return None
     return torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices
 
@@ -256,9 +265,9 @@ class BatchInvariant(TorchFunctionMode):
     order for the forward's layers.
     """
 
-    def __init__(self, probe=None):
+    def __init__(self, probe=None, holes: bool | None = None):
         super().__init__()
-        self.orders: dict = {}
+        self.orders: dict = {} if holes is None else {HOLES: holes}
         self.probe = probe  # callable(component, rows [b, q, ...]): the exactness check reads attention's rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

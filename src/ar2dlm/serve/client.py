@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from ..core.errors import ConfigError
-from ..decode.core import Request
+from ..decode.core import Request, row_seed
 from ..decode.engine import check_request
 from ..model.lm import DiffusionLM
 from .config import ServeConfig
@@ -131,9 +131,8 @@ class EngineClient:
                 check_request(self.lm, [ids], cfg)
             except ConfigError as e:
                 raise APIError(422, self._words(e), PARAMS.get(e.field, e.field or where)) from None
-            for j in range(n):
-                seed = None if cfg.seed is None else (cfg.seed + j) % 2**64  # choice j: the next stream
-                choices.append(Choice(i * n + j, ids, cfg, Request(self.lm, cfg, ids, seed)))
+            for j in range(n):  # choice i * n + j draws from the stream generate gives row i * n + j
+                choices.append(Choice(i * n + j, ids, cfg, Request(self.lm, cfg, ids, row_seed(cfg, i * n + j))))
         return choices, prompt_tokens
 
     def _tokenize(self, prompt, chat: bool) -> list[int]:

@@ -96,7 +96,7 @@ class Sampling(Strict):
     """Softmax temperature; > 0 samples (sampler `lossless` unless another is given), 0 or absent is greedy."""
     top_p: float | None = None
     n: int | None = Field(None, ge=1)
-    """Choices per prompt (seeded: choice j draws from seed + j)."""
+    """Choices per prompt (seeded: choice 0 draws from seed, every other choice from a stream of its own)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     """Only with stream: true."""
