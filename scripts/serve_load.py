@@ -137,6 +137,32 @@ class Started:
         os.unlink(self.log.name)
 
 
+IN_PROCESS = """
+import json, sys, time
+from ar2dlm.model.lm import DiffusionLM
+args = json.loads(sys.argv[1])
+lm = DiffusionLM.from_pretrained(args["model"], dtype=args["dtype"], allow_ar=args["ar"])
+settings = dict(max_new_tokens=args["max_tokens"], eos_token_id=(), chat=args["chat"], ar=True if args["ar"] else None)
+prompts = [args["prompts"][i % len(args["prompts"])] for i in range(args["requests"])]
+lm.generate(prompts[:1], **settings)  # warm-up, not counted
+start, tokens = time.perf_counter(), 0
+for p in prompts:
+    tokens += len(lm.generate([p], **settings)[0].token_ids)
+print(json.dumps({"tokens": tokens, "tok_s": round(tokens / (time.perf_counter() - start), 2)}))
+"""
+"""The same requests one at a time through `DiffusionLM.generate` in a process of its own (what the server's
+concurrency-1 figure is held against)."""
+
+
+def in_process(args, ar: bool) -> dict:
+    spec = {"model": args.model, "dtype": args.dtype, "ar": ar, "max_tokens": args.max_tokens, "chat": args.chat,
+            "prompts": args.prompt_list,
+            "requests": args.requests}
+    cmd = [sys.executable, "-c", IN_PROCESS, json.dumps(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server (default: start one with --model)")
@@ -151,6 +177,9 @@ def main() -> int:
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     p.add_argument("--prompts", help="JSONL file: {\"prompt\": ...} per line (default: eight built-in prompts)")
     p.add_argument("--api-key", default=os.environ.get("AR2DLM_API_KEY"), help="bearer key, if the server has one")
+    p.add_argument("--in-process", action="store_true",
+                   help="with --model: also run the same requests one at a time through generate in a process of "
+                        "its own, and print the server's concurrency-1 tok/s against it (target >= 0.9)")
     args = p.parse_args()
     if not args.url and not args.model:
         p.error("give --url (a running server) or --model (the script starts the server)")
@@ -170,6 +199,14 @@ def main() -> int:
             with Started(args, *flags) as started:
                 print(f"{name}: {started}", flush=True)
                 report[name] = measure(started, args)
+    if args.in_process and args.model:
+        for name in ("drafting", "ar"):
+            if name in report and report[name][0]["concurrency"] == 1:
+                report[f"in_process_{name}"] = got = in_process(args, name == "ar")
+                ratio = round(report[name][0]["tok_s"] / got["tok_s"], 3)
+                report[f"server_over_in_process_{name}"] = ratio
+                print(f"{name}: in-process generate {got['tok_s']} tok/s; the server at c=1 / in-process = {ratio}x "
+                      f"(target >= 0.9)", flush=True)
     if "drafting" in report and len(report["drafting"]) > 1:
         by_c = {r["concurrency"]: r["tok_s"] for r in report["drafting"]}
         if 1 in by_c and 8 in by_c:

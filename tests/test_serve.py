@@ -450,3 +450,43 @@ def test_resident_memory_is_flat_over_1000_requests(model_dir, tmp_path):
         assert 'ar2dlm_requests_total{status="500"}' not in s.metrics()
     finally:
         assert s.stop() == 0
+
+
+KINDS = {"drafts and proposals": dict(draft_len=4, proposals=2, adaptive=False, candidates="diffusion"),
+         "suffix candidates": dict(draft_len=4, proposals=1, adaptive=False, candidates="both"),
+         "adaptive": dict(draft_len=8, proposals=1, adaptive=True), "defaults": {}}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_server_answers_as_generate_and_stream_with_every_candidate_kind(server, model_dir, solo, kind):
+    """Greedy and seeded lossless, streamed and whole: the server's text is generate's (the prompt repeats
+    itself, so suffix candidates have something to copy). Greedy requests run beside each other and beside a
+    request of other settings; a seeded one alone (adaptive drafting and the suffix shortcut pool their choices
+    over a batch, which changes the drafts a seeded row verifies, not its distribution)."""
+    prompt = "w5 w6 w7 w8 w5 w6 w7 w8 w5 w6"
+    for sampling in ({}, dict(sampler="lossless", temperature=0.8, seed=3)):
+        settings = KINDS[kind] | sampling
+        expected = solo(prompt, 16, **settings)
+        body = {"prompt": prompt, "max_tokens": 16, **settings}
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def whole():
+                    r = await client.post(server.url + "/v1/completions", json=body)
+                    return r.json()["choices"][0]["text"]
+
+                async def streamed():
+                    text = ""
+                    async with client.stream("POST", server.url + "/v1/completions",
+                                             json=body | {"stream": True}) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                text += json.loads(line[6:])["choices"][0]["text"]
+                    return text
+
+                if sampling:
+                    return [await whole(), await streamed()]
+                other = client.post(server.url + "/v1/completions", json={"prompt": "w30 w31", "max_tokens": 20,
+                                                                          "draft_len": 2})
+                return (await asyncio.gather(whole(), streamed(), other))[:2]
+        assert asyncio.run(run()) == [expected, expected], (kind, sampling)

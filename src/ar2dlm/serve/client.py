@@ -41,7 +41,8 @@ class EngineClient:
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
-        self.scheduler.thread.start()
+        if not self.scheduler.running:  # else `ar2dlm serve` runs the scheduler in its main thread
+            self.scheduler.thread.start()
 
     async def stop(self) -> None:
         """Admit nothing more, let the admitted requests finish (at most the grace period), end the threads."""
@@ -57,7 +58,7 @@ class EngineClient:
         """ok | draining | scheduler stopped."""
         if not self.scheduler.accepting:
             return "draining"
-        return "ok" if self.scheduler.thread.is_alive() else "scheduler stopped"
+        return "ok" if self.scheduler.alive else "scheduler stopped"
 
     # ------------------------------------------------------------------ requests
     async def submit(self, request: CompletionRequest | ChatCompletionRequest) -> Job:

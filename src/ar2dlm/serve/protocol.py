@@ -116,6 +116,8 @@ class Sampling(Strict):
     draft_len: int | None = None
     proposals: int | None = None
     adaptive: bool | None = None
+    candidates: str | None = None
+    """diffusion | suffix | both: the model's drafts, drafts from the request's own text, or both (default)."""
     top_k: int | None = None
     ignore_eos: bool = False
     """Do not stop at end-of-sequence (always max_tokens tokens; for load tests)."""
@@ -136,7 +138,7 @@ class Sampling(Strict):
     def settings(self) -> dict:
         """The decode settings this request asks for: `DiffusionLM.decode_config` overrides (None = default)."""
         s = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "seed", "sampler", "mix_weight",
-                                           "draft_len", "proposals", "adaptive")}
+                                           "draft_len", "proposals", "adaptive", "candidates")}
         s["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if self.ignore_eos:
             s["eos_token_id"] = ()

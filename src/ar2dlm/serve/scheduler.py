@@ -121,9 +121,11 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.groups: dict[tuple[DecodeConfig, bool], Batch] = {}  # (step settings, seeded sampling) -> batch
         self.owner: dict[Request, tuple[Job, Choice, Batch]] = {}  # row -> its job, choice and batch
-        self.accepting, self.stopping = True, False
+        self.accepting, self.stopping, self.running = True, False, False
+        self.abandoned = False  # the HTTP server has ended: no one can be answered any more
         self.mean_seconds = 1.0  # running mean of a request's time, for Retry-After
         self.thread = threading.Thread(target=self.run, name="ar2dlm-scheduler", daemon=True)
+        self.finished = threading.Event()  # run() has returned
 
     # ------------------------------------------------------------------ the event loop's side
     def queue_full(self) -> QueueFull:
@@ -151,11 +153,32 @@ class Scheduler:
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        self.thread.join(timeout)
+        self.finished.wait(timeout)
+
+    def abandon(self) -> None:
+        """The HTTP server has ended (drained, or given up after the grace period): run() returns."""
+        self.abandoned = self.stopping = True
+        with self.lock:
+            self.lock.notify()
+
+    @property
+    def alive(self) -> bool:
+        """Whether run() is going (in its own thread, or in the thread that called it)."""
+        return self.running and not self.finished.is_set()
 
     # ------------------------------------------------------------------ the scheduler thread
     def run(self) -> None:
-        while True:
+        """The loop, until stop(): in `thread`, or in the caller's thread (`ar2dlm serve` runs it in the main
+        thread: torch's OpenMP keeps a team of worker threads per thread that runs parallel work, and a second
+        live team makes every parallel region wait on a futex, about 40% of a step here)."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.finished.set()
+
+    def _loop(self) -> None:
+        while not self.abandoned:
             with self.lock:
                 self.waiting = collections.deque(job for job in self.waiting if not job.cancelled)
                 admitted = []
