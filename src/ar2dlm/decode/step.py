@@ -32,7 +32,7 @@ from ..nn import masks, predecessors
 from .config import DecodeConfig
 from .interface import DecodeModel
 from .policy import choose_proposals
-from .verify import draw, verify
+from .verify import Generators, draw, verify
 
 
 @dataclass
@@ -57,7 +57,8 @@ class Outcome:
     tokens: list[list[int]]
 
 
-def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig, gen) -> tuple[State, list[int]]:
+def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig,
+            gen: Generators) -> tuple[State, list[int]]:
     """[prompt (causal) | P_0: K slots] in one forward; returns the state and each row's first token t."""
     device = lm.model.device
     b = len(prompts)
@@ -99,7 +100,7 @@ def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig
     return state, t.tolist()  # the prefill's one host read
 
 
-def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen,
+def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen: Generators,
          draft_len: int | None = None) -> Outcome:
     """One forward: verify the draft and pre-draft the next block; one host read (the Outcome).
 
@@ -159,7 +160,8 @@ def commit(state: State, r: torch.Tensor, rs: list[int], appended: int) -> None:
     state.holes = state.holes or min(rs) < keep
 
 
-def proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor, K: int):
+def proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor,
+                 K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Next draft's logits from the proposal P_r' with r' = max{R <= r} -> ([b, K, V], n_draft [b]).
 
     P_r' slot s sits at position L + r' + s; the new draft d'_{m+1} sits at
@@ -185,7 +187,7 @@ def proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor, K
 
 
 def next_draft(t: torch.Tensor, draft_logits: torch.Tensor, cfg: DecodeConfig, mask_token_id: int | None,
-               gen) -> torch.Tensor:
+               gen: Generators) -> torch.Tensor:
     """[t, tokens drawn from draft_logits slots 1..] -> [b, K]."""
     if draft_logits.shape[1] <= 1:
         return t[:, None]

@@ -13,9 +13,14 @@ and t [b] (the next token, at position L+r).
 
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 
 from .config import DecodeConfig
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""One generator for the whole batch, one per batch row (each row's draws from its own stream), or None."""
 
 
 def process_logits(logits: torch.Tensor, cfg: DecodeConfig, mask_token_id: int | None) -> torch.Tensor:
@@ -65,7 +70,7 @@ def greedy(p_logits: torch.Tensor, draft: torch.Tensor, n_draft: torch.Tensor, m
 
 
 def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: torch.Tensor,
-                generator: torch.Generator | None):
+                generator: Generators):
     """Speculative sampling (Leviathan et al.; Chen et al.): output ~ p exactly.
 
     p, q: [b, K, V] probabilities (q[:, 0] unused). Steps:
@@ -110,7 +115,8 @@ def mix_logits(p_logits: torch.Tensor, draft_logits: torch.Tensor, n_draft: torc
 
 
 def verify(cfg: DecodeConfig, p_logits: torch.Tensor, draft: torch.Tensor, draft_logits: torch.Tensor,
-           n_draft: torch.Tensor, mask_token_id: int | None, generator: torch.Generator | None):
+           n_draft: torch.Tensor, mask_token_id: int | None,
+           generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the sampler. p_logits, draft_logits: [b, K, V]; draft: [b, K]; n_draft: [b].
 
     mix at temperature 0 is greedy against the mixed logits.
@@ -125,14 +131,14 @@ def verify(cfg: DecodeConfig, p_logits: torch.Tensor, draft: torch.Tensor, draft
 
 
 def draw(logits: torch.Tensor, cfg: DecodeConfig, mask_token_id: int | None,
-         generator: torch.Generator | None) -> torch.Tensor:
+         generator: Generators) -> torch.Tensor:
     """Sample (or argmax, when greedy) one token per row of logits [..., V] -> [...]."""
     if cfg.greedy:
         return exclude_mask_token(logits, mask_token_id).argmax(-1)
     return sample(process_logits(logits, cfg, mask_token_id), generator)
 
 
-def sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample(weights: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One index per row of weights [..., V] (non-negative, each row with some mass), drawn ∝ weights.
 
     Inverse CDF in float64: u ~ U[0, total), the first index whose cumulative

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..decode.core import Batch, Request, step_settings
 from ..decode.config import DecodeConfig
+from ..decode.interface import DecodeModel
 from .config import ServeConfig
 from .metrics import Metrics
 
@@ -115,7 +116,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, lm, cfg: ServeConfig, metrics: Metrics):
+    def __init__(self, lm: DecodeModel, cfg: ServeConfig, metrics: Metrics):
         self.lm, self.cfg, self.metrics = lm, cfg, metrics
         self.lock = threading.Condition()
         self.waiting: collections.deque[Job] = collections.deque()
