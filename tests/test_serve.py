@@ -5,6 +5,7 @@ of decoding each request alone)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -48,10 +50,10 @@ def solo(model_dir):
 class Server:
     """`ar2dlm serve MODEL --port 0 ...` as a subprocess; its log goes to a file (a full pipe would block it)."""
 
-    def __init__(self, model_dir, tmp_path, *flags):
+    def __init__(self, model_dir, tmp_path, *flags, program: tuple = ("-m", "ar2dlm")):
         self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ar2dlm", "serve", model_dir, "--port", "0",
+            self.proc = subprocess.Popen([sys.executable, *program, "serve", model_dir, "--port", "0",
                                           "--dtype", "bfloat16", *map(str, flags)], stdout=log, stderr=log,
                                          env={**os.environ, "AR2DLM_API_KEY": ""})
         deadline = time.monotonic() + 180
@@ -81,7 +83,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     s = Server(model_dir, tmp_path_factory.mktemp("log"), "--max-batch", 12, "--draft-max-batch", 4,
-               "--max-request-bytes", 4096)
+               "--max-request-bytes", 4096, "--upload-timeout", 1, "--max-prompt-tokens", 600,
+               "--max-draft-len", 8, "--max-proposals", 8)
     yield s
     assert s.stop() == 0
     assert "Traceback" not in s.log.read_text()
@@ -127,7 +130,8 @@ def test_bad_requests_get_openai_style_errors_and_never_a_500(server, model_dir)
     cases = [(b"{not json", 400), (b"[1, 2]", 400), (b"[" * 4000, 400),
              (json.dumps({"prompt": "w5 " * 2000}).encode(), 413),  # a body over --max-request-bytes
              (json.dumps({"prompt": "w5 " * 300}).encode(), 413),  # longer than the model's context
-             (json.dumps({"prompt": "w5", "max_tokens": 10**9}).encode(), 413),
+             (json.dumps({"prompt": "w5", "max_tokens": 300}).encode(), 413),  # past the context (256)
+             (json.dumps({"prompt": "w5", "max_tokens": 10**9}).encode(), 422),  # past --max-output-tokens
              (json.dumps({"prompt": "w5", "temperature": -1}).encode(), 422),
              (json.dumps({"prompt": "w5", "draft_len": "4"}).encode(), 422),
              (json.dumps({"prompt": "w5", "sampler": "greedy", "top_p": 0.5}).encode(), 422),
@@ -169,7 +173,7 @@ def _raw(server, head: bytes, parts: list[bytes]) -> tuple[int, dict]:
 
 
 def test_a_body_over_the_limit_gets_413_while_the_client_is_still_sending(server, solo):
-    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     status, body = _raw(server, post + b"Content-Length: 8000000\r\n\r\n", [b'{"prompt": "'] + [b"w5 " * 300] * 4)
     assert status == 413 and "8000000 bytes" in body["error"]["message"], body
     chunk = b"w5 " * 300
@@ -178,6 +182,110 @@ def test_a_body_over_the_limit_gets_413_while_the_client_is_still_sending(server
     assert status == 413 and "longer than 4096 bytes" in body["error"]["message"], body
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "w5 w6 w7", "max_tokens": 6})
     assert r.json()["choices"][0]["text"] == solo("w5 w6 w7", 6)
+
+
+def test_a_request_over_the_servers_limits_is_refused_naming_the_field_and_the_limit(server, model_dir, solo):
+    """Drafting width, max_tokens, prompt tokens (x n), stop strings: a 4xx that names the field and the limit,
+    through the openai client too; a request at the limits does not hold a small one hostage."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    url = server.url + "/v1/completions"
+    for body, status, param, limit in [
+            ({"draft_len": 64, "proposals": 64}, 422, "draft_len", "8 (its --max-draft-len)"),
+            ({"draft_len": 4, "proposals": 9}, 422, "proposals", "8 (its --max-proposals)"),
+            ({"max_tokens": 5000}, 422, "max_tokens", "4096 (its --max-output-tokens)"),
+            ({"prompt": list(range(5, 95)) * 7}, 413, "prompt", "600 per request"),  # token ids: before tokenizing
+            ({"prompt": " ".join(f"w{i}" for i in range(5, 95)) * 2, "n": 4}, 413, "prompt", "600 per request"),
+            ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop", "at most 4")]:
+        r = httpx.post(url, json={"prompt": "w5", **body})
+        error = r.json()["error"]
+        assert (r.status_code, error["param"]) == (status, param) and limit in error["message"], (body, error)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "w5"}],
+                                       max_completion_tokens=10**6)
+    assert e.value.body["param"] == "max_completion_tokens" and "4096" in e.value.body["message"]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as c:
+            wide = asyncio.create_task(c.post(url, json={"prompt": "w5 w6", "max_tokens": 250, "ignore_eos": True,
+                                                         "draft_len": 4, "proposals": 4, "adaptive": False}))
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            small = await c.post(url, json={"prompt": "w7 w8", "max_tokens": 2})
+            return small, time.monotonic() - start, await wide
+    small, seconds, wide = asyncio.run(run())
+    assert small.json()["choices"][0]["text"] == solo("w7 w8", 2) and wide.status_code == 200
+    assert seconds < 5, seconds
+
+
+def test_only_this_machines_names_and_pages_reach_the_server(server):
+    """DNS rebinding (a page's own name for 127.0.0.1 in Host) and cross-origin pages (Origin) get a JSON 403,
+    on every path; IP addresses, localhost and the server's own pages (/docs) pass."""
+    port = server.url.rsplit(":", 1)[1]
+    body = {"prompt": "w5", "max_tokens": 2}
+    for headers in ({"Host": f"evil.example:{port}"}, {"Host": "evil.example."}, {"Host": "127.0.0.1@evil.example"},
+                    {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+                    {"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://localhost:3000"}):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics")):
+            r = httpx.request(method, server.url + path, json=body, headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed"), \
+                (headers, path, r.text)
+    for headers in ({"Host": f"localhost:{port}"}, {"Host": "LOCALHOST."}, {"Host": f"[::1]:{port}"},
+                    {"Host": "10.1.2.3"}, {"Origin": server.url}):
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+        assert r.status_code == 200, (headers, r.text)
+    r = httpx.options(server.url + "/v1/completions", headers={"Origin": "http://evil.example",
+                                                               "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_client_that_leaves_or_stalls_while_uploading_is_no_server_error(server):
+    """A body cut short (by a close, a half-close, a cut chunk) counts as cancelled; a head or a body that does not
+    arrive within --upload-timeout gets a JSON 408 and its connection closed; no traceback (the fixture checks the
+    log)."""
+    before = server.metrics()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    cut = [(head + b"Content-Length: 100\r\n\r\n{\"prompt\": ", "close"),
+           (head + b"Content-Length: 100\r\n\r\n{\"prompt\": ", "half-close"),
+           (head + b"Transfer-Encoding: chunked\r\n\r\n20\r\n{\"prompt\": ", "close")]
+    for sent, how in cut:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(sent)
+            time.sleep(0.05)
+            if how == "half-close":
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(1000) == b""  # no answer: no one is there to read it
+
+    def stall(sent: bytes) -> None:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(sent)
+            start, answer = time.monotonic(), b""
+            while not answer.endswith(b"}}"):
+                if sent.endswith(b"\r\n\r\n"):
+                    s.sendall(b"1\r\n \r\n")
+                    time.sleep(0.2)
+                    s.settimeout(0.01)
+                with contextlib.suppress(TimeoutError):
+                    answer += s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer
+            assert 0.9 < time.monotonic() - start < 3 and b"--upload-timeout" in answer, answer
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(100) == b""  # closed: a slow client holds no connection
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(stall, [head + b"Content-Length: 100\r\n\r\n{\"prompt\": ",  # stalls in its body
+                              head + b"Transfer-Encoding: chunked\r\n\r\n",  # a chunk now and then, never the end
+                              head, b""]))  # stalls in its headers, or sends nothing at all
+    deadline = time.monotonic() + 5
+    while server.metrics().get('ar2dlm_requests_total{status="cancelled"}', 0) < \
+            before.get('ar2dlm_requests_total{status="cancelled"}', 0) + 3:
+        assert time.monotonic() < deadline, server.metrics()
+        time.sleep(0.05)
+    after = server.metrics()
+    assert after['ar2dlm_requests_total{status="408"}'] == before.get('ar2dlm_requests_total{status="408"}', 0) + 2
+    assert 'ar2dlm_requests_total{status="500"}' not in after
 
 
 def test_every_malformed_request_gets_its_4xx_and_the_server_keeps_serving(server, model_dir, solo):
@@ -197,7 +305,7 @@ def test_every_malformed_request_gets_its_4xx_and_the_server_keeps_serving(serve
     for body, headers, status, param in cases:
         r = httpx.post(url, content=body, headers=headers)
         assert (r.status_code, r.json()["error"]["param"]) == (status, param), (body, r.text)
-    r = httpx.post(url, json={"prompt": "w5", "proposals": 9})  # over the checkpoint's draft_len: says where from
+    r = httpx.post(url, json={"prompt": "w5", "proposals": 6})  # over the checkpoint's draft_len: says where from
     error = r.json()["error"]
     assert r.status_code == 422 and error["param"] == "proposals" and "ar2dlm.json" in error["message"], error
     assert model_dir not in r.text and "/tmp" not in r.text  # but not where the server keeps its files
@@ -285,7 +393,8 @@ def test_load_32_streams_with_bad_requests_interleaved(server, solo):
     seeded_alone = httpx.post(server.url + "/v1/completions", json={**jobs[5][3], "stream": False}, timeout=60)
     seeded_alone = seeded_alone.json()["choices"][0]["text"]
     bad = [b"{", json.dumps({"prompt": "w5", "top_k": -1}).encode(), json.dumps({"messages": []}).encode(),
-           json.dumps({"prompt": "w5", "model": "other"}).encode()]
+           json.dumps({"prompt": "w5", "model": "other"}).encode(),
+           json.dumps({"prompt": "w5", "draft_len": 64, "proposals": 64, "max_tokens": 250}).encode()]
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
@@ -333,18 +442,14 @@ def test_api_key_and_a_full_queue(model_dir, tmp_path):
             lines = first.iter_lines()  # kept: a dropped iterator closes the connection
             assert next(lines).startswith("data: ")  # running: the one row is taken
 
-            async def queued():
-                async with httpx.AsyncClient(timeout=60, headers=auth) as c:
-                    waiting = asyncio.create_task(c.post(url, json={"prompt": "w5", "max_tokens": 2}))
-                    deadline = time.monotonic() + 30
-                    while s.metrics()["ar2dlm_queue_depth"] < 1:
-                        assert time.monotonic() < deadline, s.metrics()
-                        await asyncio.sleep(0.02)
-                    full = await c.post(url, json={"prompt": "w5", "max_tokens": 2})
-                    waiting.cancel()
-                    return full
-            full = asyncio.run(queued())
-        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+            async def burst():  # at once: one waits in the queue, the others find it full (whenever the long
+                async with httpx.AsyncClient(timeout=60, headers=auth) as c:  # one ends: it may be fast)
+                    return await asyncio.gather(*(c.post(url, json={"prompt": "w5", "max_tokens": 2})
+                                                  for _ in range(4)))
+            answers = asyncio.run(burst())
+        assert sorted(r.status_code for r in answers)[0] == 200 and {r.status_code for r in answers} == {200, 429}
+        full = next(r for r in answers if r.status_code == 429)
+        assert int(full.headers["retry-after"]) >= 1
         assert full.json()["error"]["type"] == "rate_limit_error"
     finally:
         assert s.stop() == 0
@@ -405,7 +510,7 @@ def test_serve_resolves_its_dtype_as_every_verb_does(capsys, base_dirs, monkeypa
         raise SystemExit(0)  # the model is what this test checks; no server is started
 
     monkeypatch.setattr(main.DiffusionLM, "from_pretrained", staticmethod(from_pretrained))
-    rc, _, _, _ = run_cli(["serve", base_dirs["llama"], "--ar"], capsys)
+    rc, _, _, _ = run_cli(["serve", base_dirs["llama"], "--ar", "--port", 0], capsys)
     assert loaded == [__import__("torch").float32]
 
 

@@ -159,7 +159,7 @@ def test_a_client_that_leaves_a_whole_answer_frees_it_at_once(stub_server):
     stub, port = stub_server
     body = b'{"prompt": "w5"}'
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         time.sleep(0.3)  # the request waits for its answer
         assert not stub.cancelled.is_set()
@@ -175,7 +175,7 @@ def test_a_client_that_leaves_a_whole_answer_frees_it_at_once(stub_server):
 def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(stub_server):
     stub, port = stub_server
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         time.sleep(0.1)
     deadline = time.monotonic() + 5

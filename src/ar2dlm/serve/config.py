@@ -30,6 +30,25 @@ class ServeConfig:
     """max_tokens of a request that gives none (cut to the room left in the model's context)."""
     max_request_bytes: int = 4_000_000
     """Largest request body accepted (413 above)."""
+    upload_timeout: float = 30.0
+    """Seconds a client has to send a request's head, and then its body (408 after, and the connection closed: a
+    slow upload would hold it)."""
+    max_output_tokens: int = 4096
+    """Largest max_tokens a request may ask for (422 above)."""
+    max_prompt_tokens: int = 4096
+    """Most prompt tokens a request may bring, once per choice (413 above): newcomers are prefilled between two
+    steps, so every running stream waits for them."""
+    max_draft_len: int = 0
+    """Largest draft_len a request may ask for (422 above; 0 = the model's block size, or its default draft_len
+    if larger): a row's forward grows with draft_len x (1 + proposals)."""
+    max_proposals: int = 4
+    """Largest proposals a request may ask for (422 above; at least the model's default)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (the `Host` header) the server answers besides IP addresses, localhost and --host (403 for
+    another: a web page whose name resolves to this machine, DNS rebinding, must not reach it); * = any."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins (http://host:port) whose pages may call the server from a browser, with CORS (403 for another
+    `Origin`; the server's own pages, /docs, always may); * = any."""
     grace: float = 30.0
     """Seconds SIGTERM waits for in-flight requests to finish before the server exits."""
     ar: bool = False
@@ -56,5 +75,19 @@ class ServeConfig:
               "default_max_tokens")
         check(self.max_request_bytes >= 1024, f"max_request_bytes must be >= 1024, got {self.max_request_bytes}",
               "max_request_bytes")
+        check(finite(self.upload_timeout) and self.upload_timeout > 0,
+              f"upload_timeout must be a number of seconds > 0, got {self.upload_timeout}", "upload_timeout")
+        for name in ("max_output_tokens", "max_prompt_tokens", "max_proposals"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}", name)
+        check(self.max_draft_len >= 0, f"max_draft_len must be >= 0 (0 = the model's block size), got "
+                                       f"{self.max_draft_len}", "max_draft_len")
+        check(self.default_max_tokens <= self.max_output_tokens,
+              f"default_max_tokens ({self.default_max_tokens}) must be at most max_output_tokens "
+              f"({self.max_output_tokens})", "default_max_tokens")
+        bad = [h for h in self.allowed_hosts if not h or any(c.isspace() or c in "/:@" for c in h)]
+        check(not bad, f"allowed_hosts must be host names (no scheme, port or path), got {bad[:1]}", "allowed_hosts")
+        bad = [o for o in self.allowed_origins if o != "*" and not o.startswith(("http://", "https://"))]
+        check(not bad, f"allowed_origins must be origins such as http://localhost:3000 (or *), got {bad[:1]}",
+              "allowed_origins")
         check(finite(self.grace) and self.grace >= 0, f"grace must be a number of seconds >= 0, got {self.grace}",
               "grace")

@@ -18,9 +18,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
+MAX_STOPS = 4
+"""Stop strings a request may give (OpenAI's own limit)."""
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 """The engine's finish reasons in OpenAI's words (an end-of-sequence token and a stop string are both "stop")."""
 
@@ -127,6 +130,14 @@ class Sampling(Strict):
     def _neutral(cls, value, info):
         if value is not None and value not in NEUTRAL[info.field_name]:
             raise _unsupported(info.field_name, value, NEUTRAL[info.field_name][0])
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOPS:  # each is looked for after every commit
+            raise PydanticCustomError("limit", "stop takes at most {most} strings, got {n}",
+                                      {"most": MAX_STOPS, "n": len(value)})
         return value
 
     @model_validator(mode="after")
@@ -356,7 +367,7 @@ def refusal(e: ValidationError) -> APIError:
         message = f"{param} must be >= {error['ctx']['ge']}, got {got}"
     elif kind == "too_short":
         message = f"{param} must have at least {error['ctx']['min_length']} item(s), got {got}"
-    elif kind == "unsupported":
+    elif kind in ("unsupported", "limit"):
         message = error["msg"]
     else:
         message = f"{param}: {error['msg'][0].lower()}{error['msg'][1:]}, got {got}"

@@ -61,14 +61,15 @@ class Event:
     text: str  # new text safe to show
     finish: str | None  # the engine's finish reason when the choice is done
     error: str | None = None
+    status: int = 500  # the error's HTTP status: 500 a failed step, 503 a request the shutdown cut short
 
 
 class Job:
     """One HTTP request: its choices, and how its handler on the event loop hears of them.
 
     A streamed job gets each commit as an `Event` in `events`, then DONE (or an error event). Every job's
-    `done` future resolves once: None when all its choices have finished, else the error's message. The
-    scheduler thread reaches the loop only through `call_soon_threadsafe`.
+    `done` future resolves once: None when all its choices have finished, else (HTTP status, message) of the
+    error. The scheduler thread reaches the loop only through `call_soon_threadsafe`.
     """
 
     def __init__(self, choices: list[Choice], loop: asyncio.AbstractEventLoop, prompt_tokens: int, stream: bool):
@@ -84,7 +85,7 @@ class Job:
             self._call(self.events.put_nowait, event)
 
     def finish(self, error: str | None = None) -> None:
-        self._call(self._finish, error)
+        self._call(self.resolve, error)
 
     def _call(self, fn, *args) -> None:
         try:
@@ -93,12 +94,13 @@ class Job:
             self.cancelled = True
 
     # ------------------------------------------------------------------ the event loop's side
-    def _finish(self, error: str | None) -> None:
+    def resolve(self, error: str | None, status: int = 500) -> None:
+        """Resolve `done` (if not yet): finished (error None), or failed with `status`."""
         if self.done.done():
             return
-        self.done.set_result(error)
+        self.done.set_result(None if error is None else (status, error))
         if self.events is not None:
-            self.events.put_nowait(DONE if error is None else Event(0, "", None, error))
+            self.events.put_nowait(DONE if error is None else Event(0, "", None, error, status))
 
     def cancel(self) -> None:
         """The client went away: its rows leave the batch before the next step."""

@@ -55,7 +55,7 @@ class Engine(Protocol):
     def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def submit(self, request: CompletionRequest | ChatCompletionRequest) -> Job: ...
-    def stream(self, job: Job) -> AsyncIterator[Any]: ...  # events: .index, .text, .finish, .error
+    def stream(self, job: Job) -> AsyncIterator[Any]: ...  # events: .index, .text, .finish, .error, .status
     async def result(self, job: Job) -> None: ...
     def cancel(self, job: Job) -> None: ...
 
@@ -128,11 +128,11 @@ async def _events(engine: Engine, job: Job, request: CompletionRequest | ChatCom
             for index in job.indices():
                 yield chunk(index, "", None, role=True)
         async for event in engine.stream(job):
-            if event.error:
-                engine.metrics.request(500)
+            if event.error:  # a failed step (500), or the shutdown's grace period ended (503)
+                engine.metrics.request(event.status)
                 done = True
                 engine.cancel(job)  # its other choices, if any, stop too
-                yield _sse(json.dumps(APIError(500, event.error).body()))
+                yield _sse(json.dumps(APIError(event.status, event.error).body()))
                 yield "data: [DONE]\n\n"
                 return
             yield chunk(event.index, event.text, event.finish)
