@@ -48,13 +48,16 @@ def test_shipped_drafter_is_exact_and_drafts(smol):
     base = AutoModelForCausalLM.from_pretrained(resolve_base("smollm2-135m")).eval()
     eos = sorted(set(lm.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])))
     tpf = {"shipped": [], "untrained": []}
-    for record in load_prompts("code", "bench")[:2]:
+    for i, record in enumerate(load_prompts("code", "bench")[:2]):
         p = lm.encode([record["prompt"]])[0]
         hf = base.generate(torch.tensor([p]), do_sample=False, max_new_tokens=48, eos_token_id=eos,
                            pad_token_id=0)[0, len(p):].tolist()
-        ref, ref_forwards = tidar_greedy(lm, p, 48, 8, set(eos))
         g = lm.generate([p], max_new_tokens=48, draft_len=8, proposals=8, eos_token_id=eos)[0]
-        assert g.token_ids == ref == hf and g.stats.forwards == ref_forwards
+        assert g.token_ids == hf
+        if i == 0:  # the naive reference (every step recomputed from scratch) on the first prompt's start
+            ref, ref_forwards = tidar_greedy(lm, p, 24, 8, set(eos))
+            short = lm.generate([p], max_new_tokens=24, draft_len=8, proposals=8, eos_token_id=eos)[0]
+            assert short.token_ids == ref == hf[:24] and short.stats.forwards == ref_forwards
         # the drafters themselves: the model's drafts only (suffix candidates would lift both alike)
         d = lm.generate([p], max_new_tokens=48, draft_len=8, proposals=8, eos_token_id=eos, candidates="diffusion")[0]
         assert d.token_ids == hf
@@ -76,9 +79,8 @@ def test_bf16_greedy_equals_the_bf16_ar_loop_on_the_bench_prompts():
     prompts = [p for s in ("code", "chat", "prose") for p in load_prompt_set(lm, s, 2)][:4]
     ar = [g.token_ids for g in lm.generate(prompts, max_new_tokens=40, ar=True)]
     assert ar == [lm.generate([p], max_new_tokens=40, ar=True)[0].token_ids for p in prompts]
-    for K, R in ((4, 1), (8, 3)):
-        assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=40, draft_len=K, proposals=R)] == ar
-        assert [lm.generate([p], max_new_tokens=40, draft_len=K, proposals=R)[0].token_ids for p in prompts] == ar
+    assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=40, draft_len=4, proposals=1)] == ar
+    assert [lm.generate([p], max_new_tokens=40, draft_len=8, proposals=3)[0].token_ids for p in prompts] == ar
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +138,7 @@ def test_bf16_greedy_equals_the_bf16_ar_loop_on_unseen_prompts(smol_bf16):
     prompts = [lm.encode([t], chat=i >= len(texts) - 3)[0] for i, t in enumerate(texts)]
     ar = [lm.generate([p], max_new_tokens=20, ar=True)[0].token_ids for p in prompts]
     assert [lm.generate([p], max_new_tokens=20, draft_len=8, proposals=3)[0].token_ids for p in prompts] == ar
-    for K, R in ((4, 1), (16, 2)):
-        assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=20, draft_len=K, proposals=R)] == ar
+    assert [g.token_ids for g in lm.generate(prompts, max_new_tokens=20, draft_len=16, proposals=2)] == ar
     long = lm.encode(["\n\n".join(texts * 6)])[0][:3000]
     ar_long = lm.generate([long], max_new_tokens=24, ar=True)[0].token_ids
     assert lm.generate([long], max_new_tokens=24, draft_len=8, proposals=2)[0].token_ids == ar_long
