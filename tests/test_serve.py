@@ -595,3 +595,16 @@ def test_the_server_answers_as_generate_and_stream_with_every_candidate_kind(ser
                                                                           "draft_len": 2})
                 return (await asyncio.gather(whole(), streamed(), other))[:2]
         assert asyncio.run(run()) == [expected, expected], (kind, sampling)
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.5])
+def test_a_signal_while_the_server_starts_stops_it_with_exit_0(model_dir, delay):
+    """While the command still imports torch (the first seconds) or loads the model: exit 0, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "ar2dlm", "serve", model_dir, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "AR2DLM_API_KEY": ""})
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "stopped before it was up" in err or "serve: stopped" in err, err
