@@ -56,6 +56,12 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
             assert r["temperature"] == 0.7 and r["speedup_vs_ar_sample"] > 0  # against AR sampling at 0.7
         if r.get("sampler") == "greedy" or r["config"] == "default":
             assert r["equals_ar"] is True and r["tpf"] >= 1.0 and sum(r["accepted_hist"].values()) > 0
+        if "accepted_hist" in r:  # every step is of one candidate kind: the shares add up, as do the steps
+            kinds = r["by_kind"]
+            assert sum(k["steps"] for k in kinds.values()) == sum(r["accepted_hist"].values())
+            assert abs(sum(k["share"] for k in kinds.values()) - 1) < 0.01
+            assert all(k["tau"] >= 1 for k in kinds.values())
+            assert set(kinds) <= ({"ar"} if r["config"] in ("ar", "ar_sample") else {"ar", "model", "suffix"})
         if r.get("sampler") == "mix":
             assert "nll_vs_lossless" in r
             # w = 0 verifies against the AR logits alone: greedy mix is AR greedy on every prompt

@@ -135,3 +135,20 @@ def test_seeded_lossless_is_the_same_through_every_driver(drafter, kind):
     if kind in ("drafts and proposals", "AR"):
         together, alone, joined = _alike(drafter, prompts, sampled)
         assert together == alone == joined
+
+
+def test_each_step_is_counted_under_its_candidate_kind(drafter):
+    """Stats.by_kind: the tokens of every step after the prefill, under the kind of draft it verified. A text
+    that repeats itself is drafted from itself (suffix); the model drafts elsewhere; the AR loop drafts nothing."""
+    pattern = drafter.pattern
+    prompts = [pattern * 3, [5, 9, 13, 2, 40]]
+    for settings, kinds in ((SETTINGS["suffix candidates"], {"suffix", "model"}),
+                            (SETTINGS["drafts and proposals"], {"model"}), (SETTINGS["AR"], {"ar"})):
+        gens = drafter.generate(prompts, max_new_tokens=30, eos_token_id=(), **settings)
+        seen = set()
+        for g in gens:
+            steps, tokens = map(sum, zip(*g.stats.by_kind.values()))
+            assert steps == sum(g.stats.accepted.values()) and tokens == g.stats.new_tokens - 1
+            seen |= set(g.stats.by_kind)
+            assert g.stats.as_dict()["by_kind"].keys() == g.stats.by_kind.keys()
+        assert seen == kinds, settings

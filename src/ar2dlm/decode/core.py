@@ -70,6 +70,9 @@ class Stats:
     wall_time: float = 0.0
     prefill_time: float = 0.0
     """Seconds until the prefill forward (prompt + first draft) was done; wall_time - prefill_time is decoding."""
+    by_kind: dict[str, list[int]] = field(default_factory=dict)
+    """Steps and tokens committed, by where the step's draft came from: "model" (the drafter's slots), "suffix"
+    (the request's own text, `suffix.py`; the drafter's slots may follow it), "ar" (no draft). Prefill excluded."""
 
     @property
     def tpf(self) -> float:
@@ -79,6 +82,8 @@ class Stats:
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "forwards": self.forwards, "tpf": round(self.tpf, 4),
                 "accepted_hist": {str(k): v for k, v in sorted(self.accepted.items())},
+                "by_kind": {k: {"steps": n, "tokens": t, "tau": round(t / n, 3)} for k, (n, t) in
+                            sorted(self.by_kind.items())},
                 "wall_time": round(self.wall_time, 4),
                 "tokens_per_s": round(self.new_tokens / self.wall_time, 3) if self.wall_time > 0 else None}
 
@@ -211,9 +216,14 @@ class Batch:
         if self.adaptive is not None and K > 1 and not copying:  # it learns how the model's drafts fare
             model = [i for i, r in enumerate(self.rows) if not r.matched]
             self.adaptive.update([out.r[i] for i in model], [out.offered[i] for i in model])
+        kinds = ["ar" if K == 1 else "suffix" if r.matched else "model" for r in self.rows]
         for r, n_taken in zip(self.rows, out.r):
             r.stats.accepted[n_taken] = r.stats.accepted.get(n_taken, 0) + 1
-        return self._deliver(list(self.rows), out.tokens, 0)
+        taken = self._deliver(list(self.rows), out.tokens, 0)
+        for (r, got), kind in zip(taken, kinds):
+            counts = r.stats.by_kind.setdefault(kind, [0, 0])
+            counts[0], counts[1] = counts[0] + 1, counts[1] + len(got)
+        return taken
 
     @torch.inference_mode()
     def leave(self, requests) -> None:

@@ -3,7 +3,9 @@
 Every configuration decodes the same prompts; runs are interleaved (run 1 of
 every configuration, then run 2, ...) so a busy moment of the machine hits
 all of them alike; one untimed warm-up run of every configuration comes first. Reported per prompt set and batch
-size: tokens per forward (TPF), mean accepted length and its histogram,
+size: tokens per forward (TPF), mean accepted length and its histogram, each
+candidate kind's share of the steps and its tau (tokens a step of that kind
+committed: the drafter's slots, the request's own text, or none),
 tokens/s (median of the runs) and the ratio to the same-stack AR loop (same
 model, same KV cache, one token per forward). Baselines: HF `generate`
 (greedy), the same with transformers' own attention and linear modules
@@ -138,7 +140,7 @@ def run_once(lm: DiffusionLM, spec: Spec, prompts, batch_size: int, max_new_toke
             toks, seconds = _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, spec.kind == "hf_pld")
         return {"tokens": toks, "seconds": seconds, "new": sum(map(len, toks))}
     cfg = lm.decode_config(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tuple(eos), **spec.settings)
-    toks, forwards, hist, steps = [], 0, {}, 0
+    toks, forwards, hist, steps, kinds = [], 0, {}, 0, {}
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         for g in generate(lm, prompts[i:i + batch_size], cfg):
@@ -147,9 +149,11 @@ def run_once(lm: DiffusionLM, spec: Spec, prompts, batch_size: int, max_new_toke
             for r, c in g.stats.accepted.items():
                 hist[r] = hist.get(r, 0) + c
                 steps += c
+            for kind, (n, t) in g.stats.by_kind.items():
+                kinds[kind] = [a + b for a, b in zip(kinds.get(kind, [0, 0]), (n, t))]
     seconds = time.perf_counter() - start
     new = sum(map(len, toks))
-    return {"tokens": toks, "seconds": seconds, "new": new, "forwards": forwards, "hist": hist}
+    return {"tokens": toks, "seconds": seconds, "new": new, "forwards": forwards, "hist": hist, "kinds": kinds}
 
 
 @torch.inference_mode()
@@ -281,6 +285,10 @@ def summarize(lm: DiffusionLM, name, bs, prompts, specs, per, max_new_tokens, se
             row["tpf"] = round(runs[0]["new"] / max(runs[0]["forwards"], 1), 3)
             row["mean_accepted"] = round(sum(r * c for r, c in hist.items()) / max(steps, 1), 3)
             row["accepted_hist"] = {str(k): v for k, v in sorted(hist.items())}
+            # each lever's share: steps whose draft came from the drafter, the request's text, or none (AR), and
+            # the tokens a step of that kind committed (tau; at batch 1 also its TPF)
+            row["by_kind"] = {k: {"steps": n, "share": round(n / max(steps, 1), 3), "tau": round(t / max(n, 1), 3)}
+                              for k, (n, t) in sorted(runs[0]["kinds"].items())}
         if spec.kind == "ar2dlm" and lm.decode_config(**spec.settings).greedy:
             row["equals_ar"] = runs[0]["tokens"] == ar_tokens
         if spec.settings.get("sampler") in ("lossless", "mix"):
@@ -306,10 +314,12 @@ def default_eos(lm: DiffusionLM) -> list[int]:
 
 def table(report: dict) -> str:
     cols = ["prompt_set", "batch_size", "config", "tpf", "mean_accepted", "tokens_per_s", "speedup_vs_ar",
-            "speedup_vs_ar_sample", "equals_ar", "nll_vs_lossless", "greedy_exact_match"]
+            "speedup_vs_ar_sample", "equals_ar", "nll_vs_lossless", "greedy_exact_match",
+            "tau_x_share_by_kind"]
     lines = [" | ".join(cols)]
     for r in report["results"]:
-        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
+        kinds = " ".join(f"{k}:{v['tau']}x{v['share']}" for k, v in r.get("by_kind", {}).items())
+        lines.append(" | ".join([*(str(r.get(c, "")) for c in cols[:-1]), kinds]))
     width = [max(len(l.split(" | ")[i]) for l in lines) for i in range(len(cols))]
     out = []
     for j, l in enumerate(lines):
