@@ -10,6 +10,7 @@ from conftest import CORE_ARCHS, EOS, make_tokenizer, tiny_model
 from transformers import DynamicCache
 
 from ar2dlm.decode import engine
+from ar2dlm.decode import step as steps
 from ar2dlm.decode.interface import DecodeModel
 from ar2dlm.decode.reference import ar_greedy, tidar_greedy
 from ar2dlm.model.convert import add_mask_token
@@ -146,15 +147,15 @@ def test_compaction_keeps_results(drafter):
     cfg = drafter.decode_config(max_new_tokens=30, draft_len=4, proposals=2)
     g = torch.Generator()
     with torch.inference_mode():
-        state, _ = engine.prefill(drafter, prompts, 4, cfg, g)
+        state, _ = steps.prefill(drafter, prompts, 4, cfg, g)
         for _ in range(3):
-            engine.step(drafter, state, 2, cfg, g)
+            steps.step(drafter, state, 2, cfg, g)
         assert not state.cache_valid.all() and state.holes  # ragged: holes exist, and the state knows
         twin = copy.deepcopy(state)
-        engine.compact_cache(twin)
+        steps.compact_cache(twin)
         assert twin.cache_valid.shape[1] < state.cache_valid.shape[1]
         for _ in range(3):
-            one, two = engine.step(drafter, state, 2, cfg, g), engine.step(drafter, twin, 2, cfg, g)
+            one, two = steps.step(drafter, state, 2, cfg, g), steps.step(drafter, twin, 2, cfg, g)
             assert one == two
 
 
@@ -285,10 +286,10 @@ def test_prefill_keeps_only_the_logits_it_reads(K, monkeypatch):
     _, lm = converted("llama")
     prompts = random_prompts(5, seed=21, lo=2, hi=12)
     cfg = lm.decode_config(draft_len=K, proposals=1)
-    state, t = engine.prefill(lm, prompts, K, cfg, None)
+    state, t = steps.prefill(lm, prompts, K, cfg, None)
     head = lm.model.get_output_embeddings()
     monkeypatch.setattr(head, "lora_A", {}, raising=False)  # what a LoRA'd LM head looks like: every row
-    full_state, full_t = engine.prefill(lm, prompts, K, cfg, None)
+    full_state, full_t = steps.prefill(lm, prompts, K, cfg, None)
     assert t == full_t
     assert torch.allclose(state.draft_logits, full_state.draft_logits, atol=1e-12)
     assert torch.equal(state.draft, full_state.draft)

@@ -11,11 +11,8 @@ import socket
 import time
 
 import httpx
-import pytest
-from conftest import make_tokenizer, refusal, run_cli, save_base
-from test_serve import CHAT_TEMPLATE, Server
-
-from ar2dlm import convert
+from conftest import refusal, run_cli
+from test_serve import Server, model_dir  # noqa: F401 -- model_dir: test_serve's fixture, the same tiny model
 
 SLOW_STEP = """
 import sys, time
@@ -28,16 +25,6 @@ core.Batch.step = slow
 from ar2dlm.cli import main
 sys.exit(main())
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-boundary")
-    base = save_base("llama", root / "base")
-    tok = make_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(base)
-    return str(convert(base, root / "converted", block_size=4))
 
 
 def test_a_shutdown_whose_grace_a_step_outlasts_answers_everyone_and_exits_0_in_time(model_dir, tmp_path):

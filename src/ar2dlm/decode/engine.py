@@ -18,10 +18,8 @@ from ..nn.vocab import embedding_rows
 from .config import DecodeConfig
 from .core import Batch, Generation, Request, Stats, eos_ids, row_seed
 from .interface import DecodeModel
-from .step import State, compact_cache, prefill, step
 
-__all__ = ["Generation", "Request", "State", "Stats", "check_request", "compact_cache", "eos_ids", "events",
-           "generate", "prefill", "step", "stream"]
+__all__ = ["Generation", "Request", "Stats", "check_request", "eos_ids", "events", "generate", "stream"]
 
 
 def events(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig,
