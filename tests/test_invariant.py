@@ -279,6 +279,114 @@ def test_attention_of_a_row_ignores_holes_in_its_cache(q, L, holes, dtype):
     assert torch.equal(invariant.attention(query, k2, v2, allowed2[None, None]), dense)
 
 
+def _rank_order_case(n: int, dtype: torch.dtype, seed: int):
+    """GQA attention inputs (6 heads on 2 KV heads, 2 batch rows of 8 query rows) whose first 5 rows per batch row
+    see n keys each with a gap of their own (a candidate tree's sibling: the first n - 1 keys, then its own key
+    further right; random holes; the keys shifted right; from key 0; none at all) and are flagged, the other 3 see
+    random keys (holes in the batch's keys: the key order moves them) and are not."""
+    g = torch.Generator().manual_seed(seed)
+    b, H, Hkv, q, d, L = 2, 6, 2, 8, 16, n + 20
+    query = torch.randn(b, H, q, d, generator=g).to(dtype)
+    key, value = (torch.randn(b, Hkv, L, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(b, q, L, generator=g) < 0.5
+    mask[:, :5] = False
+    for i in range(b):
+        mask[i, 0, :n - 1] = True
+        mask[i, 0, n - 1 + int(torch.randint(1, L - n + 1, (1,), generator=g))] = True
+        mask[i, 1, torch.randperm(L, generator=g)[:n]] = True
+        mask[i, 2, L - n:] = True
+        mask[i, 3, :n] = True
+    compact = torch.zeros(b, q, dtype=torch.bool)
+    compact[:, :5] = True
+    return query, key, value, mask[:, None], compact
+
+
+def _over_its_keys(query, key, value, mask, bi: int, i: int) -> torch.Tensor:
+    """[H, d]: query row i of batch row bi, unflagged, over only the keys it sees, stored from key 0."""
+    seen = mask[bi, 0, i].nonzero()[:, 0]
+    if seen.numel() == 0:
+        return torch.zeros_like(query[bi, :, i])
+    return invariant.attention(query[bi:bi + 1, :, i:i + 1], key[bi:bi + 1, :, seen], value[bi:bi + 1, :, seen],
+                               torch.ones(1, 1, 1, seen.numel(), dtype=torch.bool))[0, :, 0]
+
+
+@pytest.mark.parametrize("n", [63, 65, 70, 257, 1030])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_attention_in_rank_order_equals_the_row_over_only_its_keys(path, dtype, n, monkeypatch):
+    """invariant.attention with orders[COMPACT] (the kernel, or the reference in torch ops where it is not built):
+    each flagged row == that query alone over exactly its keys, bitwise, in a GQA call over a ragged batch; the
+    unflagged rows == the call without flags."""
+    if path == "reference":
+        monkeypatch.setattr(invariant, "kernel_runs", lambda query, value: False)
+    elif not invariant.kernel_runs(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype)):
+        pytest.skip("the kernel is not built here")
+    query, key, value, mask, compact = _rank_order_case(n, dtype, seed=n)
+    out = invariant.attention(query, key, value, mask, orders={invariant.COMPACT: compact})
+    for bi in range(2):
+        for i in range(5):
+            assert torch.equal(out[bi, :, i], _over_its_keys(query, key, value, mask, bi, i)), (bi, i)
+    assert torch.equal(out[:, :, 5:], invariant.attention(query, key, value, mask)[:, :, 5:])
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_rank_order_flags_follow_the_stacked_rows(path, monkeypatch):
+    """The flags are over the forward's query rows ([q] or [b, q]); the query heads stacked on their KV head
+    (here, or by the packed-GQA attention before sdpa: [b, H_kv, rep q, d]) each get their row's flag. Every
+    layer of a forward shares one `orders`; flags over another row count are refused."""
+    if path == "reference":
+        monkeypatch.setattr(invariant, "kernel_runs", lambda query, value: False)
+    query, key, value, mask, compact = _rank_order_case(70, torch.float32, seed=3)
+    compact[1] = compact[0]  # the same flags in both batch rows: [q] says it as well
+    b, H, q, d = query.shape
+    orders = {invariant.COMPACT: compact[0]}
+    out = invariant.attention(query, key, value, mask, orders=orders)
+    assert torch.equal(out, invariant.attention(query, key, value, mask, orders=orders))  # the next layer
+    assert torch.equal(out, invariant.attention(query, key, value, mask, orders={invariant.COMPACT: compact}))
+    packed = invariant.attention(query.reshape(b, 2, 3 * q, d), key, value, mask.repeat(1, 1, 3, 1),
+                                 orders={invariant.COMPACT: compact})
+    assert torch.equal(packed.reshape(b, H, q, d), out)
+    with pytest.raises(ValueError, match="stacked rows"):
+        invariant.attention(query, key, value, mask, orders={invariant.COMPACT: compact[:, :5]})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+def test_a_sibling_in_rank_order_equals_the_ar_loop(arch, dtype):
+    """DiffusionLM.forward(compact=...) on the lean forward (llama) and the HF forward under BatchInvariant
+    (qwen2_moe): a step of a chain d_0..d_3 and sibling candidates, sibling i at depth j seeing the cache, d_0..
+    d_{j-1} and its own key after all of the chain's and the siblings before it. Flagged, each sibling's logits ==
+    the AR loop's at position C + j after d_0..d_{j-1}; the chain's too (unflagged)."""
+    lm = lm_of(arch, dtype)
+    assert (lm.lean is not None) == (arch == "llama")
+    g = torch.Generator().manual_seed(5)
+    C, K, depths = 61, 4, [0, 1, 3, 4, 1, 2]  # keys 61 + j + 1: the own key moves across the first chunk's end
+    S = len(depths)
+    prefix = torch.randint(2, VOCAB, (1, C), generator=g)
+    chain, siblings = torch.randint(2, VOCAB, (1, K), generator=g), torch.randint(2, VOCAB, (1, S), generator=g)
+    cache = _prefill(lm, prefix)
+    allowed = torch.zeros(K + S, C + K + S, dtype=torch.bool)
+    allowed[:, :C] = True
+    allowed[:K, C:C + K] = torch.ones(K, K, dtype=torch.bool).tril()
+    for i, j in enumerate(depths):
+        allowed[K + i, C:C + j] = True
+        allowed[K + i, C + K + i] = True
+    pos = torch.tensor([[C + j for j in range(K)] + [C + j for j in depths]])
+    compact = torch.tensor([[False] * K + [True] * S])
+    with torch.no_grad():
+        logits = lm.forward(torch.cat([chain, siblings], 1), pos, allowed[None], past_key_values=copy.deepcopy(cache),
+                            compact=compact)
+    ar = copy.deepcopy(cache)
+    for j in range(K + 1):
+        for i in (i for i, depth in enumerate(depths) if depth == j):
+            one = _forward(lm, siblings[:, i:i + 1], C + j, torch.ones(1, 1, C + j + 1, dtype=torch.bool),
+                           copy.deepcopy(ar))
+            assert torch.equal(logits[0, K + i], one[0, 0]), f"sibling {i} at depth {j}"
+        if j < K:
+            one = _forward(lm, chain[:, j:j + 1], C + j, torch.ones(1, 1, C + j + 1, dtype=torch.bool), ar)
+            assert torch.equal(logits[0, j], one[0, 0]), f"chain row {j}"
+
+
 def test_the_mode_stays_out_of_autograd_and_other_models():
     """Training (autograd) runs the plain ops; a model without batch invariance is untouched by another's."""
     lm = _lm("llama", torch.float32)

@@ -189,3 +189,128 @@ def test_linear_add_is_the_block_diagonal_update_and_row_invariant(M, rank, outs
         one = before[:1, start + i:start + i + 1].clone()
         native.linear_add(one[:, :, n_base:], packed, ranges, one[:, :, :n_base])
         assert torch.equal(one[0, 0], Y[0, start + i]), f"row {i} of {M}"
+
+
+# Rank order (`compact`): a flagged row's n-th seen key counts as if at key n. Oracle: the same query, unflagged,
+# over a key tensor that holds exactly its seen keys from key 0 (the AR loop's cache).
+KEY_COUNTS = [1, 5, 63, 64, 65, 70, 255, 256, 257, 270, 1030]
+
+
+def _ranked_masks(n: int, L: int, R: int, g: torch.Generator) -> torch.Tensor:
+    """[R, L] masks of rows that see n keys (row R - 1: none), each with another gap pattern: a candidate tree's
+    sibling (the cache and the step's first j keys, then its own key after the other candidates), random holes,
+    the keys from 0 (no gap), the keys shifted right, a hole at the front."""
+    mask = torch.zeros(R, L, dtype=torch.bool)
+    for r in range(R - 1):
+        kind = r % 5
+        if kind == 0:  # the cache and the step's first j keys, then its own key after a gap
+            mask[r, :n - 1] = True
+            mask[r, n - 1 + int(torch.randint(1, L - n + 1, (1,), generator=g))] = True
+        elif kind == 1:
+            mask[r, torch.randperm(L, generator=g)[:n]] = True
+        elif kind == 2:
+            mask[r, :n] = True
+        elif kind == 3:
+            mask[r, L - n:] = True
+        else:
+            mask[r, 1:n + 1] = True
+    return mask
+
+
+def _alone(q, k, v, mask, scale):
+    """[B, H, R, D]: each row unflagged over only its seen keys, stored from key 0."""
+    B, H, R, D = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for r in range(R):
+                seen = mask[b, h if mask.shape[1] > 1 else 0, r].nonzero()[:, 0]
+                if seen.numel():
+                    ones = torch.ones(1, 1, 1, seen.numel(), dtype=torch.bool)
+                    out[b, h, r] = native.attention(q[b:b + 1, h:h + 1, r:r + 1], k[b:b + 1, h:h + 1, seen],
+                                                    v[b:b + 1, h:h + 1, seen], ones, scale)[0, 0, 0]
+    return out
+
+
+@pytest.mark.parametrize("n", KEY_COUNTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_row_in_rank_order_equals_the_row_over_only_its_keys(dtype, n):
+    """Flagged rows (sibling gaps, random holes, none, a shift) == each row alone over exactly its keys, bitwise,
+    across chunk (64) and segment (256) boundaries; the unflagged rows of the call are what they were without."""
+    g = torch.Generator().manual_seed(n)
+    B, H, R, D, L = 2, 2, 7, 64, n + 9
+    q, k, v, _ = _inputs(B, H, R, L, D, dtype, seed=n)
+    ranked = torch.stack([_ranked_masks(n, L, R, g) for _ in range(B)])[:, None]  # [B, 1, R, L]
+    others = torch.rand(B, 1, R, L, generator=g) < 0.6
+    mask = torch.cat([ranked, others], 2)  # the flagged rows, then as many unflagged ones
+    compact = torch.zeros(B, 2 * R, dtype=torch.bool)
+    compact[:, :R] = True
+    q2 = torch.cat([q, q], 2)
+    out = native.attention(q2, k, v, mask, 0.125, None, compact)
+    assert torch.equal(out[:, :, :R], _alone(q, k, v, ranked, 0.125))
+    assert torch.equal(out[:, :, R - 1], torch.zeros_like(out[:, :, R - 1]))  # a row that sees no key
+    assert torch.equal(out[:, :, R:], native.attention(q2, k, v, mask, 0.125)[:, :, R:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rank_order_per_head_masks_and_broadcast_flags(dtype):
+    """A mask per head ([B, H, R, L]: each head its own keys) and flags given as [R] or [1, R]: the same bits."""
+    g = torch.Generator().manual_seed(11)
+    B, H, R, D, L = 2, 3, 6, 32, 300
+    q, k, v, _ = _inputs(B, H, R, L, D, dtype, seed=11)
+    mask = torch.stack([torch.stack([_ranked_masks(n, L, R, g) for n in (70, 260, 129)]) for _ in range(B)])
+    want = _alone(q, k, v, mask, 0.2)
+    for compact in (torch.ones(R, dtype=torch.bool), torch.ones(1, R, dtype=torch.bool), torch.tensor(True)):
+        assert torch.equal(native.attention(q, k, v, mask, 0.2, None, compact), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rank_order_thread_count_and_cache_views_change_nothing(dtype):
+    """Flagged rows among unflagged ones, keys and values views of a larger buffer, with their transpose (the lean
+    forward's cache): any thread count gives the same bits, the flagged rows those of their keys alone."""
+    g = torch.Generator().manual_seed(7)
+    B, H, R, D, L = 2, 2, 24, 64, 1100
+    q, k, v, mask = _inputs(B, H, R, L, D, dtype, seed=7, holes=True)
+    mask[:, :, ::3] = torch.stack([_ranked_masks(1030, L, 8, g) for _ in range(B)])[:, None]
+    compact = torch.zeros(B, R, dtype=torch.bool)
+    compact[:, ::3] = True
+    buffer_k, buffer_v = torch.zeros(B, H, 1200, D, dtype=dtype), torch.zeros(B, H, 1200, D, dtype=dtype)
+    buffer_k[:, :, :L], buffer_v[:, :, :L] = k, v
+    keys_t = buffer_k.transpose(2, 3).contiguous()[..., :L]
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native.attention(q, buffer_k[:, :, :L], buffer_v[:, :, :L], mask, 0.125, keys_t, compact))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert torch.equal(outs[0][:, :, ::3], _alone(q[:, :, ::3], k, v, mask[:, :, ::3], 0.125))
+    assert torch.equal(outs[0][:, :, 1::3], native.attention(q, k, v, mask, 0.125)[:, :, 1::3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rank_order_rows_with_the_same_keys(dtype):
+    """Flagged rows with the same keys (the query heads stacked on one KV head) share each chunk's keys, up to 6
+    rows at a time: 15 rows of two gap patterns interleaved, each its own query, == each row alone."""
+    q, k, v, _ = _inputs(2, 2, 15, 700, 64, dtype, seed=9)
+    mask = torch.zeros(2, 1, 15, 700, dtype=torch.bool)
+    mask[..., :300] = True
+    mask[:, :, 0::2, 650] = True
+    mask[:, :, 1::2, 420:430] = True
+    compact = torch.ones(2, 15, dtype=torch.bool)
+    assert torch.equal(native.attention(q, k, v, mask, 0.125, None, compact), _alone(q, k, v, mask, 0.125))
+
+
+def test_rank_order_never_reads_a_key_the_row_does_not_see():
+    """The gaps of a flagged row may hold inf or NaN (keys other rows see, a buffer's stale tail)."""
+    q, k, v, _ = _inputs(1, 2, 3, 300, 32, torch.float32, seed=4)
+    mask = torch.zeros(1, 1, 3, 300, dtype=torch.bool)
+    mask[..., :100] = True
+    mask[..., 250] = True
+    compact = torch.ones(1, 3, dtype=torch.bool)
+    clean = native.attention(q, k, v, mask, 0.2, None, compact)
+    k[..., 100:250, :], v[..., 100:250, :] = float("nan"), float("inf")
+    k[..., 251:, :], v[..., 251:, :] = float("inf"), float("nan")
+    assert torch.equal(native.attention(q, k, v, mask, 0.2, None, compact), clean)

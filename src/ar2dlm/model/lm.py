@@ -159,14 +159,18 @@ class DiffusionLM:
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mask_slots: torch.Tensor | None = None, past_key_values=None, slots_from: int | None = None,
-                holes: bool | None = None, **kwargs) -> torch.Tensor:
+                holes: bool | None = None, compact: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Logits [b, q, vocab] of the stock forward.
 
         input_ids, position_ids: [b, q]; attention_mask: bool [b, q, k] over
         (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
         What the caller knows of the layout, so that nothing is read back from the masks (the decode engine):
         slots_from, that every row's slots are its columns from there on; holes, whether a row's keys have
-        holes (`nn.invariant.key_order`). kwargs go to the HF forward (e.g. logits_to_keep).
+        holes (`nn.invariant.key_order`). compact: bool [q] or [b, q], rows whose keys are read in rank order:
+        a flagged row's n-th seen key counts as if at key n, so its attention equals the row's over a cache
+        holding exactly its keys (a candidate tree's sibling, whose own key sits after the other candidates';
+        `nn.invariant.COMPACT`); only a batch-invariant forward reads it. kwargs go to the HF forward (e.g.
+        logits_to_keep).
         """
         lean = self.lean
         if (lean is not None and self.batch_invariant and self.wrapped is None and set(kwargs) <= {"logits_to_keep"}
@@ -174,8 +178,8 @@ class DiffusionLM:
             with self.slot_gate.rows(mask_slots, slots_from):
                 if self.slot_gate.slot_start is None or self.slot_gate.slot_start >= 0:  # slots a suffix, or none
                     return lean(input_ids, position_ids, attention_mask, past_key_values,
-                                kwargs.get("logits_to_keep", 0), holes)
-        invariant = BatchInvariant(self.probe, holes) if self.batch_invariant else contextlib.nullcontext()
+                                kwargs.get("logits_to_keep", 0), holes, compact)
+        invariant = BatchInvariant(self.probe, holes, compact) if self.batch_invariant else contextlib.nullcontext()
         with self.slot_gate.rows(mask_slots, slots_from), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(attention_mask, self.model),
@@ -217,7 +221,7 @@ class DiffusionLM:
                         "adaptive": self.settings.adaptive and not any(
                             overrides.get(k) is not None for k in ("ar", "draft_len", "proposals"))}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("stop", "eos_token_id"):
+        for key in ("stop", "eos_token_id", "tree"):
             if isinstance(defaults.get(key), (list, str, int)):
                 v = defaults[key]
                 defaults[key] = tuple([v] if isinstance(v, (str, int)) else v)

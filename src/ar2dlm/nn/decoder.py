@@ -119,15 +119,17 @@ class LeanDecoder:
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  cache: DynamicCache | None = None, logits_to_keep: int | torch.Tensor = 0,
-                 holes: bool | None = None) -> torch.Tensor:
+                 holes: bool | None = None, compact: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, q', vocab], as the HF forward gives them. mask: bool [b, q, cache + q] (True = attend);
-        holes: whether a row's keys have holes, when the caller knows (`invariant.key_order`)."""
+        holes: whether a row's keys have holes, when the caller knows (`invariant.key_order`); compact: bool [q]
+        or [b, q], the rows that read their keys in rank order (`invariant.COMPACT`), or None."""
         b, q = input_ids.shape
         x = self.body.embed_tokens(input_ids)
         cos, sin = self.body.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, q, d]
         mask = mask[:, None]  # [b, 1, q, L]: one mask object for every layer (its key order is found once)
-        orders: dict = {} if holes is None else {invariant.HOLES: holes}
+        orders: dict = {key: value for key, value in ((invariant.HOLES, holes), (invariant.COMPACT, compact))
+                        if value is not None}
         H, Hkv = self.heads, self.kv_heads
         probe = self.probe
         for i, (norm1, qkv, o_proj, norm2, gate_up, down, act, scaling, d) in enumerate(self.layers):

@@ -24,7 +24,11 @@ fixed order per row, whatever the rest of the batch:
    before a row's keys (a shorter prompt's padding, drafts another request
    of the batch kept and this one did not) would shift its keys across the
    chunks, so the keys a batch row sees are first moved to the front, in
-   order, where they are when that request decodes alone.
+   order, where they are when that request decodes alone. A query row whose
+   holes are its own (a candidate tree's sibling sees the step's first j
+   keys, then its own key further right, where the AR loop has it next) is
+   flagged in `orders[COMPACT]`: it reads its keys in rank order, its n-th
+   seen key as if at key n, and so equals the row over exactly its keys.
 3. activations (`ACTIVATIONS`: sigmoid, silu, gelu, softplus, ...; rsqrt):
    elementwise, yet not invariant as they are. Their CPU kernel runs its
    loop in blocks of two vector registers (32 fp32 with AVX512) and the
@@ -139,7 +143,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     attend) or additive, broadcastable to [b, H, q, L]; -> [b, H, q, d_v]. `orders` caches the key order
     per mask object: every layer of one forward gets the same mask, so the hole test (a host sync) runs once.
     keys_t: optionally the keys transposed [b, H_kv, d, L] (a cache that keeps them so: the kernel then reads
-    them without transposing; the same numbers, the same result).
+    them without transposing; the same numbers, the same result). orders[COMPACT]: the query rows that read their
+    keys in rank order (see `COMPACT`).
     Runs ar2dlm's kernel (native.attention) where it is built and takes the shapes, else `reference_attention`;
     which one is fixed per process and dtype, never by the rows of a call.
     """
@@ -166,11 +171,29 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         key, value = in_order(key, order), in_order(value, order)
         keys_t = None
     rows = query.reshape(b, Hkv, rep * q, d)
+    compact = _ranked_rows(orders, rep * q)
     if kernel_runs(query, value):
-        out = native.attention(rows, _last_contiguous(key), _last_contiguous(value), allowed, scale, keys_t)
+        out = native.attention(rows, _last_contiguous(key), _last_contiguous(value), allowed, scale, keys_t, compact)
     else:
-        out = reference_attention(rows, key, value, allowed, scale, tile)
+        out = reference_attention(rows, key, value, allowed, scale, tile, compact)
     return out.reshape(b, H, q, -1)
+
+
+def _ranked_rows(orders: dict | None, rows: int) -> torch.Tensor | None:
+    """orders[COMPACT] ([q] or [b, q] over the forward's query rows) for `rows` stacked rows, bool [1 or b, rows]:
+    stacked row i is the forward's row i mod q (the query heads of a KV head stacked here, or by the packed-GQA
+    attention before it). Kept in `orders` per row count: every layer stacks alike."""
+    compact = orders.get(COMPACT) if orders is not None else None
+    if compact is None:
+        return None
+    stacked = orders.get((COMPACT, rows))
+    if stacked is None:
+        flags = compact.reshape(-1, compact.shape[-1]).bool()  # [1 or b, q]
+        if rows % flags.shape[1]:
+            raise ValueError(f"orders[COMPACT] flags {flags.shape[1]} query rows; this attention has {rows} "
+                             "stacked rows, not a multiple of them")
+        stacked = orders[COMPACT, rows] = flags.repeat(1, rows // flags.shape[1])
+    return stacked
 
 
 def kernel_runs(query: torch.Tensor, value: torch.Tensor) -> bool:
@@ -200,11 +223,15 @@ def _allowed(attn_mask, is_causal: bool, b: int, q: int, L: int, device) -> torc
 
 
 def reference_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
-                        scale: float, tile: int = ROW_TILE) -> torch.Tensor:
+                        scale: float, tile: int = ROW_TILE, compact: torch.Tensor | None = None) -> torch.Tensor:
     """The same property in plain torch ops (slower): rows [b, H_kv, R, d], key, value [b, H_kv, L, d], allowed
     bool [b, 1 or H_kv, R, L] -> [b, H_kv, R, d_v]. Scores and the weighted sum of values in fp32 (or the input's
     wider dtype), over the keys in chunks of `KEY_CHUNK` from key 0, each product on row tiles of `tile`, the
-    chunks summed in order; a row that sees no key gets zeros."""
+    chunks summed in order; a row that sees no key gets zeros. compact: optionally bool, broadcastable to [b, R],
+    the rows that read their keys in rank order (the kernel's `compact`): each is computed alone over its seen
+    keys gathered to key 0, which is the result of that row over a cache holding exactly them."""
+    if compact is not None:
+        return _in_rank_order(rows, key, value, allowed, scale, tile, compact)
     b, Hkv, R, d = rows.shape
     L = key.shape[-2]
     work = torch.promote_types(rows.dtype, torch.float32)
@@ -230,9 +257,38 @@ def reference_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out.to(rows.dtype)
 
 
+def _in_rank_order(rows, key, value, allowed, scale, tile, compact) -> torch.Tensor:
+    """reference_attention with the `compact` rows, one (batch row, query row, mask head) at a time, over their
+    seen keys gathered to key 0 (host reads: the reference is the slow path)."""
+    out = reference_attention(rows, key, value, allowed, scale, tile)
+    b, Hkv, R = rows.shape[:3]
+    allowed = allowed.expand(b, allowed.shape[1], R, key.shape[-2])
+    for bi, r in compact.expand(b, R).nonzero().tolist():
+        for h in range(allowed.shape[1]):  # one mask for every KV head, or one per head
+            heads = slice(None) if allowed.shape[1] == 1 else slice(h, h + 1)
+            seen = allowed[bi, h, r].nonzero()[:, 0]  # [n]: the row's keys, in order
+            if seen.numel() == 0:
+                out[bi, heads, r] = 0
+                continue
+            one = reference_attention(rows[bi:bi + 1, heads, r:r + 1], key[bi:bi + 1, heads, seen],
+                                      value[bi:bi + 1, heads, seen],
+                                      torch.ones(1, 1, 1, seen.numel(), dtype=torch.bool, device=rows.device),
+                                      scale, tile)
+            out[bi, heads, r] = one[0, :, 0]
+    return out
+
+
 HOLES = "holes"
 """The key of `orders` under which a caller that knows says whether the forward's keys have holes (True / False);
 without it `key_order` looks (a host read)."""
+
+
+COMPACT = "compact"
+"""The key of `orders` under which a caller flags the query rows that read their keys in rank order: bool [q] or
+[b, q] over the forward's query rows, or None (no row). A flagged row's n-th seen key (in key order) counts as if
+it sat at key n: the chunks of its sums hold exactly its keys, packed from key 0, so its result is the row's over a
+cache that holds only them (the AR loop's), whatever gaps it has among the keys of the call (a candidate tree's
+sibling: the step's first j keys, then its own after the other candidates). Other rows are computed as without."""
 
 
 def key_order(seen: torch.Tensor, holes: bool | None = None) -> torch.Tensor | None:
@@ -265,9 +321,9 @@ class BatchInvariant(TorchFunctionMode):
     order for the forward's layers.
     """
 
-    def __init__(self, probe=None, holes: bool | None = None):
+    def __init__(self, probe=None, holes: bool | None = None, compact: torch.Tensor | None = None):
         super().__init__()
-        self.orders: dict = {} if holes is None else {HOLES: holes}
+        self.orders: dict = {key: value for key, value in ((HOLES, holes), (COMPACT, compact)) if value is not None}
         self.probe = probe  # callable(component, rows [b, q, ...]): the exactness check reads attention's rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

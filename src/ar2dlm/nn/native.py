@@ -99,12 +99,14 @@ def reason() -> str | None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-              keys_t: torch.Tensor | None = None) -> torch.Tensor:
+              keys_t: torch.Tensor | None = None, compact: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-invariant attention (csrc/attention.cpp). q [B, H, R, D]; k, v [B, H, L, D] (any strides with the last
     dim contiguous); mask bool [B, 1 or H, R, L] (True = attend); keys_t: optionally k transposed, [B, H, D, L] (the
-    lean forward's cache keeps it: the same numbers, read without a transpose); -> [B, H, R, D] in q's dtype. A row
-    that sees no key gets zeros."""
-    return torch.ops.ar2dlm_native.attention(q, k, v, mask, scale, keys_t)
+    lean forward's cache keeps it: the same numbers, read without a transpose); compact: optionally bool,
+    broadcastable to [B, R], the rows that read their keys in rank order (a flagged row's n-th seen key counts as
+    if at column n: its result is the row's over exactly its keys stored from column 0); -> [B, H, R, D] in q's
+    dtype. A row that sees no key gets zeros."""
+    return torch.ops.ar2dlm_native.attention(q, k, v, mask, scale, keys_t, compact)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

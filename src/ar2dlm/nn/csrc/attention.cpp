@@ -22,6 +22,16 @@
 // thread count) changes only the time. exp is our own polynomial (fixed
 // code, no libm dispatch). Inputs are float, bfloat16 or half; everything
 // inside is fp32.
+//
+// Rank order (`compact`, per query row): a flagged row reads its seen keys
+// at virtual columns 0, 1, 2, ... (its n-th seen key, in column order, at
+// column n), chunked and segmented as if they were stored there. Its result
+// is then the row's over a cache holding exactly its keys, contiguously
+// from key 0 (the AR loop's), wherever the call's layout put them: a
+// candidate tree's sibling sees [cache | the step's first j keys | its own
+// key further right], where the AR loop has its own key right after the
+// others. A flagged row's chunks from the one its first gap falls in run in
+// a second pass (see `run`); the other rows are untouched by it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +40,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -209,9 +220,22 @@ void rows_in_chunk(const float* const* q, const bool* const* seen, const float* 
   weighted_values_any<G>(pp, all_seen ? nullptr : seen, vf, n, D, acc);
 }
 
+// rows_in_chunk for g_n (1 .. GROUP) rows
+inline void rows_in_group(int g_n, const float* const* q, const bool* const* seen, const float* const* bias,
+                          bool all_seen, const v16* kt, const v16* vf, int64_t n, int64_t D, float* const* state) {
+  switch (g_n) {
+    case 6: rows_in_chunk<6>(q, seen, bias, all_seen, kt, vf, n, D, state); break;
+    case 5: rows_in_chunk<5>(q, seen, bias, all_seen, kt, vf, n, D, state); break;
+    case 4: rows_in_chunk<4>(q, seen, bias, all_seen, kt, vf, n, D, state); break;
+    case 3: rows_in_chunk<3>(q, seen, bias, all_seen, kt, vf, n, D, state); break;
+    case 2: rows_in_chunk<2>(q, seen, bias, all_seen, kt, vf, n, D, state); break;
+    default: rows_in_chunk<1>(q, seen, bias, all_seen, kt, vf, n, D, state); break;
+  }
+}
+
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale_d,
-         const c10::optional<at::Tensor>& keys_t, at::Tensor& out) {
+         const c10::optional<at::Tensor>& keys_t, const c10::optional<at::Tensor>& compact, at::Tensor& out) {
   // D: the head size padded to whole vectors (the padding is zeros in q, k and v: it adds exact zeros)
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), Dq = q.size(3), L = k.size(2);
   const int64_t D = (Dq + 15) / 16 * 16;
@@ -237,6 +261,34 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const Strides ks{k.stride(0), k.stride(1), 0, k.stride(2)};
   const Strides vs{v.stride(0), v.stride(1), 0, v.stride(2)};
   const Strides ms{mask.stride(0), mask.size(1) == 1 ? 0 : mask.stride(1), mask.stride(2), mask.stride(3)};
+  // compact [B, R] (any size-1 dims broadcast): the rows that read their keys in rank order
+  const bool* cp = compact.has_value() ? compact->data_ptr<bool>() : nullptr;
+  const int64_t c_dim = cp ? compact->dim() : 0;
+  const int64_t cs_b = c_dim == 2 && compact->size(0) != 1 ? compact->stride(0) : 0;
+  const int64_t cs_r = c_dim >= 1 && compact->size(c_dim - 1) != 1 ? compact->stride(c_dim - 1) : 0;
+  // Per (b, mask head, r) the first chunk f a row runs in rank order (step 5): a flagged row's keys before its
+  // first gap are at their rank already, so the chunks wholly before the gap are its virtual chunks as they
+  // stand (every key seen) and run in the main pass with the other rows. `chunks` (none) for every other row,
+  // and for a flagged row without a gap (all its keys at their rank). Hm: 1 when one mask serves every head.
+  const int64_t Hm = mask.size(1);
+  std::vector<int64_t> ranked_from;
+  if (cp != nullptr) {
+    ranked_from.assign(static_cast<size_t>(B * Hm * R), chunks);
+    at::parallel_for(0, B * Hm * R, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item % R, h = (item / R) % Hm, b = item / R / Hm;
+        if (!cp[b * cs_b + r * cs_r]) continue;
+        const bool* mrow = mp + b * ms.b + h * ms.h + r * ms.r;
+        int64_t lead = 0;  // the keys seen from column 0 on
+        while (lead < L && mrow[lead * ms.l]) ++lead;
+        int64_t next = lead;  // the first seen key after them (L: none, no gap)
+        while (next < L && !mrow[next * ms.l]) ++next;
+        if (next < L) ranked_from[item] = lead / CHUNK;
+      }
+    });
+  }
+  auto ranked_of = [&](int64_t b, int64_t h) { return ranked_from.data() + (b * Hm + (Hm == 1 ? 0 : h)) * R; };
+  auto ranked = [&](int64_t b, int64_t h, int64_t r) { return cp != nullptr && ranked_of(b, h)[r] < chunks; };
   // per (b, h, segment, row): m, l, acc[D]
   std::vector<float> part(static_cast<size_t>(B * H * segments * R * (D + 2)));
   auto part_at = [&](int64_t b, int64_t h, int64_t s, int64_t r) {
@@ -284,7 +336,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
         const int64_t j0 = c * CHUNK, n = std::min(CHUNK, L - j0);
         int64_t active[ROW_BLOCK], count = 0;
         bool full[ROW_BLOCK];
+        const int64_t* from = cp != nullptr ? ranked_of(b, h) : nullptr;
         for (int64_t r = r0; r < r1; ++r) {
+          if (from != nullptr && c >= from[r]) continue;  // its keys in rank order: step 5
           const bool* mrow = mp + b * ms.b + h * ms.h + r * ms.r + j0 * ms.l;
           uint8_t x[CHUNK];
           if (n == CHUNK && ms.l == 1) {
@@ -343,30 +397,116 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
             all_seen = all_seen && full[r - r0];
             stg[g] = part_at(b, h, s_idx, r);
           }
-          switch (g_n) {
-            case 6: rows_in_chunk<6>(qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg); break;
-            case 5: rows_in_chunk<5>(qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg); break;
-            case 4: rows_in_chunk<4>(qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg); break;
-            case 3: rows_in_chunk<3>(qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg); break;
-            case 2: rows_in_chunk<2>(qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg); break;
-            default: rows_in_chunk<1>(qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg); break;
-          }
+          rows_in_group(g_n, qg, sg, bg, all_seen, kt.data(), vf.data(), n, D, stg);
         }
       }
       if (segments == 1)  // nothing to merge: each row's result now, while its state is in cache
-        for (int64_t r = r0; r < r1; ++r) finish(b, h, r, scratch.data());
+        for (int64_t r = r0; r < r1; ++r)
+          if (!ranked(b, h, r)) finish(b, h, r, scratch.data());
     }
   });
+  // 5. the rows in rank order, on the states the pass above left: row r's seen columns c_0 < c_1 < ... (n of
+  // them) as virtual columns 0 .. n-1, virtual chunk vc (keys c_{64 vc} ..) into virtual segment vc / SEGMENT,
+  // from its chunk f on (the ones before it ran above, on the same states, in order). The arithmetic is the
+  // main path's for a cache holding exactly these keys at 0 .. n-1:
+  //   - every virtual chunk holds m >= 1 keys, all seen, in the order of the columns; the buffers hold their
+  //     keys (transposed) and values at lanes 0 .. m-1 and zeros past m, bias 0 below m and -inf from m on:
+  //     what the main path builds for chunk vc of that cache (m = min(CHUNK, n - 64 vc)), whose last partial
+  //     chunk has x[j] = 0 only for j >= m, where its `all` counts the lane as seen, so it too is `full`;
+  //   - so both run rows_in_chunk with the same q, kt, vf, bias and n = m, and the weighted sum over j < m
+  //     with nothing skipped (all_seen: the main path's nullptr branch, or its seen branch skipping no j < m);
+  //     a row's scores, chunk max and lane sums are the same in a group of G rows as alone;
+  //   - the chunks of a segment run in order on its state, and finish merges the segments in order, skipping
+  //     the empty ones (virtual segments past the last one, and the main path's segments past its keys).
+  // Rows of one (b, h) with the same f and the same seen columns from chunk f on (the query heads stacked on
+  // one KV head, when the mask is one for all of them) share each virtual chunk's keys, up to GROUP at a time.
+  struct Group { int64_t b, h, first, n; int64_t r[GROUP]; };
+  std::vector<Group> groups;
+  std::vector<char> taken(static_cast<size_t>(R));
+  for (int64_t bh = 0; cp != nullptr && bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t* from = ranked_of(b, h);
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int64_t r = 0; r < R; ++r) {
+      if (taken[r] || from[r] >= chunks) continue;
+      Group grp{b, h, from[r], 1, {r}};
+      const bool* m1 = mp + b * ms.b + h * ms.h + r * ms.r;
+      for (int64_t r2 = r + 1; r2 < R && grp.n < GROUP; ++r2) {
+        if (taken[r2] || from[r2] != from[r]) continue;
+        const bool* m2 = mp + b * ms.b + h * ms.h + r2 * ms.r;
+        int64_t j = from[r] * CHUNK;
+        while (j < L && m1[j * ms.l] == m2[j * ms.l]) ++j;
+        if (j == L) {
+          taken[r2] = 1;
+          grp.r[grp.n++] = r2;
+        }
+      }
+      groups.push_back(grp);
+    }
+  }
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  if (n_groups > 0) {
+    at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<v16> kt(static_cast<size_t>(D * V)), vf(static_cast<size_t>(CHUNK * W));
+      std::vector<float> qf(static_cast<size_t>(GROUP * D)), scratch(static_cast<size_t>(D));
+      std::vector<int64_t> cols(static_cast<size_t>(L));
+      bool seen[CHUNK];
+      alignas(64) float bias[CHUNK];
+      float* ktf = reinterpret_cast<float*>(kt.data());
+      float* vff = reinterpret_cast<float*>(vf.data());
+      for (int64_t item = begin; item < end; ++item) {
+        const Group& grp = groups[item];
+        const int64_t b = grp.b, h = grp.h, f = grp.first;
+        const int g_n = static_cast<int>(grp.n);
+        const bool* mrow = mp + b * ms.b + h * ms.h + grp.r[0] * ms.r;
+        int64_t n = 0;  // the seen columns from chunk f on: ranks 64 f + 0, 1, ...
+        for (int64_t j = f * CHUNK; j < L; ++j)
+          if (mrow[j * ms.l]) cols[n++] = j;
+        const float* qg[GROUP];
+        const bool* sg[GROUP];
+        const float* bg[GROUP];
+        float* stg[GROUP];
+        for (int g = 0; g < g_n; ++g) {
+          const T* qrow = qp + b * qs.b + h * qs.h + grp.r[g] * qs.r;
+          float* qd = qf.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) qd[d] = d < Dq ? to_float(qrow[d]) * scale : 0.0f;
+          qg[g] = qd;
+          sg[g] = seen;
+          bg[g] = bias;
+        }
+        for (int64_t i = 0; i * CHUNK < n; ++i) {
+          const int64_t j0 = i * CHUNK, m = std::min(CHUNK, n - j0), vc = f + i;
+          for (int64_t j = 0; j < CHUNK; ++j) {
+            const int64_t col = j < m ? cols[j0 + j] : 0;
+            const T* krow = kp + b * ks.b + h * ks.h + col * ks.l;
+            const T* vrow = vp + b * vs.b + h * vs.h + col * vs.l;
+            for (int64_t d = 0; d < D; ++d) {
+              ktf[d * CHUNK + j] = j < m && d < Dq ? to_float(krow[d]) : 0.0f;
+              vff[j * D + d] = j < m && d < Dq ? to_float(vrow[d]) : 0.0f;
+            }
+            seen[j] = j < m;
+            bias[j] = j < m ? 0.0f : NEG_INF;
+          }
+          for (int g = 0; g < g_n; ++g) stg[g] = part_at(b, h, vc / SEGMENT, grp.r[g]);
+          rows_in_group(g_n, qg, sg, bg, true, kt.data(), vf.data(), m, D, stg);
+        }
+        for (int g = 0; g < g_n; ++g) finish(b, h, grp.r[g], scratch.data());
+      }
+    });
+  }
   if (segments == 1) return;
   at::parallel_for(0, B * H * R, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(static_cast<size_t>(D));
-    for (int64_t item = begin; item < end; ++item)
-      finish(item / R / H, (item / R) % H, item % R, acc.data());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / R / H, h = (item / R) % H, r = item % R;
+      if (!ranked(b, h, r)) finish(b, h, r, acc.data());
+    }
   });
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                     double scale, const c10::optional<at::Tensor>& keys_t) {
+                     double scale, const c10::optional<at::Tensor>& keys_t,
+                     const c10::optional<at::Tensor>& compact) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "q, k, v, mask must be 4-d");
   TORCH_CHECK(q.device().is_cpu(), "a CPU kernel");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v: one dtype");
@@ -383,11 +523,19 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     t.size(3) == k.size(2) && t.stride(3) == 1 && t.scalar_type() == k.scalar_type(),
                 "keys_t: k transposed, [B, H, D, L], the last dim contiguous");
   }
+  if (compact.has_value()) {
+    const at::Tensor& c = *compact;
+    const int64_t cd = c.dim();
+    TORCH_CHECK(c.scalar_type() == at::kBool && c.device().is_cpu() && cd <= 2 &&
+                    (cd < 1 || c.size(cd - 1) == 1 || c.size(cd - 1) == q.size(2)) &&
+                    (cd < 2 || c.size(0) == 1 || c.size(0) == q.size(0)),
+                "compact: bool, broadcastable to [B, R]");
+  }
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: run<float>(q, k, v, mask, scale, keys_t, out); break;
-    case at::kBFloat16: run<c10::BFloat16>(q, k, v, mask, scale, keys_t, out); break;
-    case at::kHalf: run<c10::Half>(q, k, v, mask, scale, keys_t, out); break;
+    case at::kFloat: run<float>(q, k, v, mask, scale, keys_t, compact, out); break;
+    case at::kBFloat16: run<c10::BFloat16>(q, k, v, mask, scale, keys_t, compact, out); break;
+    case at::kHalf: run<c10::Half>(q, k, v, mask, scale, keys_t, compact, out); break;
     default: TORCH_CHECK(false, "dtype: float32, bfloat16 or float16");
   }
   return out;
@@ -396,7 +544,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY(ar2dlm_native, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? keys_t=None) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? keys_t=None, "
+        "Tensor? compact=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ar2dlm_native, CPU, m) {
