@@ -332,3 +332,26 @@ def test_plot_writes_pngs(corpus):
     for name in ("loss.png", "eval.png"):
         png = Path(cfg.run_dir) / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_a_run_can_start_from_a_trained_adapter(corpus):
+    """adapter.init: the new run's adapter starts as the saved one, tensor for tensor; a shape that does not fit is
+    refused naming the field."""
+    first = trainer.train(config(corpus, "init-a", "drafting", schedule={"max_steps": 3}))
+    final = Path(first.cfg.run_dir) / "final"
+    saved = load_file(str(final / "adapter_model.safetensors"))
+    run = trainer.setup(config(corpus, "init-b", "drafting", adapter={"init": str(final)}))
+    own = {k: v for k, v in run.lm.model.state_dict().items() if "lora_" in k or "trainable_tokens" in k}
+    fresh = trainer.setup(config(corpus, "init-c", "drafting"))
+    fresh_own = {k: v for k, v in fresh.lm.model.state_dict().items() if k in own}
+    assert len(own) == len(saved) > 0
+    assert sum(torch.equal(a.float(), b.float()) for a, b in zip(own.values(), fresh_own.values())) < len(own) // 2
+    for name, value in saved.items():  # peft's file names drop the adapter name ("default")
+        match = [v for k, v in own.items() if k.replace(".default", "").endswith(name.replace("base_model.model.", ""))]
+        assert len(match) == 1 and torch.equal(match[0].float(), value.float()), name
+    with pytest.raises(ConfigError) as e:
+        trainer.setup(config(corpus, "init-d", "drafting", adapter={"init": str(final), "rank": 4}))
+    assert e.value.field == "adapter.init"
+    with pytest.raises(ConfigError) as e:
+        trainer.setup(config(corpus, "init-e", "drafting", adapter={"init": str(corpus / "nowhere")}))
+    assert e.value.field == "adapter.init"

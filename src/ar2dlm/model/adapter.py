@@ -62,10 +62,39 @@ def attach(lm, section: AdapterSection) -> None:
     cfg = lora_config(section, lm.mask_token_id, embedding_name(lm.model))
     with _quiet_peft():
         lm.model = get_peft_model(lm.model, cfg)
+    if section.init:
+        start_from(lm.model, section.init)
     if section.kind == "drafting":
         install_gates(lm)
     install_token_rows(lm)
     lm.settings = _with_adapter(lm.settings, section.kind)
+
+
+def start_from(model, init: str) -> None:
+    """Put the weights of a saved adapter (folder or bundled name, `AdapterSection.init`) into the fresh one of
+    `model`; every tensor must match by name and shape."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .bundled import drafter_asset, is_bundled
+
+    folder = drafter_asset(init) if is_bundled(init) else Path(init)
+    path = None if folder is None else folder / "adapter_model.safetensors"
+    if path is None or not path.is_file():
+        raise ConfigError(f"adapter.init: {init} holds no adapter_model.safetensors (give an exported drafter "
+                          f"folder, a run's final/ folder, or a bundled name that ships one)", field="adapter.init")
+    fit = "use the rank and targets it was trained with"
+    own = {k for k in model.state_dict() if "lora_" in k or "trainable_tokens" in k}
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(path)))
+    except (RuntimeError, OSError, ValueError) as e:  # a shape that differs, a file that is not safetensors
+        raise ConfigError(f"adapter.init: {path} does not fit this adapter ({checkpoint.first_line(e)}): {fit}",
+                          field="adapter.init") from e
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = own & set(getattr(result, "missing_keys", []) or [])
+    if unexpected or missing:
+        raise ConfigError(f"adapter.init: {path} does not fit this adapter ({len(unexpected)} tensors it has no "
+                          f"place for, {len(missing)} of its own not in the file): {fit}", field="adapter.init")
 
 
 def install_gates(lm) -> int:

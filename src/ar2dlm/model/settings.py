@@ -162,6 +162,10 @@ class AdapterSection:
     """Module names to adapt, or all-linear."""
     mask_row: bool = True
     """Train the mask token's embedding row."""
+    init: str = ""
+    """Start from a trained adapter of the same kind and shape instead of a fresh one: a folder holding
+    adapter_model.safetensors (an exported drafter, a run's final/) or a bundled name (its shipped drafter);
+    "" = fresh. A larger data budget continues the drafter it already has."""
 
     def __post_init__(self):
         check_types(self)
