@@ -61,7 +61,9 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
             assert sum(k["steps"] for k in kinds.values()) == sum(r["accepted_hist"].values())
             assert abs(sum(k["share"] for k in kinds.values()) - 1) < 0.01
             assert all(k["tau"] >= 1 for k in kinds.values())
-            assert set(kinds) <= ({"ar"} if r["config"] in ("ar", "ar_sample") else {"ar", "model", "suffix"})
+            allowed = {"ar"} if r["config"] in ("ar", "ar_sample") else {"ar", "model", "suffix"}
+            assert set(kinds) <= (allowed | {"tree"} if r.get("tree") else allowed)
+            assert "tree" in kinds or not r.get("tree") or kinds.get("suffix", {}).get("share") == 1
         if r.get("sampler") == "mix":
             assert "nll_vs_lossless" in r
             # w = 0 verifies against the AR logits alone: greedy mix is AR greedy on every prompt

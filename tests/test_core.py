@@ -143,11 +143,13 @@ def test_each_step_is_counted_under_its_candidate_kind(drafter):
     pattern = drafter.pattern
     prompts = [pattern * 3, [5, 9, 13, 2, 40]]
     for settings, kinds in ((SETTINGS["suffix candidates"], {"suffix", "model"}),
-                            (SETTINGS["drafts and proposals"], {"model"}), (SETTINGS["AR"], {"ar"})):
+                            (SETTINGS["drafts and proposals"], {"model"}), (SETTINGS["AR"], {"ar"}),
+                            (dict(SETTINGS["drafts and proposals"], tree=(2,)), {"tree"})):
         gens = drafter.generate(prompts, max_new_tokens=30, eos_token_id=(), **settings)
         seen = set()
         for g in gens:
-            steps, tokens = map(sum, zip(*g.stats.by_kind.values()))
+            steps, tokens, siblings = map(sum, zip(*g.stats.by_kind.values()))
+            assert siblings <= steps and (siblings == 0 or "tree" in g.stats.by_kind)
             assert steps == sum(g.stats.accepted.values()) and tokens == g.stats.new_tokens - 1
             seen |= set(g.stats.by_kind)
             assert g.stats.as_dict()["by_kind"].keys() == g.stats.by_kind.keys()

@@ -9,6 +9,8 @@ from ..core.validation import check, check_types, finite
 SAMPLERS = ("greedy", "lossless", "mix")
 CANDIDATES = ("both", "diffusion", "suffix")
 MAX_DRAFT_LEN = 64
+MAX_SIBLINGS = 16
+"""Most siblings per depth of a candidate tree (each is one more row of every step)."""
 """The longest block / draft: a step feeds K (1 + |R|) rows, so longer drafts only cost."""
 MIN_TEMPERATURE = 1e-3
 """Smaller temperatures overflow the scaled logits; 0 means greedy (argmax)."""
@@ -47,6 +49,10 @@ class DecodeConfig:
     """Where drafts come from: diffusion (the model's slots) | suffix (continuations of the tail found earlier in
     the prompt or output; no slot rows after the first step) | both (a found continuation, else diffusion).
     The mix sampler drafts from diffusion only."""
+    tree: tuple[int, ...] = ()
+    """Candidate trees: tree[j-1] more candidates for the draft's guess at depth j (its first guess is depth 1),
+    each one more row of every step, verified in the same forward (decode/tree.py). E.g. 3 = the drafter's next
+    3 most likely first tokens beside its first guess; 3,1 adds one more for the second. () = one chain."""
     adaptive: bool = False
     """Adaptive drafting: per step, the draft length (up to draft_len, down to plain AR steps) with the best
     expected tokens per unit of forward cost, from the acceptance seen so far."""
@@ -81,6 +87,14 @@ class DecodeConfig:
             check(not ignored, f"{', '.join(f'{n}={getattr(self, n)}' for n in ignored)} only "
                                f"appl{'ies' if len(ignored) == 1 else 'y'} to sampler='lossless' or 'mix'; the "
                                f"greedy sampler takes the argmax", ignored[0] if ignored else None)
+        check(all(0 <= m <= MAX_SIBLINGS for m in self.tree),
+              f"tree must list 0..{MAX_SIBLINGS} siblings per depth, got {','.join(map(str, self.tree))}", "tree")
+        check(len(self.tree) < self.draft_len or not any(self.tree[self.draft_len - 1:]),
+              f"tree has siblings at depth {len(self.tree)}, but a draft of draft_len={self.draft_len} guesses "
+              f"depths 1..{self.draft_len - 1}", "tree")
+        check(not any(self.tree) or (not self.ar and self.candidates != "suffix"),
+              f"tree={','.join(map(str, self.tree))} adds candidates beside the drafter's guesses; "
+              f"{'ar=True' if self.ar else 'candidates=suffix'} has none", "tree")
         check(not (self.ar and self.adaptive), "adaptive=True chooses the draft length; ar=True decodes one token "
                                                "per forward without drafts: choose one", "adaptive")
 

@@ -8,7 +8,8 @@ or no one waits for them). Each `step` serves every row with one forward and
 one host read, and hands back what each request took.
 
 What a step decides, it decides here: the draft length and proposals
-(adaptive drafting, `policy.AdaptiveDraft`), model-free candidates (each
+(adaptive drafting, `policy.AdaptiveDraft`), the candidate tree's siblings
+(`cfg.tree`, tree.py), model-free candidates (each
 request's suffix index, `suffix.py`), the AR short-circuit (a batch whose
 drafting does not pay runs plain AR steps on the bare base weights),
 compaction of the cache, and finishing (EOS, a stop string, max_new_tokens:
@@ -71,8 +72,9 @@ class Stats:
     prefill_time: float = 0.0
     """Seconds until the prefill forward (prompt + first draft) was done; wall_time - prefill_time is decoding."""
     by_kind: dict[str, list[int]] = field(default_factory=dict)
-    """Steps and tokens committed, by where the step's draft came from: "model" (the drafter's slots), "suffix"
-    (the request's own text, `suffix.py`; the drafter's slots may follow it), "ar" (no draft). Prefill excluded."""
+    """Steps, tokens committed and siblings accepted, by where the step's candidates came from: "model" (the
+    drafter's slots, one chain), "tree" (the drafter's slots with siblings, tree.py), "suffix" (the request's own
+    text, `suffix.py`; the drafter's slots may follow it), "ar" (no draft). Prefill excluded."""
 
     @property
     def tpf(self) -> float:
@@ -82,8 +84,9 @@ class Stats:
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "forwards": self.forwards, "tpf": round(self.tpf, 4),
                 "accepted_hist": {str(k): v for k, v in sorted(self.accepted.items())},
-                "by_kind": {k: {"steps": n, "tokens": t, "tau": round(t / n, 3)} for k, (n, t) in
-                            sorted(self.by_kind.items())},
+                "by_kind": {k: {"steps": n, "tokens": t, "tau": round(t / n, 3),
+                                **({"siblings": s} if k == "tree" else {})}
+                            for k, (n, t, s) in sorted(self.by_kind.items())},
                 "wall_time": round(self.wall_time, 4),
                 "tokens_per_s": round(self.new_tokens / self.wall_time, 3) if self.wall_time > 0 else None}
 
@@ -159,7 +162,7 @@ class Batch:
         self.K = 1 if cfg.ar else cfg.draft_len
         self.adaptive = None
         if cfg.adaptive and self.K > 1:
-            self.adaptive = AdaptiveDraft(self.K, cfg.proposals, CostModel(lm.cost_table()))
+            self.adaptive = AdaptiveDraft(self.K, cfg.proposals, CostModel(lm.cost_table()), shape=cfg.tree)
             if self.adaptive.choose() == (1, 0):
                 # drafting does not pay at the controller's prior, and steps without drafts observe nothing that
                 # could change that: every step would be an AR step, so run the AR loop itself (no slot rows)
@@ -210,19 +213,22 @@ class Batch:
         else:
             K, n = self.K, (0 if copying else self.proposals)
         # an AR step has no slot rows: the bare base weights give the same logits, for less
+        shape = self.cfg.tree if K > 1 and not copying else ()  # a copied draft has no other candidates
         with self._weights(K):
-            out = step(self.lm, state, n, self.cfg, [r.generator for r in self.rows], K)
+            out = step(self.lm, state, n, self.cfg, [r.generator for r in self.rows], K, shape)
         self.forwards += 1
         if self.adaptive is not None and K > 1 and not copying:  # it learns how the model's drafts fare
             model = [i for i, r in enumerate(self.rows) if not r.matched]
-            self.adaptive.update([out.r[i] for i in model], [out.offered[i] for i in model])
-        kinds = ["ar" if K == 1 else "suffix" if r.matched else "model" for r in self.rows]
+            self.adaptive.update([out.r[i] for i in model], [out.offered[i] for i in model],
+                                 [out.sibling[i] for i in model])
+        tree = any(shape[:K - 1])
+        kinds = ["ar" if K == 1 else "suffix" if r.matched else "tree" if tree else "model" for r in self.rows]
         for r, n_taken in zip(self.rows, out.r):
             r.stats.accepted[n_taken] = r.stats.accepted.get(n_taken, 0) + 1
         taken = self._deliver(list(self.rows), out.tokens, 0)
-        for (r, got), kind in zip(taken, kinds):
-            counts = r.stats.by_kind.setdefault(kind, [0, 0])
-            counts[0], counts[1] = counts[0] + 1, counts[1] + len(got)
+        for (r, got), kind, sibling in zip(taken, kinds, out.sibling):
+            counts = r.stats.by_kind.setdefault(kind, [0, 0, 0])
+            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + len(got), counts[2] + (sibling >= 0)
         return taken
 
     @torch.inference_mode()

@@ -50,10 +50,11 @@ class DecodeModel(Protocol):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mask_slots: torch.Tensor | None = None, past_key_values=None, slots_from: int | None = None,
-                holes: bool | None = None, **kwargs) -> torch.Tensor:
+                holes: bool | None = None, compact: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """input_ids, position_ids: [b, q]; attention_mask: bool [b, q, cache + q]; mask_slots: bool [b, q]
         -> logits [b, q, vocab] (only the rows `logits_to_keep` names, when given). slots_from: every row's
-        slots are its columns from there on; holes: whether some row's keys have holes (None: not known)."""
+        slots are its columns from there on; holes: whether some row's keys have holes (None: not known);
+        compact: bool [q], rows whose keys are read in rank order (a tree's siblings, `nn.invariant`)."""
         ...
 
     def base_weights(self) -> AbstractContextManager: ...

@@ -62,16 +62,23 @@ class AdaptiveDraft:
     Keeps a_j = P(d_{j+1} accepted | the drafts before it were), an
     exponential average over the accept/reject outcomes observed at each
     position (pooled over the batch). Expected tokens of a step with draft
-    length K: 1 + sum_{j<K} a_1..a_j. When drafting does not pay, K = 1 (plain
-    AR steps); unobserved positions drift back to the prior, so drafting is
-    tried again later and resumes when acceptance returns.
+    length K: 1 + sum_{j<K} a_1..a_j. With a candidate tree (`shape`: m_j
+    siblings at depth j, tree.py) a step also has sum_{j<K} m_j sibling rows,
+    and where the chain stops at depth j one of them is accepted with
+    probability h_j (observed the same way): + sum_j a_1..a_{j-1} (1 - a_j) h_j.
+    When drafting does not pay, K = 1 (plain AR steps); unobserved positions
+    drift back to the prior, so drafting is tried again later and resumes when
+    acceptance returns.
     """
 
     def __init__(self, max_len: int, proposals: int, cost: CostModel, prior: float = 0.5, decay: float = 0.7,
-                 drift: float = 0.02, margin: float = 1.1):
+                 drift: float = 0.02, margin: float = 1.1, shape: tuple[int, ...] = (), sibling_prior: float = 0.25):
         self.max_len, self.proposals, self.cost, self.margin = max_len, proposals, cost, margin
         self.prior, self.decay, self.drift = prior, decay, drift
         self.a = [prior] * max(max_len - 1, 0)
+        self.shape = tuple(shape) + (0,) * max(max_len - 1 - len(shape), 0)
+        self.sibling_prior = sibling_prior
+        self.h = [sibling_prior] * max(max_len - 1, 0)
 
     def choose(self) -> tuple[int, int]:
         # a drafting step must beat an AR step by `margin`: the table prices the forward, not the engine's own
@@ -82,24 +89,37 @@ class AdaptiveDraft:
                 continue
             expected, run = 1.0, 1.0
             for j in range(K - 1):
+                if self.shape[j]:
+                    expected += run * (1 - self.a[j]) * self.h[j]
                 run *= self.a[j]
                 expected += run
             n = min(self.proposals, K)
-            score = expected / self.cost(K + n * K)
+            score = expected / self.cost(K + sum(self.shape[:K - 1]) + n * K)
             if score > best_score:
                 best, best_score = (K, n), score
         return best
 
-    def update(self, r: list[int], n_draft: list[int]) -> None:
-        """Observe one step: drafts d_2..d_r accepted, d_{r+1} rejected if it was real."""
+    def update(self, r: list[int], n_draft: list[int], sibling: list[int] | None = None) -> None:
+        """Observe one step: drafts d_2..d_r accepted, d_{r+1} rejected if it was real (r counts an accepted
+        sibling, sibling[i] >= 0: the chain itself stopped one earlier, and where it stopped a sibling row was
+        accepted or not)."""
         seen = [[] for _ in self.a]
-        for ri, ni in zip(r, n_draft):
+        tried = [[] for _ in self.h]
+        for i, (ri, ni) in enumerate(zip(r, n_draft)):
+            hit = sibling is not None and sibling[i] >= 0
+            ri -= hit
             for j in range(min(ri, ni) - 1):
                 seen[j].append(1.0)
             if ri < ni:
                 seen[ri - 1].append(0.0)
-        for j, obs in enumerate(seen):
+                if ri - 1 < len(self.shape) and self.shape[ri - 1]:
+                    tried[ri - 1].append(float(hit))
+        self._observe(self.a, seen, self.prior)
+        self._observe(self.h, tried, self.sibling_prior)
+
+    def _observe(self, rates: list[float], outcomes: list[list[float]], prior: float) -> None:
+        for j, obs in enumerate(outcomes):
             if obs:
-                self.a[j] = self.decay * self.a[j] + (1 - self.decay) * sum(obs) / len(obs)
+                rates[j] = self.decay * rates[j] + (1 - self.decay) * sum(obs) / len(obs)
             else:
-                self.a[j] += self.drift * (self.prior - self.a[j])
+                rates[j] += self.drift * (prior - rates[j])

@@ -23,12 +23,14 @@ and tells the forward (`slots_from`, `holes`), so nothing else is read back.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from ..nn import masks, predecessors
+from . import tree
 from .config import DecodeConfig
 from .interface import DecodeModel
 from .policy import choose_proposals
@@ -50,11 +52,13 @@ class State:
 @dataclass
 class Outcome:
     """What one step committed, on the host: per row r (tokens committed), the real drafts it offered
-    (min(n_draft, K) before the step) and the committed tokens d_2..d_r, t."""
+    (min(n_draft, K) before the step), the committed tokens d_2..d_r, t, and which sibling was accepted."""
 
     r: list[int]
     offered: list[int]
     tokens: list[list[int]]
+    sibling: list[int] = dataclasses.field(default_factory=list)
+    """Per row the accepted sibling's index (tree.py), -1 for none."""
 
 
 def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig,
@@ -101,10 +105,11 @@ def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig
 
 
 def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen: Generators,
-         draft_len: int | None = None) -> Outcome:
+         draft_len: int | None = None, shape: tuple[int, ...] = ()) -> Outcome:
     """One forward: verify the draft and pre-draft the next block; one host read (the Outcome).
 
-    draft_len changes K for this step (adaptive drafting); the draft is cut or padded to it.
+    draft_len changes K for this step (adaptive drafting); the draft is cut or padded to it. shape: the
+    candidate tree's siblings per depth (tree.py; () = the chain alone).
     """
     if draft_len is not None and draft_len != state.draft.shape[1]:
         resize_draft(state, draft_len)
@@ -114,24 +119,55 @@ def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen
     n = min(n_proposals, K) if K > 1 else 0
     R = choose_proposals(state.draft, state.draft_logits, state.n_draft, n, lm.mask_token_id, w) \
         if n else torch.zeros(b, 0, dtype=torch.long, device=device)  # [b, n]
+    at = tree.depths(shape, K)
+    S = len(at)
+    sibs = tree.candidates(state.draft, state.draft_logits, state.n_draft, at, cfg, lm.mask_token_id, gen) \
+        if S else None
+    depth = torch.tensor(at, dtype=torch.long, device=device)  # [S]
     k = torch.arange(K, device=device)
     draft = state.draft
-    ids = torch.cat([draft, torch.full((b, n * K), mask_id(lm), device=device)], 1)  # [b, K+nK]
-    pos = torch.cat([state.length[:, None] + k,
-                     (state.length[:, None] + R).repeat_interleave(K, 1) + k.repeat(n)], 1)  # [b, K+nK]
-    mask_slots = (torch.arange(K + n * K, device=device) >= K).expand(b, -1)
-    attn = masks.step_mask(state.cache_valid, K, R)
-    with predecessors.predecessors(lm.model, lambda: predecessors.step_predecessors(R, K), state.cache) as seq:
-        logits = lm.forward(ids, clamp_pos(lm, pos), attn, mask_slots, state.cache, slots_from=K,
-                            holes=state.holes)  # [b, K+nK, V]
-    r, t = verify(cfg, logits[:, :K], draft, state.draft_logits, state.n_draft, lm.mask_token_id, gen)
-    seq.commit(r - 1)  # conv / delayed-value state after d_r
-    # committed: the accepted drafts d_2..d_r, then t
-    emitted = torch.cat([draft[:, 1:], t[:, None]], 1).scatter(1, (r - 1)[:, None], t[:, None])  # [b, K]
-    read = torch.cat([r[:, None], state.n_draft.clamp(max=K)[:, None], emitted], 1).tolist()  # the one host read
-    out = Outcome([x[0] for x in read], [x[1] for x in read], [x[2:2 + x[0]] for x in read])
+    ids = torch.cat([draft] + ([sibs.tokens] if S else []) + [torch.full((b, n * K), mask_id(lm), device=device)],
+                    1)  # [b, K + S + nK]
+    pos = torch.cat([state.length[:, None] + k, state.length[:, None] + depth,
+                     (state.length[:, None] + R).repeat_interleave(K, 1) + k.repeat(n)], 1)
+    rows = K + S  # the clean rows: the chain and the siblings; mask slots from here on
+    mask_slots = (torch.arange(rows + n * K, device=device) >= rows).expand(b, -1)
+    if S:
+        attn = masks.tree_mask(state.cache_valid, K, depth, R)
+        order = lambda: predecessors.tree_predecessors(R, K, depth)  # noqa: E731
+        row = torch.arange(rows + n * K, device=device)
+        # a sibling's keys are not where its token's keys are when it decodes alone: it reads them in rank order
+        extra = {"compact": (row >= K) & (row < rows)}
+    else:
+        attn = masks.step_mask(state.cache_valid, K, R)
+        order, extra = (lambda: predecessors.step_predecessors(R, K)), {}  # noqa: E731
+    before = state.cache_valid.shape[1]
+    with predecessors.predecessors(lm.model, order, state.cache) as seq:
+        logits = lm.forward(ids, clamp_pos(lm, pos), attn, mask_slots, state.cache, slots_from=rows,
+                            holes=state.holes, **extra)  # [b, K + S + nK, V]
+    if S:
+        sibs.logits = logits[:, K:rows]
+        r, t, hit = tree.verify(cfg, logits[:, :K], draft, state.draft_logits, state.n_draft, lm.mask_token_id,
+                                gen, sibs)
+        last = torch.where(hit >= 0, K + hit, r - 1)  # the forward's row of the last committed token
+        predecessors.move_slots(state.cache, before + last, before + r - 1)  # an accepted sibling to its slot
+    else:
+        r, t = verify(cfg, logits[:, :K], draft, state.draft_logits, state.n_draft, lm.mask_token_id, gen)
+        hit = torch.full_like(r, -1)
+        last = r - 1
+    seq.commit(last)  # conv / delayed-value state after the last committed token
+    # committed: the accepted drafts d_2..d_r (an accepted sibling last of them), then t
+    emitted = torch.cat([draft[:, 1:], t[:, None]], 1)  # [b, K]
+    if S:
+        at_sib = (r - 2).clamp(min=0)[:, None]
+        sib = sibs.tokens.gather(1, hit.clamp(min=0)[:, None])
+        emitted = emitted.scatter(1, at_sib, torch.where(hit[:, None] >= 0, sib, emitted.gather(1, at_sib)))
+    emitted = emitted.scatter(1, (r - 1)[:, None], t[:, None])
+    # the one host read
+    read = torch.cat([r[:, None], state.n_draft.clamp(max=K)[:, None], hit[:, None], emitted], 1).tolist()
+    out = Outcome([x[0] for x in read], [x[1] for x in read], [x[3:3 + x[0]] for x in read], [x[2] for x in read])
     commit(state, r, out.r, ids.shape[1])
-    state.draft_logits, state.n_draft = proposal_for(logits[:, K:], R, r, K)
+    state.draft_logits, state.n_draft = proposal_for(logits[:, rows:], R, r, K, r - (hit >= 0).long())
     state.draft = next_draft(t, state.draft_logits, cfg, lm.mask_token_id, gen)
     return out
 
@@ -160,22 +196,25 @@ def commit(state: State, r: torch.Tensor, rs: list[int], appended: int) -> None:
     state.holes = state.holes or min(rs) < keep
 
 
-def proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor,
-                 K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next draft's logits from the proposal P_r' with r' = max{R <= r} -> ([b, K, V], n_draft [b]).
+def proposal_for(block_logits: torch.Tensor, R: torch.Tensor, r: torch.Tensor, K: int,
+                 chain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next draft's logits from the proposal P_r' with r' = max{R <= chain} -> ([b, K, V], n_draft [b]).
 
     P_r' slot s sits at position L + r' + s; the new draft d'_{m+1} sits at
     L + r + m, i.e. slot r - r' + m. With r' = r the whole proposal is used;
     with r' < r only its last K - (r - r') slots; with no r' <= r the next
-    draft is just [t].
+    draft is just [t]. chain: the drafts of the chain accepted (r, unless a
+    sibling was: then r - 1; a proposal conditioned on the rejected d_r
+    does not fit).
     """
+    chain = r if chain is None else chain
     b = r.shape[0]
     n = R.shape[1]
     if n == 0:
         return block_logits.new_zeros(b, K, block_logits.shape[-1]), torch.ones(b, dtype=torch.long, device=r.device)
     vocab = block_logits.shape[-1]
     blocks = block_logits.view(b, n, K, vocab)
-    idx = (R <= r[:, None]).sum(1) - 1  # [b] index of r' in R, -1 = none
+    idx = (R <= chain[:, None]).sum(1) - 1  # [b] index of r' in R, -1 = none
     has = idx >= 0
     idx = idx.clamp(min=0)
     shift = (r - R.gather(1, idx[:, None])[:, 0]).clamp(min=0)  # [b] r - r' (0 where there is no r')

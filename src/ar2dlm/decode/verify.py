@@ -61,12 +61,18 @@ def accepted_length(ok: torch.Tensor) -> torch.Tensor:
 
 def greedy(p_logits: torch.Tensor, draft: torch.Tensor, n_draft: torch.Tensor, mask_token_id: int | None):
     """Accept d_{j+1} iff it is argmax p_j; t = argmax p_r. Exactly AR greedy."""
+    target, r = greedy_chain(p_logits, draft, n_draft, mask_token_id)
+    t = target.gather(1, (r - 1)[:, None])[:, 0]
+    return r, t
+
+
+def greedy_chain(p_logits: torch.Tensor, draft: torch.Tensor, n_draft: torch.Tensor,
+                 mask_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (target [b, K] = argmax p_j, r [b]): the greedy rule's accepted length."""
     target = exclude_mask_token(p_logits, mask_token_id).argmax(-1)  # [b, K]
     K = draft.shape[1]
     ok = (draft[:, 1:] == target[:, :-1]) & draft_valid(n_draft, K)  # [b, K-1]
-    r = accepted_length(ok)
-    t = target.gather(1, (r - 1)[:, None])[:, 0]
-    return r, t
+    return target, accepted_length(ok)
 
 
 def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: torch.Tensor,
@@ -82,12 +88,7 @@ def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: 
     b, K, _ = p.shape
     if K == 1:  # nothing drafted (AR step): t ~ p_1
         return torch.ones(b, dtype=torch.long, device=p.device), sample(p[:, 0], generator)
-    d = draft[:, 1:, None]  # [b, K-1, 1]
-    p_d = p[:, :-1].gather(2, d)[..., 0]  # [b, K-1]
-    q_d = q[:, 1:].gather(2, d)[..., 0]
-    u = uniform(p_d.shape, generator, p.device, torch.float32)
-    ok = (u * q_d < p_d) & draft_valid(n_draft, K)  # u < p/q without dividing by q = 0
-    r = accepted_length(ok)  # 1.
+    r = accept(p, q, draft, n_draft, generator)  # 1.
     p_r = p.gather(1, (r - 1)[:, None, None].expand(b, 1, p.shape[-1]))[:, 0]  # [b, V]
     q_next = q.gather(1, r.clamp(max=K - 1)[:, None, None].expand(b, 1, q.shape[-1]))[:, 0]
     rejected = (r < n_draft)[:, None]  # [b, 1]
@@ -96,6 +97,18 @@ def speculative(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: 
     dist = torch.where(rejected & ~empty, residual, p_r)
     t = sample(dist, generator)
     return r, t
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, n_draft: torch.Tensor,
+           generator: Generators) -> torch.Tensor:
+    """Steps 1-2 of `speculative` (K > 1): r = 1 + the leading drafts accepted with probability min(1, p / q)."""
+    K = draft.shape[1]
+    d = draft[:, 1:, None]  # [b, K-1, 1]
+    p_d = p[:, :-1].gather(2, d)[..., 0]  # [b, K-1]
+    q_d = q[:, 1:].gather(2, d)[..., 0]
+    u = uniform(p_d.shape, generator, p.device, torch.float32)
+    ok = (u * q_d < p_d) & draft_valid(n_draft, K)  # u < p/q without dividing by q = 0
+    return accepted_length(ok)
 
 
 def mix_logits(p_logits: torch.Tensor, draft_logits: torch.Tensor, n_draft: torch.Tensor, w: float) -> torch.Tensor:

@@ -39,6 +39,7 @@ from ..decode.engine import eos_ids, generate
 from ..model.lm import DiffusionLM
 from ..train.data import read_prompt_file
 from ..train.prompts import load_prompts
+from .bench_config import tree_shape
 
 PROMPT_SETS = {"code": "code", "prose": "prose", "chat": "chat"}  # name -> prompts.py source
 PLOT_FILES = ("speedup_vs_mix_weight.png", "tpf_vs_draft_len.png", "accepted_hist.png")  # what `plots` writes
@@ -54,7 +55,7 @@ class Spec:
 
 
 def specs_for(lm: DiffusionLM, draft_lens, proposals, mix_weights, samplers, hf: bool = True,
-              temperature: float = 0.7) -> list[Spec]:
+              temperature: float = 0.7, trees=()) -> list[Spec]:
     """The configurations to time. `default` is the model's own default settings (what generate, demo and the
     API run with no flags); lossless and mix sample at `temperature`, against the AR loop sampling at it."""
     unknown = sorted(set(samplers) - {"greedy", "lossless", "adaptive"})
@@ -82,6 +83,11 @@ def specs_for(lm: DiffusionLM, draft_lens, proposals, mix_weights, samplers, hf:
             tag = f"K{K}_R{n}"
             if "greedy" in samplers:
                 out.append(Spec(f"greedy_{tag}", "ar2dlm", {**base, "sampler": "greedy"}))
+                for tree in trees:  # the same chain with siblings beside it (candidates=diffusion: the model's own)
+                    shape = tree_shape(tree)[:K - 1]
+                    if any(shape):
+                        out.append(Spec(f"greedy_{tag}_T{tree}", "ar2dlm",
+                                        {**base, "sampler": "greedy", "tree": shape}))
             if "lossless" in samplers:
                 out.append(Spec(f"lossless_{tag}", "ar2dlm", {**base, "sampler": "lossless", **sampling}))
             if "adaptive" in samplers:  # greedy with adaptive draft length (up to K, down to AR steps)
@@ -149,8 +155,8 @@ def run_once(lm: DiffusionLM, spec: Spec, prompts, batch_size: int, max_new_toke
             for r, c in g.stats.accepted.items():
                 hist[r] = hist.get(r, 0) + c
                 steps += c
-            for kind, (n, t) in g.stats.by_kind.items():
-                kinds[kind] = [a + b for a, b in zip(kinds.get(kind, [0, 0]), (n, t))]
+            for kind, counts in g.stats.by_kind.items():
+                kinds[kind] = [a + b for a, b in zip(kinds.get(kind, [0, 0, 0]), counts)]
     seconds = time.perf_counter() - start
     new = sum(map(len, toks))
     return {"tokens": toks, "seconds": seconds, "new": new, "forwards": forwards, "hist": hist, "kinds": kinds}
@@ -177,10 +183,10 @@ def nll_of(lm: DiffusionLM, prompts, outputs) -> float:
 def bench(lm: DiffusionLM, sets: list[str], n_prompts: int, batch_sizes: list[int], runs: int, max_new_tokens: int,
           draft_lens: list[int], proposals: list[int], mix_weights: list[float], samplers: list[str],
           seed: int = 0, hf: bool = True, reference: DiffusionLM | None = None, log=print,
-          prompt_sets: dict | None = None, temperature: float = 0.7) -> dict:
+          prompt_sets: dict | None = None, temperature: float = 0.7, trees=()) -> dict:
     """prompt_sets: {name: token-id prompts} already loaded (else each set loads here, before any timing)."""
     eos = default_eos(lm)
-    specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf, temperature)
+    specs = specs_for(lm, draft_lens, proposals, mix_weights, samplers, hf, temperature, trees)
     if not any(s.kind == "ar2dlm" for s in specs):
         raise ConfigError(f"no ar2dlm configuration to time: every proposal count {list(proposals)} exceeds every "
                           f"draft length {list(draft_lens)}, or samplers and mix_weights are empty")
@@ -287,8 +293,10 @@ def summarize(lm: DiffusionLM, name, bs, prompts, specs, per, max_new_tokens, se
             row["accepted_hist"] = {str(k): v for k, v in sorted(hist.items())}
             # each lever's share: steps whose draft came from the drafter, the request's text, or none (AR), and
             # the tokens a step of that kind committed (tau; at batch 1 also its TPF)
-            row["by_kind"] = {k: {"steps": n, "share": round(n / max(steps, 1), 3), "tau": round(t / max(n, 1), 3)}
-                              for k, (n, t) in sorted(runs[0]["kinds"].items())}
+            # (for trees also how many steps took a sibling)
+            row["by_kind"] = {k: {"steps": n, "share": round(n / max(steps, 1), 3), "tau": round(t / max(n, 1), 3),
+                                  **({"siblings": sib} if k == "tree" else {})}
+                              for k, (n, t, sib) in sorted(runs[0]["kinds"].items())}
         if spec.kind == "ar2dlm" and lm.decode_config(**spec.settings).greedy:
             row["equals_ar"] = runs[0]["tokens"] == ar_tokens
         if spec.settings.get("sampler") in ("lossless", "mix"):

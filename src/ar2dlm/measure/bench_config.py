@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from ..core.validation import check, check_types, finite
-from ..decode.config import MAX_DRAFT_LEN, MIN_TEMPERATURE, SEED_RANGE
+from ..decode.config import MAX_DRAFT_LEN, MAX_SIBLINGS, MIN_TEMPERATURE, SEED_RANGE
 
 BENCH_SETS = ("code", "prose", "chat")
 BENCH_SAMPLERS = ("greedy", "lossless", "adaptive")
@@ -35,6 +35,9 @@ class BenchConfig:
     """Proposal counts |R|, e.g. 1,3; each at most the largest draft length (preset: the model's |R|; full adds 1)."""
     mix_weights: tuple[float, ...] | None = None
     """Mix sampler weights in [0, 1], e.g. 0.25,0.5,1; empty = none (preset: 0.5,1 quick, 0.25,0.5,0.75,1 full)."""
+    trees: tuple[str, ...] | None = None
+    """Candidate trees timed beside each greedy chain: siblings per depth joined by '-', e.g. 3,2-1 (decode/tree.py;
+    empty = none; preset: 3)."""
     samplers: tuple[str, ...] = BENCH_SAMPLERS
     """greedy, lossless, adaptive (adaptive = greedy with adaptive draft length)."""
     hf: bool = True
@@ -73,6 +76,9 @@ class BenchConfig:
                   f"a draft of K tokens has at most K proposals", "proposals")
         check(self.mix_weights is None or all(0.0 <= w <= 1.0 for w in self.mix_weights),
               f"mix_weights must each be in [0, 1], got {self.mix_weights}", "mix_weights")
+        check(self.trees is None or all(tree_shape(t) is not None for t in self.trees),
+              f"trees must each be siblings per depth joined by '-' (0..{MAX_SIBLINGS} each), e.g. 3 or 2-1, got "
+              f"{self.trees}", "trees")
         unknown = sorted(set(self.samplers) - set(BENCH_SAMPLERS))
         check(not unknown, f"unknown bench sampler(s) {unknown}: choose from {', '.join(BENCH_SAMPLERS)} "
                            f"(the mix sampler is timed for each of mix_weights)", "samplers")
@@ -89,9 +95,18 @@ class BenchConfig:
             "n_prompts": 2 if q else 10, "batch_sizes": (1,) if q else (1, 4), "runs": 2 if q else 3,
             "max_new_tokens": 40 if q else 128, "draft_lens": draft_lens,
             "proposals": (proposals,) if q else tuple(sorted({1, proposals})),
-            "mix_weights": (0.5, 1.0) if q else (0.25, 0.5, 0.75, 1.0),
+            "mix_weights": (0.5, 1.0) if q else (0.25, 0.5, 0.75, 1.0), "trees": ("3",),
         }
         return dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+
+def tree_shape(text: str) -> tuple[int, ...] | None:
+    """'2-1' -> (2, 1): siblings per depth; None if it is not that."""
+    try:
+        shape = tuple(int(x) for x in text.split("-"))
+    except ValueError:
+        return None
+    return shape if shape and all(0 <= m <= MAX_SIBLINGS for m in shape) else None
 
 
 def without_chat(cfg, has_chat_template: bool, model: str, explicit: bool):

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import sys
@@ -29,7 +28,6 @@ from ..decode.policy import CostModel
 from ..model import exactness
 from ..model.lm import DiffusionLM
 from ..model.settings import DiffusionConfig
-from ..nn import masks, predecessors
 from .bench import default_eos
 from .tune_config import TuneConfig
 

@@ -159,3 +159,38 @@ def _self_attend_empty_rows(mask: torch.Tensor, offset: int) -> torch.Tensor:
         diag[:, idx, idx + offset] = True
         mask = mask | (diag & empty[:, :, None])
     return mask
+
+
+def tree_mask(cache_valid: torch.Tensor, draft_len: int, depths: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+    """Decode step with candidate siblings: [draft d_1..d_K | siblings | P_r for r in R] -> [b, q, C+q].
+
+    A sibling at depth j is another candidate for position L+j (where d_{j+1} sits): it sees the cache,
+    d_1..d_j (its ancestors) and itself, so its row is the AR row of that token had the drafts before it been
+    accepted. `depths` [S]: each sibling's j (1..K-1). Drafts and proposals see what they see in `step_mask`;
+    no one else sees a sibling. q = K + S + n K.
+
+    K = 3, depths = (1, 1, 2), R = {1}:
+                  keys -> cache | d1 d2 d3 | a  b  c | P1 slots
+       d1                  1    | 1  .  .  | .  .  . |  . . .
+       d2                  1    | 1  1  .  | .  .  . |  . . .
+       d3                  1    | 1  1  1  | .  .  . |  . . .
+       a (for d2)          1    | 1  .  .  | 1  .  . |  . . .
+       b (for d2)          1    | 1  .  .  | .  1  . |  . . .
+       c (for d3)          1    | 1  1  .  | .  .  1 |  . . .
+       P1 slots            1    | 1  .  .  | .  .  . |  1 1 1
+    """
+    device = cache_valid.device
+    b, C = cache_valid.shape
+    K, S = draft_len, depths.shape[0]
+    chain = step_mask(cache_valid, K, proposals)  # [b, K + nK, C + K + nK]
+    q = chain.shape[1] + S
+    mask = torch.zeros(b, q, C + q, dtype=torch.bool, device=device)
+    # the chain and the proposals as in step_mask, with the sibling columns (and rows) left between them
+    mask[:, :K, :C + K] = chain[:, :K, :C + K]
+    mask[:, K + S:, :C + K] = chain[:, K:, :C + K]
+    mask[:, K + S:, C + K + S:] = chain[:, K:, C + K:]
+    sees = torch.arange(K, device=device)[None, :] < depths[:, None]  # [S, K]: d_1..d_j
+    mask[:, K:K + S, :C] = cache_valid[:, None, :]
+    mask[:, K:K + S, C:C + K] = sees
+    mask[:, K:K + S, C + K:C + K + S] = torch.eye(S, dtype=torch.bool, device=device)
+    return mask

@@ -232,6 +232,34 @@ def step_predecessors(proposals: torch.Tensor, draft_len: int) -> torch.Tensor:
     return pred
 
 
+def tree_predecessors(proposals: torch.Tensor, draft_len: int, depths: torch.Tensor) -> torch.Tensor:
+    """[d_1..d_K | siblings | P_r for r in R] -> pred [b, K + S + |R| K] (`masks.tree_mask`'s layout).
+
+    A sibling at depth j follows d_j (row j - 1); the chain and the proposals as in `step_predecessors`, the
+    proposal rows S further on.
+    """
+    K, S = draft_len, depths.shape[0]
+    chain = step_predecessors(proposals, K)  # [b, K + nK]
+    b = chain.shape[0]
+    moved = torch.where(chain[:, K:] >= K, chain[:, K:] + S, chain[:, K:])  # a proposal slot after its block's
+    return torch.cat([chain[:, :K], (depths - 1).expand(b, S), moved], 1)
+
+
+def move_slots(cache, source: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy cache slot source[i] to slot target[i] of batch row i, in every layer (keys, values, and the keys a
+    layer keeps transposed); the decode step puts an accepted sibling where its position's token belongs."""
+    for layer in cache.layers:
+        for name, dim in (("keys", 2), ("values", 2), ("_room_keys_t", 3)):
+            x = getattr(layer, name, None)
+            if x is None or x.dim() != 4:
+                continue
+            shape = list(x.shape)
+            shape[dim] = 1
+            src = source.view(-1, 1, 1, 1).expand(shape)
+            dst = target.view(-1, 1, 1, 1).expand(shape)
+            x.scatter_(dim, dst, x.gather(dim, src))
+
+
 def new_cache(model):
     """A DynamicCache whose layers hold the conv and delayed-value state when the model has mixers."""
     from transformers import DynamicCache
