@@ -82,7 +82,7 @@ def test_bench_reports_every_configuration(converted_dirs, base_dirs, tmp_path, 
 
 def test_tune_writes_defaults(drafter, tmp_path, capsys):
     """tune on a drafter that is often accepted picks a drafting setting and writes it to ar2dlm.json."""
-    from ar2dlm.measure.tune import predicted_tpf
+    from ar2dlm.measure.tune import predicted_tpf, tree_gain
     from ar2dlm.model.lm import DiffusionLM
     from ar2dlm.model.settings import DiffusionConfig
 
@@ -118,6 +118,13 @@ def test_tune_writes_defaults(drafter, tmp_path, capsys):
     assert lm.decode_config(draft_len=4).adaptive is False  # fixing the drafting turns the default off
     # the predictor: certain acceptance with every proposal -> K tokens per step; none -> 1
     assert abs(predicted_tpf([1.0] * 7, 8, 8) - 8) < 1e-9 and abs(predicted_tpf([0.0] * 7, 8, 3) - 1) < 1e-9
+    # candidate trees: priced from the measured sibling ranks, and written with the rest
+    rates = result["sibling_rates"]
+    assert rates and all(r[0] == 0 and r == sorted(r) and r[-1] <= 1 for r in rates)
+    assert any(p.get("tree") for p in result["predictions"]) and saved.tree == tuple(result["best"]["tree"])
+    assert lm.decode_config().tree == saved.tree and lm.decode_config(draft_len=4).tree == ()
+    # a tree's gain: where the chain always stops at depth 1, a sibling that always holds the token adds 1
+    assert abs(tree_gain([0.0] * 7, [[0.0, 1.0]], 8, (1,)) - 1) < 1e-9 and tree_gain([1.0] * 7, [[0, 1]], 8, (1,)) == 0
 
 
 def test_bench_reference_drift(converted_dirs, base_dirs, tmp_path):

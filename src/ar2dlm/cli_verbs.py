@@ -40,10 +40,11 @@ from .train.trainer import main_train
 
 # DecodeConfig fields that are `generate` flags (eos_token_id is API-only); draft_len, proposals and adaptive
 # default to the checkpoint's (ar2dlm.json), so their flags default to None = "not given"
-GENERATE_FIELDS = ("sampler", "mix_weight", "draft_len", "proposals", "ar", "adaptive", "max_new_tokens",
-                   "temperature", "top_k", "top_p", "seed", "stop")
-DEMO_FIELDS = ("max_new_tokens", "draft_len", "proposals", "sampler", "adaptive")
-MODEL_DEFAULT = {"draft_len": None, "proposals": None, "adaptive": None}  # None: the model's ar2dlm.json
+GENERATE_FIELDS = ("sampler", "mix_weight", "draft_len", "proposals", "tree", "ar", "adaptive", "max_new_tokens",
+                   "temperature", "top_k", "top_p", "seed", "stop", "candidates")
+DEMO_FIELDS = ("max_new_tokens", "draft_len", "proposals", "tree", "sampler", "adaptive")
+# None: the model's ar2dlm.json
+MODEL_DEFAULT = {"draft_len": None, "proposals": None, "adaptive": None, "tree": None, "candidates": None}
 
 
 def cmd_convert(args) -> int:
@@ -73,7 +74,8 @@ def cmd_generate(args) -> int:
     cfg = lm.decode_config(**settings)
     ids = lm.encode(prompts, chat=args.chat)
     check_request(lm, ids, cfg)  # every prompt is checked before any text is printed
-    mode = "ar" if cfg.ar else f"{cfg.sampler} K={cfg.draft_len} |R|={cfg.proposals}"
+    mode = "ar" if cfg.ar else f"{cfg.sampler} K={cfg.draft_len} |R|={cfg.proposals}" + (
+        f" tree={','.join(map(str, cfg.tree))}" if any(cfg.tree) else "")
     done = 0
     if args.json:
         try:

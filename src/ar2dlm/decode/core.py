@@ -76,6 +76,11 @@ class Stats:
     drafter's slots, one chain), "tree" (the drafter's slots with siblings, tree.py), "suffix" (the request's own
     text, `suffix.py`; the drafter's slots may follow it), "ar" (no draft). Prefill excluded."""
 
+    siblings: dict[int, list[int]] = field(default_factory=dict)
+    """Candidate trees, by depth j: [steps whose chain stopped at depth j beside siblings, of those the steps
+    that took the sibling of rank 1, of rank 2, ...] (rank = its place among the depth's siblings, most likely
+    first): `ar2dlm tune` prices a tree's shape with it."""
+
     @property
     def tpf(self) -> float:
         """Tokens per forward pass (prefill included; AR decoding gives 1.0)."""
@@ -226,9 +231,17 @@ class Batch:
         for r, n_taken in zip(self.rows, out.r):
             r.stats.accepted[n_taken] = r.stats.accepted.get(n_taken, 0) + 1
         taken = self._deliver(list(self.rows), out.tokens, 0)
-        for (r, got), kind, sibling in zip(taken, kinds, out.sibling):
+        first = {j: sum(shape[:j - 1]) for j in range(1, K)}  # the row index of depth j's first sibling
+        for (r, got), kind, sibling, n_r, offered in zip(taken, kinds, out.sibling, out.r, out.offered):
             counts = r.stats.by_kind.setdefault(kind, [0, 0, 0])
             counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + len(got), counts[2] + (sibling >= 0)
+            depth = n_r - (sibling >= 0)  # where the chain stopped
+            if kind == "tree" and depth < offered and depth - 1 < len(shape) and shape[depth - 1]:
+                seen = r.stats.siblings.setdefault(depth, [0] * (1 + shape[depth - 1]))
+                seen += [0] * (1 + shape[depth - 1] - len(seen))
+                seen[0] += 1
+                if sibling >= 0:
+                    seen[1 + sibling - first[depth]] += 1
         return taken
 
     @torch.inference_mode()

@@ -1,14 +1,18 @@
-"""`ar2dlm tune MODEL`: pick draft_len and proposals for this machine.
+"""`ar2dlm tune MODEL`: pick draft_len, proposals and the candidate tree for this machine.
 
 1. Forward cost: time one decode-step forward over a cached prompt for n
    token slots per row (n = K + |R| K), relative to n = 1 (AR). On a GPU the
    curve is flat up to ~100 slots; on a laptop CPU it doubles by ~20.
 2. Acceptance: greedy-decode a prompt set with the longest draft and every
    proposal, and estimate a_j = P(draft j+1 accepted | drafts up to j were).
-3. Predict tokens per forward for each (K, |R|) with the proposal policy's
-   coverage, divide by the forward cost, and time the few best predictions
-   (and the AR loop) on the same prompts; the fastest measured wins.
-4. Write draft_len, proposals and the cost table into ar2dlm.json.
+   Candidate trees: decode once more with 6 siblings at each of the first
+   depths, and count, where the chain stopped at depth j, which rank of
+   sibling held the AR token: h_j(m) for every width m.
+3. Predict tokens per forward for each (K, |R|, tree) with the proposal
+   policy's coverage and the siblings' h_j, divide by the forward cost of
+   K + siblings + |R| K rows, and time the few best predictions (and the AR
+   loop) on the same prompts; the fastest measured wins.
+4. Write draft_len, proposals, the tree and the cost table into ar2dlm.json.
 """
 
 from __future__ import annotations
@@ -137,8 +141,49 @@ def predicted_tpf(a: list[float], K: int, n: int) -> float:
                            if any(x <= r for x in chosen) else 1.0) for r in range(1, K + 1))
 
 
+TREE_WIDTH = 6
+"""Siblings per depth while tune measures how often each rank of sibling is taken."""
+TREE_SHAPES = ((), (1,), (2,), (3,), (4,), (6,), (2, 1), (3, 1), (4, 2), (6, 2), (3, 2, 1), (4, 2, 1), (6, 3, 2))
+"""Candidate trees tune prices (siblings per depth; a shape deeper than K - 1 is cut)."""
+
+
+def sibling_rates(lm: DiffusionLM, prompts: list[list[int]], max_len: int, max_new_tokens: int, eos,
+                  depths: int = 3) -> list[list[float]]:
+    """h[j-1][m] = P(one of the m most likely siblings at depth j is taken | the chain stopped at depth j), m =
+    0..TREE_WIDTH, from greedy decoding with TREE_WIDTH siblings at each of the first `depths` depths."""
+    depths = min(depths, max_len - 1)
+    stops = [[0] * (1 + TREE_WIDTH) for _ in range(depths)]
+    cfg = lm.decode_config(draft_len=max_len, proposals=max_len, sampler="greedy", candidates="diffusion",
+                           tree=(TREE_WIDTH,) * depths, max_new_tokens=max_new_tokens, eos_token_id=tuple(eos))
+    for g in generate(lm, prompts, cfg):
+        for j, seen in g.stats.siblings.items():
+            for i, v in enumerate(seen):
+                stops[j - 1][i] += v
+    rates = []
+    for seen in stops:
+        hits, total = 0, max(seen[0], 1)
+        cum = [0.0]
+        for v in seen[1:]:
+            hits += v
+            cum.append(hits / total)
+        rates.append(cum)
+    return rates
+
+
+def tree_gain(a: list[float], h: list[list[float]], K: int, shape: tuple[int, ...]) -> float:
+    """Expected tokens a tree adds to a step of draft length K: where the chain stops at depth j (probability
+    a_1..a_{j-1} (1 - a_j)), a sibling is taken with probability h_j(m_j)."""
+    gain, run = 0.0, 1.0
+    for j in range(1, K):
+        m = shape[j - 1] if j - 1 < len(shape) else 0
+        if m and j - 1 < len(h):
+            gain += run * (1 - a[j - 1]) * h[j - 1][min(m, len(h[j - 1]) - 1)]
+        run *= a[j - 1]
+    return gain
+
+
 def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_tokens: int = 64, top: int = 3,
-         grid_k=(2, 3, 4, 6, 8, 12, 16), grid_n=(1, 2, 3, 4, 5), log=print) -> dict:
+         grid_k=(2, 3, 4, 6, 8, 12, 16), grid_n=(1, 2, 3, 4, 5), log=print, trees=TREE_SHAPES) -> dict:
     TuneConfig(max_draft_len=max_len, max_new_tokens=max_new_tokens)  # before minutes of timing
     if not prompts:
         raise ConfigError("prompts is empty: tune needs at least one prompt")
@@ -153,6 +198,10 @@ def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_t
     attention = attention_cost(lm)
     log("tune: measuring acceptance ...", file=sys.stderr)
     a = acceptance(lm, prompts, max_len, max_new_tokens, eos)
+    h = []
+    if any(trees) and max_len > 1:
+        log("tune: measuring how often candidate siblings are taken ...", file=sys.stderr)
+        h = sibling_rates(lm, prompts, max_len, max_new_tokens, eos)
     preds = []
     for K in grid_k:
         if K > max_len:
@@ -160,18 +209,25 @@ def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_t
         for n in grid_n:
             if n > K:
                 continue
-            tpf = predicted_tpf(a, K, n)
-            preds.append({"draft_len": K, "proposals": n, "predicted_tpf": round(tpf, 3),
-                          "predicted_speedup": round(tpf / cost(K + n * K), 3)})
+            chain = predicted_tpf(a, K, n)
+            for shape in sorted({tuple(t[:K - 1]) for t in trees}):
+                if any(shape) and not h:
+                    continue
+                shape = shape if any(shape) else ()
+                tpf = chain + tree_gain(a, h, K, shape)
+                rows = K + sum(shape) + n * K
+                preds.append({"draft_len": K, "proposals": n, "tree": list(shape), "predicted_tpf": round(tpf, 3),
+                              "predicted_speedup": round(tpf / cost(rows), 3)})
     preds.sort(key=lambda x: -x["predicted_speedup"])
     candidates = preds[:top]
     log(f"tune: timing the {len(candidates)} best predictions and the AR loop ...", file=sys.stderr)
     # adaptive drafting (up to the best prediction's K, down to plain AR steps) is a candidate too: where
     # drafting does not pay on this machine it falls back to AR steps, so the default cannot lose much
     top_k = candidates[0]
-    candidates.append({"draft_len": top_k["draft_len"], "proposals": top_k["proposals"], "adaptive": True})
-    settings = [{"draft_len": c["draft_len"], "proposals": c["proposals"], "adaptive": c.get("adaptive", False)}
-                for c in candidates]
+    candidates.append({"draft_len": top_k["draft_len"], "proposals": top_k["proposals"], "tree": top_k["tree"],
+                       "adaptive": True})
+    settings = [{"draft_len": c["draft_len"], "proposals": c["proposals"], "tree": tuple(c["tree"]),
+                 "adaptive": c.get("adaptive", False)} for c in candidates]
     measured, engine = measure(lm, prompts, [{"ar": True}] + settings, max_new_tokens, eos, engine_cost=True)
     ar_speed = measured[0]
     for c, speed, eng in zip(candidates, measured[1:], engine[1:]):
@@ -179,7 +235,8 @@ def tune(lm: DiffusionLM, prompts: list[list[int]], max_len: int = 16, max_new_t
         c["measured_speedup"] = round(speed / ar_speed, 3)
         c["engine_cost"] = eng
     best = max(candidates, key=lambda c: c["measured_tokens_per_s"])
-    return {"acceptance": [round(x, 4) for x in a], "forward_cost": cost_table, "base_forward_cost": base_table,
+    return {"acceptance": [round(x, 4) for x in a], "sibling_rates": [[round(x, 4) for x in r] for r in h],
+            "forward_cost": cost_table, "base_forward_cost": base_table,
             "machine_key": costs.machine_key(lm.model.dtype),
             "attention_cost": attention, "attention_kernel": exactness.attention_in_use(),
             "predictions": preds, "candidates": candidates, "best": best, "ar_tokens_per_s": round(ar_speed, 2),
@@ -254,7 +311,7 @@ def write_defaults(model_dir: str | Path, result: dict) -> None:
     settings = DiffusionConfig.load(model_dir)
     best = result["best"]
     settings = dataclasses.replace(settings, draft_len=best["draft_len"], proposals=best["proposals"],
-                                   adaptive=bool(best.get("adaptive", False)),
+                                   adaptive=bool(best.get("adaptive", False)), tree=tuple(best.get("tree", ())),
                                    forward_cost=costs.as_saved(result["forward_cost"], result["machine_key"]))
     settings.save(model_dir)
 
@@ -269,8 +326,12 @@ def format_tune(result: dict) -> str:
     lines.append(f"engine work outside the forward, per step in AR forwards: AR loop {result['ar_engine_cost']:+.3f}")
     if result.get("attention_cost"):
         lines.append(format_attention(result["attention_cost"], result.get("attention_kernel", "")))
+    for j, rates in enumerate(result.get("sibling_rates", []), 1):
+        lines.append(f"depth {j}: where the chain stops, the m most likely siblings hold the AR token "
+                     + ", ".join(f"m={m}: {x:.2f}" for m, x in enumerate(rates) if m))
     for c in result["candidates"]:
-        mode = " adaptive" if c.get("adaptive") else ""
+        mode = (" tree=" + ",".join(map(str, c["tree"])) if c.get("tree") else "") + (
+            " adaptive" if c.get("adaptive") else "")
         pred = (f"predicted TPF {c['predicted_tpf']:.2f}, predicted speedup {c['predicted_speedup']:.2f}x, "
                 if "predicted_tpf" in c else "")
         lines.append(f"K={c['draft_len']:>2} |R|={c['proposals']}{mode}: {pred}measured {c['measured_speedup']:.2f}x "

@@ -216,10 +216,12 @@ class DiffusionLM:
         defaults = {}
         if self.settings is not None:
             K, R = self.settings.decode_defaults()
+            fixed = any(overrides.get(k) is not None for k in ("ar", "draft_len", "proposals"))
             defaults = {"draft_len": K, "proposals": R,
-                        # the model's adaptive default, unless the caller fixes the drafting (or asks for AR)
-                        "adaptive": self.settings.adaptive and not any(
-                            overrides.get(k) is not None for k in ("ar", "draft_len", "proposals"))}
+                        # the model's adaptive default and tree, unless the caller fixes the drafting (or asks for AR;
+                        # suffix candidates alone have no siblings)
+                        "adaptive": self.settings.adaptive and not fixed,
+                        "tree": () if fixed or overrides.get("candidates") == "suffix" else tuple(self.settings.tree)}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("stop", "eos_token_id", "tree"):
             if isinstance(defaults.get(key), (list, str, int)):

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..core.files import read_json, write_text
 from ..core.hardware import DTYPE_NAMES
 from ..core.validation import build, check, check_types, finite
-from ..decode.config import MAX_DRAFT_LEN
+from ..decode.config import MAX_DRAFT_LEN, MAX_SIBLINGS
 
 MASKING_SCHEMES = ("full", "uniform", "position_dependent")
 SETTINGS_FILE = "ar2dlm.json"
@@ -50,6 +50,9 @@ class DiffusionConfig:
     dtype: str = "auto"
     """The dtype this checkpoint decodes in when a load asks for `auto` (the default): auto (bfloat16 where the
     hardware computes it natively, else float32) | float32 | bfloat16 | float16. $AR2DLM_DTYPE overrides it."""
+    tree: tuple[int, ...] = ()
+    """Default candidate tree (siblings per depth, decode/tree.py) for requests that fix no drafting setting;
+    `ar2dlm tune` sets it when it measures fastest. () = one chain."""
     adaptive: bool = False
     """Decode with adaptive drafting by default (per step, down to plain AR steps where drafting does not pay
     on this machine) when a request fixes no draft_len or proposals; `ar2dlm tune` sets it when it measures
@@ -72,6 +75,9 @@ class DiffusionConfig:
         K = self.draft_len or self.block_size
         check(0 <= self.proposals <= K, f"proposals must be in 0..{K} (the draft length; 0 = min(3, draft length)), "
                                         f"got {self.proposals}", "proposals")
+        check(all(0 <= m <= MAX_SIBLINGS for m in self.tree) and len(self.tree) < K,
+              f"tree must list 0..{MAX_SIBLINGS} siblings for at most {K - 1} depths (the draft length - 1), got "
+              f"{list(self.tree)}", "tree")
         check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", "dtype")
         check(self.mask_token.strip() == self.mask_token and self.mask_token != "",
               f"mask_token must be a non-empty text without surrounding whitespace, got {self.mask_token!r}",
