@@ -9,7 +9,6 @@ from transformers import (
     AutoModelForCausalLM,
     BambaConfig,
     FalconMambaConfig,
-    Gemma2Config,
     Gemma3TextConfig,
     GraniteMoeHybridConfig,
     JambaConfig,
@@ -27,7 +26,7 @@ from transformers import (
 
 from ar2dlm import convert
 from ar2dlm.core.errors import ConfigError
-from ar2dlm.model.architectures import check_architecture, layer_kinds, modules_with_state
+from ar2dlm.model.architectures import check_architecture, layer_kinds, modules_with_state, takes_mask_per_kind
 from ar2dlm.model.lm import DiffusionLM
 
 _C = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -58,10 +57,8 @@ REFUSED = {
     "qwen3_5_text": (lambda: Qwen3_5TextConfig(**_C, **_DELTA), "DeltaNet"),
     "recurrent_gemma": (lambda: RecurrentGemmaConfig(**{k: v for k, v in _C.items() if k != "num_key_value_heads"},
                                                      lru_width=32, attention_window_size=8), "RG-LRU"),
-    "gemma2": (lambda: Gemma2Config(**_C, head_dim=8, sliding_window=8), "sliding-window"),
-    "gemma3_text": (lambda: Gemma3TextConfig(**_C, head_dim=8, sliding_window=8,
-                                             layer_types=["sliding_attention", "full_attention"]), "sliding-window"),
-    "mistral_swa": (lambda: MistralConfig(**_C, sliding_window=8), "sliding-window"),
+    "gemma3_bidirectional": (lambda: Gemma3TextConfig(**_C, head_dim=8, sliding_window=8,
+                                                      use_bidirectional_attention=True), "not a causal LM"),
     "llama4_chunked": (lambda: Llama4TextConfig(**_C, head_dim=8, attention_chunk_size=8, num_local_experts=2),
                        "chunked attention"),
     "zaya_sliding": (lambda: ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,
@@ -114,6 +111,18 @@ def test_unseen_architecture_caught_by_its_modules():
     state is still refused: the module scan, not a list of model_type names, decides."""
     config = REFUSED["mamba"][0]()
     assert "MambaMixer" in modules_with_state(AutoModelForCausalLM.from_config(config))
+
+
+def test_mixed_windows_need_a_mask_per_layer_kind():
+    """Full and sliding layers in a model whose forward takes one mask for all layers: refused (the mask dict of
+    transformers' hybrid models is what lets each kind read its own window). A Mistral config object with
+    layer_types is such a model (saved and reloaded, transformers makes it a Ministral, which takes the dict)."""
+    mixed = MistralConfig(**_C, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="one attention mask for all"):
+        check_architecture(mixed)
+    assert not takes_mask_per_kind(AutoModelForCausalLM.from_config(mixed))
+    assert takes_mask_per_kind(AutoModelForCausalLM.from_config(
+        Gemma3TextConfig(**_C, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"])))
 
 
 def test_window_as_long_as_the_context_is_full_attention():
