@@ -282,3 +282,19 @@ def test_sliding_distill_train_drafting_adapter_end_to_end(family, tmp_path):
             assert got.token_ids == want, (p, K, R)
             accepted += sum(n * c for n, c in got.stats.accepted.items() if n > 1)
     assert accepted > 20  # the trained drafts were accepted: the accept branches ran
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo3", "mistral"])
+def test_exactness_check_covers_windowed_layers(family):
+    """The machine check (model/exactness.py) runs its verify and slot steps through each layer kind's window (at
+    contexts past it) in bf16: every part, attention included, is bitwise row-invariant. (gpt-oss's attention has
+    sinks and runs transformers' eager attention: the check compares its whole forward, not its attention.)"""
+    from ar2dlm.model import exactness
+
+    model = tiny(family, dtype=torch.bfloat16)
+    tok = make_tokenizer()
+    lm = DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=add_mask_token(model, tok)),
+                     batch_invariant=True)
+    lm.fuse()
+    verdict = exactness.check(lm, contexts=(30, 100))
+    assert verdict.exact and verdict.components["attention"] is True, verdict.line()

@@ -163,8 +163,17 @@ def _hooks(lm, recorder: _Recorder) -> list:
             component = "linears"
         else:
             continue
-        handles.append(module.register_forward_hook(lambda _m, _i, out, c=component: recorder(c, out)))
+        handles.append(module.register_forward_hook(lambda _m, i, out, c=component: recorder(c, _row_major(i, out))))
     return handles
+
+
+def _row_major(inputs, out):
+    """A part's output with its rows on dim 1: a per-head norm over [b, heads, q, d] (Gemma 3's q/k norms read the
+    heads after the transpose: its rows are dim 2, which the input's strides say) gives [b, q, heads, d]."""
+    x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    if x is not None and x.dim() == 4 and out.dim() == 4 and x.stride(1) < x.stride(2):
+        return out.transpose(1, 2)
+    return out
 
 
 class _Judge:
