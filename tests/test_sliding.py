@@ -10,7 +10,19 @@ import pytest
 import torch
 from conftest import EOS, VOCAB, make_tokenizer, train_drafter
 from test_decode import hf_greedy, random_prompts
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, GptOssConfig, MistralConfig, Olmo3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Cohere2Config,
+    Exaone4Config,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GptOssConfig,
+    MinistralConfig,
+    MistralConfig,
+    Olmo3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from ar2dlm.model.architectures import attention_windows, check_architecture
 from ar2dlm.model.convert import add_mask_token
@@ -36,13 +48,22 @@ FAMILIES = {  # family -> tiny config (vocab), every one with layers that see on
     "olmo3": lambda V: Olmo3Config(**_c(V), layer_types=MIXED),
     "mistral": lambda V: MistralConfig(**_c(V, layers=2)),  # every layer sliding: one mask for all
 }
+MORE = {  # families of the same kinds, held to HF generate by one test (gemma2: eager attention, no sinks)
+    "gemma2": lambda V: Gemma2Config(**_c(V), head_dim=8, layer_types=MIXED),
+    "cohere2": lambda V: Cohere2Config(**_c(V), layer_types=MIXED),
+    "exaone4": lambda V: Exaone4Config(**_c(V), layer_types=MIXED),
+    "ministral": lambda V: MinistralConfig(**_c(V), head_dim=8, layer_types=MIXED),
+    "qwen2": lambda V: Qwen2Config(**_c(V), use_sliding_window=True, layer_types=MIXED),
+    "qwen3": lambda V: Qwen3Config(**_c(V), head_dim=8, use_sliding_window=True, layer_types=MIXED),
+}
 SETTINGS = [(2, 1), (4, 1), (4, 3), (8, 1), (8, 3)]  # (K, |R|)
 NEW = 24
 
 
 def tiny(family, seed=0, vocab=VOCAB, dtype=torch.float64, sharpen=8.0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](vocab), experts_implementation="eager")
+    config = {**FAMILIES, **MORE}[family](vocab)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager")
     model = model.to(dtype).eval()
     with torch.no_grad():  # random init is near-uniform; sharper logits make drafts and ties realistic
         model.get_output_embeddings().weight.mul_(sharpen)
@@ -82,6 +103,22 @@ def test_sliding_greedy_equals_hf_generate(family):
             batched += [g.token_ids for g in lm.generate(prompts[i:i + 4], max_new_tokens=NEW, draft_len=K,
                                                          proposals=R)]
         assert batched == expected, (K, R)
+
+
+@pytest.mark.parametrize("family", sorted(MORE))
+def test_more_windowed_families_decode_exactly(family):
+    """Other families with sliding layers beside full ones: accepted, and greedy == HF generate past the window,
+    alone and in ragged batches (their padding rows, left with no key in a window, read their own)."""
+    check_architecture(MORE[family](VOCAB))
+    base, lm = converted(family)
+    assert lm.windows == {"sliding_attention": WINDOW, "full_attention": None}
+    prompts = prompts_around_the_window(8)
+    expected = [hf_greedy(base, p) for p in prompts]
+    for K, R in [(2, 1), (4, 3)]:
+        alone = [lm.generate([p], max_new_tokens=NEW, draft_len=K, proposals=R)[0].token_ids for p in prompts]
+        assert alone == expected, (K, R)
+        assert [g.token_ids for i in range(0, 8, 4)
+                for g in lm.generate(prompts[i:i + 4], max_new_tokens=NEW, draft_len=K, proposals=R)] == expected
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "mistral"])

@@ -172,7 +172,13 @@ def windowed(mask: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
        P1 s3 (7)       . . . . | .  .  .  |  1 1 1
     """
     near = query_pos[:, :, None] - key_pos[:, None, :] < window  # [b, q, k]
-    return mask & (near | key_slot[:, None, :])
+    out = mask & (near | key_slot[:, None, :])
+    # a padding row (a shorter prompt's hole, which reads that prompt) may keep no key in its window: it reads its
+    # own, the forward's rows being the last q keys, so no softmax sees an empty row (NaN in its K/V poisons others)
+    q, k = mask.shape[-2:]
+    rows = torch.arange(q, device=mask.device)
+    out[:, rows, rows + k - q] |= ~out.any(-1)
+    return out
 
 
 def key_positions(mask: torch.Tensor, query_pos: torch.Tensor, cached: int) -> torch.Tensor:
