@@ -335,3 +335,20 @@ def test_exactness_check_covers_windowed_layers(family):
     lm.fuse()
     verdict = exactness.check(lm, contexts=(30, 100))
     assert verdict.exact and verdict.components["attention"] is True, verdict.line()
+
+
+def test_sliding_rows_joining_and_leaving_decode_as_alone():
+    """Continuous batching (decode/core.Batch): a newcomer's cache is merged with holes, rows leave; each row's
+    windows are measured from its own committed tokens, so it decodes as alone."""
+    from test_serve_batching import drive
+
+    _, lm = converted("gemma3_text")
+    ps = prompts_around_the_window(6, seed=7)
+    news = [5, 24, 9, 17, 3, 30]
+    settings = [dict(draft_len=4, proposals=2), dict(draft_len=4, proposals=3), dict(ar=True),
+                dict(draft_len=2, proposals=1), dict(draft_len=8, proposals=3), dict(draft_len=4, proposals=2)]
+    cfgs = [lm.decode_config(max_new_tokens=m, **s) for m, s in zip(news, settings)]
+    got, sizes = drive(lm, cfgs, ps, [0, 0, 2, 3, 3, 6], draft=lambda step, rows: rows <= 3)
+    assert max(sizes) > 3
+    for i, p in enumerate(ps):
+        assert got[i] == lm.generate([p], max_new_tokens=news[i], **settings[i])[0].token_ids, i

@@ -89,8 +89,10 @@ def cache_path(lm) -> Path:
     """$AR2DLM_HOME/checks/<hash of the machine, the attention in use, the model's shape and forward>.json"""
     config = lm.model.config
     shape = {name: getattr(config, name, None) for name in (*costs_table.SHAPE, "head_dim")}
+    windows = getattr(lm, "windows", None)  # sliding layers' windows change the forward (none: as before)
     ident = json.dumps([VERSION, costs.machine_key(lm.model.dtype), attention_in_use(), shape,
-                        getattr(lm.settings, "adapter", None), lm.lean is not None], sort_keys=True)
+                        getattr(lm.settings, "adapter", None), lm.lean is not None]
+                       + ([sorted(windows.items())] if windows else []), sort_keys=True)
     return ar2dlm_home() / "checks" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
 
 
