@@ -30,6 +30,10 @@ SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,  # the same exa
 def _lm(arch: str, dtype: torch.dtype) -> DiffusionLM:
     if arch == "zaya":
         model = tiny_zaya("cca2x2").to(dtype)
+    elif arch == "lfm2":  # short convolutions beside attention
+        from test_lfm2 import tiny_lfm2
+
+        model = tiny_lfm2("L3", dtype=dtype)
     elif arch == "gemma3":  # sliding-window layers (a window of 5) beside full ones
         from test_sliding import tiny
 
@@ -73,11 +77,12 @@ def _prefill(lm, prefix: torch.Tensor) -> DynamicCache:
 
 
 def _kv(cache, lo, hi):
-    return [(layer.keys[..., lo:hi, :].clone(), layer.values[..., lo:hi, :].clone()) for layer in cache.layers]
+    return [(layer.keys[..., lo:hi, :].clone(), layer.values[..., lo:hi, :].clone()) for layer in cache.layers
+            if hasattr(layer, "keys")]  # a conv-only layer (LFM2's) has none
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya", "gemma3", "lfm2"])
 @settings(**SETTINGS)
 @given(data=st.data())
 def test_each_row_equals_the_one_row_forward_at_its_position(arch, dtype, data):
@@ -176,7 +181,7 @@ def test_rows_beyond_a_thousand_tokens_of_context(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya", "gemma3", "lfm2"])
 def test_greedy_equals_the_ar_loop_in_its_dtype(arch, dtype):
     """The contract: greedy decoding == the same-stack AR loop in the same dtype, token for token (batch 1 and a
     ragged batch), with drafts of several lengths."""

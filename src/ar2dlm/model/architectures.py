@@ -13,10 +13,11 @@ breaks one of the two:
     linear_attention  (Mamba/SSM, gated       one recurrent state per sequence: the step's proposal
       DeltaNet, RG-LRU, linear attention)     rows would advance it past tokens that are rejected,
                                               and a state cannot be cropped back to d_r
-    conv              (LFM2 short conv)       reads the previous rows of the tensor, not each row's
-    hybrid_sliding (ZAYA1 CCA + window)       logical predecessor; conv state is set after the last
-                                              row fed, not after d_r. (ZAYA1's full-attention 'hybrid'
-                                              layers are exact: nn/predecessors.py hooks their CCA projection)
+    conv, hybrid_sliding                      reads the previous rows of the tensor, not each row's
+      (a short convolution not hooked;        logical predecessor; conv state is set after the last
+      ZAYA1 CCA + window)                     row fed, not after d_r. (LFM2's 'conv' layers and ZAYA1's
+                                              full-attention 'hybrid' layers are exact: nn/predecessors.py
+                                              hooks their short convolution / CCA projection)
     chunked_attention (Llama 4)               attention within fixed chunks of positions: a layout
                                               ar2dlm does not draw (no test holds it to HF generate)
 
@@ -64,10 +65,10 @@ STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAtte
 # wrappers and norms named after their family, not mixers themselves
 CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
 TESTED = ("llama", "qwen2", "qwen3", "mistral (with and without sliding_window)", "qwen2_moe", "gpt2",
-          "gpt_oss", "gemma3_text", "olmo3", "zaya (ZAYA1 CCA)")
+          "gpt_oss", "gemma3_text", "olmo3", "gemma2", "zaya (ZAYA1 CCA)", "lfm2")
 SUPPORTED = ("decoder-only causal LMs whose every layer is full causal or sliding-window attention over a KV cache, "
-             "with dense or MoE MLPs, or ZAYA1's CCA attention (its convolutions and delayed value read each row's "
-             f"predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
+             "with dense or MoE MLPs, ZAYA1's CCA attention or LFM2's short convolutions (their convolutions read "
+             f"each row's predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
 
 
 def layer_kinds(config) -> list[str]:
@@ -159,8 +160,9 @@ def check_architecture(config, where: str = "") -> None:
     """ConfigError naming the layers (and modules) ar2dlm cannot decode exactly, and what is supported."""
     kinds = layer_kinds(config)
     modules, handled, per_kind = stateful_modules(config)
-    # a 'hybrid' layer (attention + conv / delayed-value state) is exact when nn/predecessors.py hooks its mixer
-    exact = EXACT_LAYER_TYPES + (("hybrid",) if handled >= kinds.count("hybrid") > 0 else ())
+    # a 'hybrid' layer (attention + conv / delayed-value state, ZAYA1) or a 'conv' one (LFM2's short convolution) is
+    # exact when nn/predecessors.py hooks its mixer
+    exact = EXACT_LAYER_TYPES + tuple(k for k in ("hybrid", "conv") if handled >= kinds.count(k) > 0)
     bad: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):
         if kind not in exact and kind != "mlp":
