@@ -185,7 +185,7 @@ class DiffusionLM:
                                 kwargs.get("logits_to_keep", 0), holes)
         seen = attention_mask.any(1) if self.windows and self.batch_invariant else None  # keys before the windows
         invariant = BatchInvariant(self.probe, holes, seen) if self.batch_invariant else contextlib.nullcontext()
-        mask = self.layer_masks(attention_mask, position_ids, mask_slots, past_key_values, cache_positions)
+        mask = self.layer_masks(attention_mask, position_ids, mask_slots, cache_positions)
         with self.slot_gate.rows(mask_slots, slots_from), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=masks.for_model(mask, self.model),
@@ -194,7 +194,7 @@ class DiffusionLM:
         return out.logits
 
     def layer_masks(self, mask: torch.Tensor, position_ids: torch.Tensor, mask_slots: torch.Tensor | None = None,
-                    cache=None, cache_positions: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                    cache_positions: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """The mask each attention layer kind reads, from the layout `mask` [b, q, k]: the layout itself where no
         layer has a window; else one mask for all layers when they share a window, or a dict {layer kind: mask}
         (the form transformers' hybrid models take), a sliding kind's mask cut to its window (`masks.windowed`)."""
