@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from ar2dlm.model.convert import add_mask_token
 from ar2dlm.model.lm import DiffusionLM
 from ar2dlm.model.settings import DiffusionConfig
-from ar2dlm.nn import invariant
+from ar2dlm.nn import invariant, predecessors
 
 DTYPES = [torch.bfloat16, torch.float32]
 SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,  # the same examples on every run, in CI too
@@ -30,6 +30,14 @@ SETTINGS = dict(max_examples=6, deadline=None, derandomize=True,  # the same exa
 def _lm(arch: str, dtype: torch.dtype) -> DiffusionLM:
     if arch == "zaya":
         model = tiny_zaya("cca2x2").to(dtype)
+    elif arch == "lfm2":  # short convolutions beside attention
+        from test_lfm2 import tiny_lfm2
+
+        model = tiny_lfm2("L3", dtype=dtype)
+    elif arch == "gemma3":  # sliding-window layers (a window of 5) beside full ones
+        from test_sliding import tiny
+
+        model = tiny("gemma3_text", dtype=dtype)
     elif arch == "llama-long":  # a context beyond 1,000 tokens
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -62,18 +70,19 @@ def _forward(lm, ids, start, allowed, cache, slots=None):
 
 
 def _prefill(lm, prefix: torch.Tensor) -> DynamicCache:
-    cache = DynamicCache(config=lm.model.config)
+    cache = predecessors.new_cache(lm.model)  # every key kept (a sliding layer's window is in its mask)
     L = prefix.shape[1]
     _forward(lm, prefix, 0, torch.ones(L, L, dtype=torch.bool).tril()[None], cache)
     return cache
 
 
 def _kv(cache, lo, hi):
-    return [(layer.keys[..., lo:hi, :].clone(), layer.values[..., lo:hi, :].clone()) for layer in cache.layers]
+    return [(layer.keys[..., lo:hi, :].clone(), layer.values[..., lo:hi, :].clone()) for layer in cache.layers
+            if hasattr(layer, "keys")]  # a conv-only layer (LFM2's) has none
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya", "gemma3", "lfm2"])
 @settings(**SETTINGS)
 @given(data=st.data())
 def test_each_row_equals_the_one_row_forward_at_its_position(arch, dtype, data):
@@ -172,7 +181,7 @@ def test_rows_beyond_a_thousand_tokens_of_context(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "zaya", "gemma3", "lfm2"])
 def test_greedy_equals_the_ar_loop_in_its_dtype(arch, dtype):
     """The contract: greedy decoding == the same-stack AR loop in the same dtype, token for token (batch 1 and a
     ragged batch), with drafts of several lengths."""
@@ -385,6 +394,31 @@ def test_a_sibling_in_rank_order_equals_the_ar_loop(arch, dtype):
         if j < K:
             one = _forward(lm, chain[:, j:j + 1], C + j, torch.ones(1, 1, C + j + 1, dtype=torch.bool), ar)
             assert torch.equal(logits[0, j], one[0, 0]), f"chain row {j}"
+
+
+@pytest.mark.parametrize("q,L,holes,window", [(6, 62, 3, 5), (4, 120, 7, 9), (8, 60, 30, 6)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_window_is_not_a_hole(q, L, holes, window, dtype):
+    """A sliding window leaves keys before a row's own unread: they are not holes. Given the layout's keys
+    (`invariant.SEEN`), a row among holes finds its window's keys where they are alone, across a key chunk's edge,
+    and its result is bitwise the same (moving only the window's keys to the front changes the chunks' sums)."""
+    g = torch.Generator().manual_seed(q * 7 + L * 13 + holes)
+    H, d = 4, 8
+    query = torch.randn(1, H, q, d, generator=g).to(dtype)
+    key, value = torch.randn(1, 2, L + q, d, generator=g).to(dtype), torch.randn(1, 2, L + q, d, generator=g).to(dtype)
+    layout = torch.cat([torch.ones(q, L, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)
+    near = (L + torch.arange(q))[:, None] - torch.arange(L + q)[None, :] < window
+    alone = invariant.attention(query, key, value, (layout & near)[None, None],
+                                orders={invariant.SEEN: layout.any(0)[None]})
+    where = torch.sort(torch.randperm(L + q + holes, generator=g)[:L + q]).values  # the layout's keys among holes
+    k2 = torch.randn(1, 2, L + q + holes, d, generator=g).to(dtype)
+    v2 = torch.randn(1, 2, L + q + holes, d, generator=g).to(dtype)
+    k2[:, :, where], v2[:, :, where] = key, value
+    windowed, seen = torch.zeros(2, q, L + q + holes, dtype=torch.bool)
+    windowed[:, where], seen[:, where] = layout & near, layout
+    got = invariant.attention(query, k2, v2, windowed[None, None],
+                              orders={invariant.SEEN: seen.any(0)[None], invariant.HOLES: True})
+    assert torch.equal(got, alone)
 
 
 def test_the_mode_stays_out_of_autograd_and_other_models():

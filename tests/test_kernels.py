@@ -137,7 +137,7 @@ def test_fast_paths_are_scoped_to_one_model():
         attention._packed_mask = original
     n_layers = len(a.model.base_model.model.model.layers)
     assert n_layers > 1 and len(packed) == 2 and packed[0] is not packed[1]  # one per forward, not per layer
-    assert a.packed_masks._mask is None and not a.packed_masks._packed
+    assert not a.packed_masks._packed
 
 
 def test_the_fused_path_runs_and_shares_the_weights():

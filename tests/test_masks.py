@@ -102,3 +102,15 @@ def test_additive_mask_and_eager_equal_sdpa():
     b = eager(input_ids=ids, position_ids=pos, attention_mask=masks.for_model(m, eager)).logits
     torch.testing.assert_close(a, b)
     assert not torch.isnan(b).any()
+
+
+def test_windowed_leaves_no_row_without_a_key():
+    """A prefill's padding rows read the shorter prompt: past its window they keep no key, and read their own
+    (as `prefill_mask` gives rows that see nothing), never an empty row."""
+    lens, Lp = torch.tensor([3, 9]), 9
+    layout = masks.prefill_mask(lens, Lp, 0)
+    pos = torch.arange(Lp).expand(2, Lp)
+    m = masks.windowed(layout, pos, pos, 4, torch.zeros(2, Lp, dtype=torch.bool))
+    assert m.any(-1).all()
+    assert torch.equal(m[0, 6:], torch.eye(Lp, dtype=torch.bool)[6:])  # rows 6..8: prompt 0..2 out of the window
+    assert torch.equal(m[1], layout[1] & (pos[1][:, None] - pos[1][None, :] < 4))

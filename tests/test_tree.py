@@ -181,3 +181,31 @@ def test_bad_trees_are_refused(settings, field):
     with pytest.raises(ConfigError) as e:
         DecodeConfig(**settings)
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("family", ["lfm2", "zaya"])
+def test_greedy_with_trees_on_layers_that_read_their_neighbours(family):
+    """LFM2's short convolutions and ZAYA1's CCA read each row's logical predecessors: a sibling's is its parent
+    d_j, and after a step that took a sibling the conv state is the one after the sibling's row."""
+    if family == "lfm2":
+        from test_lfm2 import converted as build
+        base, lm = build("L3", vocab=V)
+    else:
+        from test_zaya import CONFIGS, converted as build
+        base, lm = build(next(iter(CONFIGS)))
+    ps = prompts(4, seed=7)
+    expected = [hf_greedy(base, p, 20, [lm.mask_token_id]) for p in ps]
+    hits = 0
+    for K, R, shape in [(4, 1, (3,)), (4, 3, (2, 1))]:
+        gens = lm.generate(ps, max_new_tokens=20, draft_len=K, proposals=R, tree=shape, adaptive=False)
+        assert [g.token_ids for g in gens] == expected, (K, R, shape)
+        hits += _siblings(gens)
+    assert hits > 0
+
+
+def test_trees_are_refused_on_sliding_window_layers():
+    from test_sliding import converted as build
+    _, lm = build("mistral")
+    with pytest.raises(ConfigError) as e:
+        lm.generate([[3, 4, 5]], max_new_tokens=4, draft_len=4, proposals=1, tree=(2,))
+    assert e.value.field == "tree"

@@ -67,19 +67,16 @@ def check_request(lm: DecodeModel, prompts: list[list[int]], cfg: DecodeConfig) 
     if not cfg.ar and lm.mask_token_id is None:
         raise ConfigError("this model has no mask token (not converted): use ar=True, or `ar2dlm convert` it",
                           field="ar")
+    if any(cfg.tree) and not cfg.ar and getattr(lm, "windows", None):
+        raise ConfigError("candidate trees (tree=...) are not exact on sliding-window layers yet: a sibling reads its "
+                          "keys in rank order, a window starts its keys elsewhere; drop tree", field="tree")
     if len(prompts) == 0:
         raise ConfigError("prompts is empty: give at least one prompt")
     ctx = lm.context_len
-    window = getattr(lm.model.config, "sliding_window", None)
     vocab = embedding_rows(lm.model)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ConfigError(f"prompt {i} is empty: give at least one token")
-        if window and len(p) + cfg.max_new_tokens > window:
-            # our masks are full attention; past the window they would not match the model's own
-            raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens={cfg.max_new_tokens} exceed the "
-                              f"model's sliding attention window ({window}); ar2dlm decodes within the window only",
-                              field="max_new_tokens")
         if ctx is not None and len(p) >= ctx:
             raise ConfigError(f"prompt {i} has {len(p)} tokens, as many as the model's context of {ctx} tokens or "
                               f"more: shorten it to at most {ctx - 1} tokens")

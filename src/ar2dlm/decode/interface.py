@@ -7,7 +7,7 @@ with these members; `ar2dlm.model.DiffusionLM` is the one the package ships
 - `forward`: logits of the stock HF forward with our 4D mask and explicit
   positions; `mask_slots` says which rows are drafting slots.
 - `model`: the HF causal LM that forward runs (or a peft model wrapping it).
-  The engine reads its `device`, `config` (`sliding_window`),
+  The engine reads its `device`, `config`,
   `generation_config` (`eos_token_id`), input and output embeddings, and
   hands it to `nn.predecessors` for the KV cache and CCA-like layers.
 - `tokenizer`: `decode` of committed tokens, `eos_token_id` as a fallback.

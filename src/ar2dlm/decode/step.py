@@ -238,6 +238,8 @@ def compact_cache(state: State) -> None:
     keep = max(state.lengths)  # every committed token holds a slot
     order = torch.sort((~state.cache_valid).to(torch.int8), dim=1, stable=True).indices[:, :keep]  # [b, keep]
     for layer in state.cache.layers:
+        if not hasattr(layer, "keys"):  # a conv-only layer (LFM2's) holds a state per row, no slots
+            continue
         idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         layer.keys = layer.keys.gather(2, idx)
         idx = order[:, None, :, None].expand(-1, layer.values.shape[1], -1, layer.values.shape[-1])
@@ -273,8 +275,9 @@ def merge(a: State, b: State) -> State:
             resize_draft(s, K)
     C = max(a.cache_valid.shape[1], b.cache_valid.shape[1])
     for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.keys = torch.cat([_pad_slots(la.keys, C), _pad_slots(lb.keys, C)], 0)  # [b_a + b_b, heads, C, dim]
-        la.values = torch.cat([_pad_slots(la.values, C), _pad_slots(lb.values, C)], 0)
+        if hasattr(la, "keys"):  # a conv-only layer (LFM2's) has none
+            la.keys = torch.cat([_pad_slots(la.keys, C), _pad_slots(lb.keys, C)], 0)  # [b_a + b_b, heads, C, dim]
+            la.values = torch.cat([_pad_slots(la.values, C), _pad_slots(lb.values, C)], 0)
         for name in ("conv_states", "recurrent_states"):  # a mixer's state after each row's last token
             if hasattr(la, name):
                 setattr(la, name, [torch.cat([x, y], 0) for x, y in zip(getattr(la, name), getattr(lb, name))])

@@ -3,19 +3,28 @@
 A decode step feeds rows in ar2dlm's own order (`[d_1..d_K | P_r ...]`) and
 then crops the cache back to the accepted prefix. That is exact for layers
 whose only memory is a per-token KV cache read through our 4D mask: full
-causal attention. Every other kind of sequence memory breaks one of the two:
+causal attention, and sliding-window attention (each layer kind gets its
+window drawn into its own mask, `nn/masks.windowed`, and the cache keeps
+every key, so a crop undoes a step). Every other kind of sequence memory
+breaks one of the two:
 
     layer kind (transformers' `layer_types`)  why it is not exact (yet)
     ----------------------------------------  ----------------------------------------------------
     linear_attention  (Mamba/SSM, gated       one recurrent state per sequence: the step's proposal
       DeltaNet, RG-LRU, linear attention)     rows would advance it past tokens that are rejected,
                                               and a state cannot be cropped back to d_r
-    conv              (LFM2 short conv)       reads the previous rows of the tensor, not each row's
-    hybrid_sliding (ZAYA1 CCA + window)       logical predecessor; conv state is set after the last
-                                              row fed, not after d_r. (ZAYA1's full-attention 'hybrid'
-                                              layers are exact: nn/predecessors.py hooks their CCA projection)
-    sliding_attention, chunked_attention      a per-layer window our single 4D mask does not draw,
-      (Gemma 2/3, Mistral v0.1, Llama 4)      and a cache that drops tokens so crop cannot undo them
+    conv, hybrid_sliding                      reads the previous rows of the tensor, not each row's
+      (a short convolution not hooked;        logical predecessor; conv state is set after the last
+      ZAYA1 CCA + window)                     row fed, not after d_r. (LFM2's 'conv' layers and ZAYA1's
+                                              full-attention 'hybrid' layers are exact: nn/predecessors.py
+                                              hooks their short convolution / CCA projection)
+    chunked_attention (Llama 4)               attention within fixed chunks of positions: a layout
+                                              ar2dlm does not draw (no test holds it to HF generate)
+
+Sliding layers also need a forward that takes one mask per layer kind (a
+dict keyed by kind, as transformers' hybrid models do) when full and
+sliding layers mix; a model whose forward takes one mask for all layers is
+exact only when all its attention layers see the same window.
 
 Detection is generic: transformers' own per-layer cache kinds
 (`cache_utils.get_layer_types_and_kwargs`, the same function that builds the
@@ -35,7 +44,7 @@ from ..core.errors import ConfigError
 from ..nn.predecessors import MIXERS
 
 # the layer kinds whose only sequence memory is the KV cache; "dummy" = a layer without attention (MLP/MoE only)
-EXACT_LAYER_TYPES = ("full_attention",)
+EXACT_LAYER_TYPES = ("full_attention", "sliding_attention")
 WHY = {
     "linear_attention": "a recurrent state per sequence (Mamba/SSM, gated DeltaNet, linear attention, RG-LRU) that "
                         "a step's proposal rows would advance past rejected tokens and that cannot be cropped back",
@@ -44,19 +53,22 @@ WHY = {
     "hybrid": "attention whose q/k/v also read the previous rows through a convolution and a delayed value "
               "(ZAYA1 CCA; conv and recurrent state in the cache)",
     "hybrid_sliding": "sliding-window attention whose q/k/v also read the previous rows (ZAYA1 CCA, conv state)",
-    "sliding_attention": "sliding-window attention: a per-layer window that ar2dlm's single attention mask does "
-                         "not draw, and a cache that drops old tokens",
-    "chunked_attention": "chunked attention: a per-layer window that ar2dlm's single attention mask does not draw",
+    "chunked_attention": "chunked attention (attention within fixed chunks of positions), a layout ar2dlm's "
+                         "masks do not draw",
+    "mixed_windows": "full and sliding-window layers, but a forward that takes one attention mask for all of them "
+                     "(not one per layer kind)",
+    "bidirectional": "bidirectional attention (use_bidirectional_attention): not a causal LM",
 }
 # module class names of sequence mixers that carry state beside a KV cache
 STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAttention|Recurrent|Rglru|Lru|Rwkv|"
                              r"RWKV|xLSTM|Lstm|Lightning|CCAProjection")
 # wrappers and norms named after their family, not mixers themselves
 CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
-TESTED = ("llama", "qwen2", "qwen3", "mistral (sliding_window=None)", "qwen2_moe", "gpt2", "zaya (ZAYA1 CCA)")
-SUPPORTED = ("decoder-only causal LMs whose every layer is full causal attention over a KV cache, with dense or "
-             "MoE MLPs, or ZAYA1's CCA attention (its convolutions and delayed value read each row's predecessors, "
-             f"nn/predecessors.py) (tested: {', '.join(TESTED)})")
+TESTED = ("llama", "qwen2", "qwen3", "mistral (with and without sliding_window)", "qwen2_moe", "gpt2",
+          "gpt_oss", "gemma3_text", "olmo3", "gemma2", "zaya (ZAYA1 CCA)", "lfm2")
+SUPPORTED = ("decoder-only causal LMs whose every layer is full causal or sliding-window attention over a KV cache, "
+             "with dense or MoE MLPs, ZAYA1's CCA attention or LFM2's short convolutions (their convolutions read "
+             f"each row's predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
 
 
 def layer_kinds(config) -> list[str]:
@@ -78,17 +90,52 @@ def layer_kinds(config) -> list[str]:
     return out
 
 
-def stateful_modules(config) -> tuple[list[str], int]:
+def attention_windows(config) -> dict[str, int | None]:
+    """Each attention layer kind of the model (transformers' names, the keys its forward reads a mask dict by) ->
+    its window in positions, None for full attention: {"full_attention": None, "sliding_attention": 4096}.
+
+    A row at position p of a sliding layer reads keys at p - window < p' <= p (`nn/masks.windowed`). A window as
+    long as the context is full attention."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = config.get_text_config(decoder=True)
+    kinds, kwargs = get_layer_types_and_kwargs(config)
+    ctx = getattr(config, "max_position_embeddings", None)
+    out: dict[str, int | None] = {}
+    for kind, kw in zip(kinds, kwargs):
+        if kind in ("full_attention", "sliding_attention"):
+            w = kw.get("sliding_window") if kind == "sliding_attention" else None
+            out[kind] = None if w is None or (ctx is not None and w >= ctx) else int(w)
+    return out
+
+
+def stateful_modules(config) -> tuple[list[str], int, bool | None]:
     """(class names of the modules that read neighbouring rows or carry state and that `nn/predecessors.py` does not
-    handle, how many handled mixers there are), from a meta-device instance."""
+    handle, how many handled mixers there are, whether its forward takes one mask per layer kind (None: unknown)),
+    from a meta-device instance."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 -- an exotic config we cannot instantiate: the layer kinds alone decide
-        return [], 0
-    return modules_with_state(model), _handled(model)
+        return [], 0, None
+    return modules_with_state(model), _handled(model), takes_mask_per_kind(model)
+
+
+MASK_PER_KIND = re.compile(r"isinstance\(\s*(\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
+
+
+def takes_mask_per_kind(model) -> bool:
+    """Whether the model's decoder forward takes `attention_mask` as a dict {layer kind: 4D mask}, as
+    transformers' models with several layer kinds do (`causal_mask_mapping[config.layer_types[i]]`)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model.get_decoder()).forward)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return MASK_PER_KIND.search(source) is not None
 
 
 def _handled(model) -> int:
@@ -112,13 +159,19 @@ def modules_with_state(model) -> list[str]:
 def check_architecture(config, where: str = "") -> None:
     """ConfigError naming the layers (and modules) ar2dlm cannot decode exactly, and what is supported."""
     kinds = layer_kinds(config)
-    modules, handled = stateful_modules(config)
-    # a 'hybrid' layer (attention + conv / delayed-value state) is exact when nn/predecessors.py hooks its mixer
-    exact = EXACT_LAYER_TYPES + (("hybrid",) if handled >= kinds.count("hybrid") > 0 else ())
+    modules, handled, per_kind = stateful_modules(config)
+    # a 'hybrid' layer (attention + conv / delayed-value state, ZAYA1) or a 'conv' one (LFM2's short convolution) is
+    # exact when nn/predecessors.py hooks its mixer
+    exact = EXACT_LAYER_TYPES + tuple(k for k in ("hybrid", "conv") if handled >= kinds.count(k) > 0)
     bad: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):
         if kind not in exact and kind != "mlp":
             bad.setdefault(kind, []).append(i)
+    attention = [i for i, kind in enumerate(kinds) if kind in EXACT_LAYER_TYPES]
+    if len(set(attention_windows(config).values())) > 1 and per_kind is False:
+        bad["mixed_windows"] = attention
+    if getattr(config.get_text_config(decoder=True), "use_bidirectional_attention", False):
+        bad["bidirectional"] = list(range(len(kinds)))
     if not bad and not modules:
         return
     parts = [f"{'layers' if len(ix) > 1 else 'layer'} {_span(ix)} of {len(kinds)} {'are' if len(ix) > 1 else 'is'} "

@@ -170,6 +170,17 @@ def load_weights(folder: Path, config, **kwargs):
         raise ConfigError(f"{folder}: cannot load the weights ({first_line(e)}); is the checkpoint complete?") from e
 
 
+def attention_implementation(config, wanted: str) -> str:
+    """`wanted`, or "eager" where the model class has no sdpa attention (gpt-oss: its attention sinks)."""
+    from transformers import AutoModelForCausalLM
+
+    mapping = getattr(AutoModelForCausalLM, "_model_mapping", None)
+    cls = mapping.get(type(config), None) if mapping is not None else None
+    if wanted == "sdpa" and cls is not None and getattr(cls, "_supports_sdpa", True) is False:
+        return "eager"
+    return wanted
+
+
 def load_tokenizer(folder: Path):
     """AutoTokenizer.from_pretrained(folder); a folder without tokenizer files is named as such."""
     from transformers import AutoTokenizer

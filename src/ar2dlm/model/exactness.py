@@ -89,8 +89,10 @@ def cache_path(lm) -> Path:
     """$AR2DLM_HOME/checks/<hash of the machine, the attention in use, the model's shape and forward>.json"""
     config = lm.model.config
     shape = {name: getattr(config, name, None) for name in (*costs_table.SHAPE, "head_dim")}
+    windows = getattr(lm, "windows", None)  # sliding layers' windows change the forward (none: as before)
     ident = json.dumps([VERSION, costs.machine_key(lm.model.dtype), attention_in_use(), shape,
-                        getattr(lm.settings, "adapter", None), lm.lean is not None], sort_keys=True)
+                        getattr(lm.settings, "adapter", None), lm.lean is not None]
+                       + ([sorted(windows.items())] if windows else []), sort_keys=True)
     return ar2dlm_home() / "checks" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
 
 
@@ -163,8 +165,17 @@ def _hooks(lm, recorder: _Recorder) -> list:
             component = "linears"
         else:
             continue
-        handles.append(module.register_forward_hook(lambda _m, _i, out, c=component: recorder(c, out)))
+        handles.append(module.register_forward_hook(lambda _m, i, out, c=component: recorder(c, _row_major(i, out))))
     return handles
+
+
+def _row_major(inputs, out):
+    """A part's output with its rows on dim 1: a per-head norm over [b, heads, q, d] (Gemma 3's q/k norms read the
+    heads after the transpose: its rows are dim 2, which the input's strides say) gives [b, q, heads, d]."""
+    x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    if x is not None and x.dim() == 4 and out.dim() == 4 and x.stride(1) < x.stride(2):
+        return out.transpose(1, 2)
+    return out
 
 
 class _Judge:

@@ -26,7 +26,7 @@ from ..nn import attention, decoder, kernels, masks, native
 from ..nn.decoder import LeanDecoder
 from ..nn.gate import SlotGate
 from ..nn.invariant import BatchInvariant
-from . import adapter, checkpoint, costs, exactness
+from . import adapter, architectures, checkpoint, costs, exactness
 from .bundled import resolve_model
 from .convert import add_mask_token
 from .settings import SETTINGS_FILE, DiffusionConfig
@@ -53,6 +53,10 @@ class DiffusionLM:
                                 else batch_invariant)
         self.lean: LeanDecoder | None = None  # the lean batch-invariant forward of a Llama-family model (fuse)
         self.probe = None  # callable(component, rows): each part's output while model/exactness.py checks (HF path)
+        # each attention layer kind's window ({"full_attention": None, "sliding_attention": W}); with a window, every
+        # forward draws each kind's mask from the caller's layout (`layer_masks`)
+        windows = architectures.attention_windows(model.config)
+        self.windows = windows if any(w is not None for w in windows.values()) else {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -80,8 +84,9 @@ class DiffusionLM:
         dtype = decode_dtype(dtype, settings.dtype if settings is not None else "auto")
         config = checkpoint.check_architecture(base, settings, exact=settings is not None,
                                                origin=folder / SETTINGS_FILE)
-        model, tokenizer = load_weights_and_tokenizer(folder, base, config, settings, dtype=dtype,
-                                                      attn_implementation=attn_implementation)
+        model, tokenizer = load_weights_and_tokenizer(
+            folder, base, config, settings, dtype=dtype,
+            attn_implementation=checkpoint.attention_implementation(config, attn_implementation))
         lm = cls(model, tokenizer, settings, batch_invariant)
         lm.source = folder
         if settings is not None and settings.adapter:
@@ -159,18 +164,22 @@ class DiffusionLM:
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mask_slots: torch.Tensor | None = None, past_key_values=None, slots_from: int | None = None,
-                holes: bool | None = None, compact: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                holes: bool | None = None, compact: torch.Tensor | None = None,
+                cache_positions: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Logits [b, q, vocab] of the stock forward.
 
         input_ids, position_ids: [b, q]; attention_mask: bool [b, q, k] over
-        (cache + these q tokens); mask_slots: bool [b, q] drafting rows.
+        (cache + these q tokens), the layout over every committed token (a
+        sliding-window layer's mask is drawn from it here, `layer_masks`);
+        mask_slots: bool [b, q] drafting rows.
         What the caller knows of the layout, so that nothing is read back from the masks (the decode engine):
         slots_from, that every row's slots are its columns from there on; holes, whether a row's keys have
         holes (`nn.invariant.key_order`). compact: bool [q] or [b, q], rows whose keys are read in rank order:
         a flagged row's n-th seen key counts as if at key n, so its attention equals the row's over a cache
         holding exactly its keys (a candidate tree's sibling, whose own key sits after the other candidates';
-        `nn.invariant.COMPACT`); only a batch-invariant forward reads it. kwargs go to the HF forward (e.g.
-        logits_to_keep).
+        `nn.invariant.COMPACT`); only a batch-invariant forward reads it. cache_positions [b, cache], the cached
+        keys' positions (only read by windowed layers; default: `masks.key_positions`). kwargs go to the HF
+        forward (e.g. logits_to_keep).
         """
         lean = self.lean
         if (lean is not None and self.batch_invariant and self.wrapped is None and set(kwargs) <= {"logits_to_keep"}
@@ -179,13 +188,36 @@ class DiffusionLM:
                 if self.slot_gate.slot_start is None or self.slot_gate.slot_start >= 0:  # slots a suffix, or none
                     return lean(input_ids, position_ids, attention_mask, past_key_values,
                                 kwargs.get("logits_to_keep", 0), holes, compact)
-        invariant = BatchInvariant(self.probe, holes, compact) if self.batch_invariant else contextlib.nullcontext()
+        seen = attention_mask.any(1) if self.windows and self.batch_invariant else None  # keys before the windows
+        invariant = BatchInvariant(self.probe, holes, compact, seen) if self.batch_invariant \
+            else contextlib.nullcontext()
+        mask = self.layer_masks(attention_mask, position_ids, mask_slots, cache_positions)
         with self.slot_gate.rows(mask_slots, slots_from), self.packed_masks.one_forward(), invariant:
             out = (self.wrapped or self.model)(input_ids=input_ids, position_ids=position_ids,
-                                               attention_mask=masks.for_model(attention_mask, self.model),
+                                               attention_mask=masks.for_model(mask, self.model),
                                                past_key_values=past_key_values,
                                                use_cache=past_key_values is not None, **kwargs)
         return out.logits
+
+    def layer_masks(self, mask: torch.Tensor, position_ids: torch.Tensor, mask_slots: torch.Tensor | None = None,
+                    cache_positions: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask each attention layer kind reads, from the layout `mask` [b, q, k]: the layout itself where no
+        layer has a window; else one mask for all layers when they share a window, or a dict {layer kind: mask}
+        (the form transformers' hybrid models take), a sliding kind's mask cut to its window (`masks.windowed`)."""
+        if not self.windows:
+            return mask
+        b, q = mask.shape[0], position_ids.shape[1]
+        position_ids = position_ids.expand(b, q)
+        cached = mask.shape[-1] - q
+        if cache_positions is None:
+            k_pos = masks.key_positions(mask, position_ids, cached)  # [b, cached + q]
+        else:
+            k_pos = torch.cat([cache_positions.expand(b, cached), position_ids], 1)
+        rows = mask_slots if mask_slots is not None else torch.zeros_like(position_ids, dtype=torch.bool)
+        k_slot = torch.cat([rows.new_zeros(b, cached), rows], 1)  # a cached key is never a slot
+        out = {kind: mask if w is None else masks.windowed(mask, position_ids, k_pos, w, k_slot)
+               for kind, w in self.windows.items()}
+        return next(iter(out.values())) if len(out) == 1 else out
 
     def cost_table(self) -> dict[int, float]:
         """Forward cost by token slots per row on this machine, dtype and thread count (model/costs.py):

@@ -48,36 +48,38 @@ def sdpa_packed_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
 
 class PackedMasks:
-    """The packed masks of one model's forward in progress: built by its first layer, reused by the others.
+    """The packed masks of one model's forward in progress: built by the first layer that reads a mask, reused by
+    the others.
 
     Owned by the DiffusionLM; each attention module that packs rows holds it
-    (`install`). Every layer of one forward gets the same mask object (the
-    ready 4D mask transformers passes on), so it is the key; outside
+    (`install`). Every layer of one kind gets the same mask object in one
+    forward (the ready 4D mask transformers passes on; one per layer kind
+    when sliding and full layers mix), so the mask object is the key; outside
     `one_forward()` nothing is kept.
     """
 
     def __init__(self):
-        self._mask: torch.Tensor | None = None
-        self._packed: dict[int, torch.Tensor] = {}  # n_rep -> [b, 1, n_rep * q, k]
+        self._packed: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}  # id -> (mask, n_rep -> packed)
         self._active = False
 
     @contextlib.contextmanager
     def one_forward(self):
-        previous = self._active, self._mask, self._packed
-        self._active, self._mask, self._packed = True, None, {}
+        previous = self._active, self._packed
+        self._active, self._packed = True, {}
         try:
             yield
         finally:
-            self._active, self._mask, self._packed = previous
+            self._active, self._packed = previous
 
     def get(self, mask: torch.Tensor, b: int, q: int, n_rep: int) -> torch.Tensor:
-        if self._active and mask is self._mask and n_rep in self._packed:
-            return self._packed[n_rep]
+        kept = self._packed.get(id(mask)) if self._active else None
+        if kept is not None and kept[0] is mask and n_rep in kept[1]:
+            return kept[1][n_rep]
         packed = _packed_mask(mask, b, q, n_rep)
         if self._active:
-            if mask is not self._mask:
-                self._mask, self._packed = mask, {}
-            self._packed[n_rep] = packed
+            if kept is None or kept[0] is not mask:
+                kept = self._packed[id(mask)] = (mask, {})  # the mask kept alive: its id is not reused
+            kept[1][n_rep] = packed
         return packed
 
 

@@ -177,6 +177,8 @@ def _unsupported(model) -> str | None:
         return f"model type {config.model_type}"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp"
+    if _windowed(config):
+        return "sliding window"
     body = getattr(base, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
         return "layout"
@@ -199,6 +201,15 @@ def _unsupported(model) -> str | None:
         if not all(getattr(getattr(layer.mlp, n), "fused", None) for n in ("gate_proj", "up_proj")):
             return "gate/up not fused"
     return None
+
+
+def _windowed(config) -> bool:
+    """Whether some layer sees a sliding window shorter than the context (this forward reads one mask in all)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    ctx = getattr(config, "max_position_embeddings", None)
+    _, kwargs = get_layer_types_and_kwargs(config)
+    return any(kw.get("sliding_window") is not None and (ctx is None or kw["sliding_window"] < ctx) for kw in kwargs)
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:

@@ -157,7 +157,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         order, allowed = cached[1], cached[2]
     else:
         allowed = _allowed(attn_mask, is_causal, b, q, L, query.device)
-        order = key_order(allowed.any(1).any(1), orders.get(HOLES) if orders is not None else None)
+        seen = orders.get(SEEN) if orders is not None else None
+        seen = seen if seen is not None and seen.shape == (b, L) else allowed.any(1).any(1)
+        order = key_order(seen, orders.get(HOLES) if orders is not None else None)
         if order is not None:
             allowed = allowed.gather(3, order[:, None, None, :].expand(-1, allowed.shape[1], allowed.shape[2], -1))
         # the query heads of a KV head stacked as its rows: row rep_i * q + i is query head h_kv * rep + rep_i
@@ -290,6 +292,11 @@ it sat at key n: the chunks of its sums hold exactly its keys, packed from key 0
 cache that holds only them (the AR loop's), whatever gaps it has among the keys of the call (a candidate tree's
 sibling: the step's first j keys, then its own after the other candidates). Other rows are computed as without."""
 
+SEEN = "seen"
+"""The key of `orders` under which the keys of the forward's layout, before any sliding window cuts them, are given
+(bool [b, L]): a window leaves unread keys before a row's own that are not holes, and every layer kind of a row must
+find its keys where they are when it decodes alone (`key_order`)."""
+
 
 def key_order(seen: torch.Tensor, holes: bool | None = None) -> torch.Tensor | None:
     """[b, L] the order that moves each batch row's seen keys to the front, in order, or None when no row has a
@@ -321,9 +328,12 @@ class BatchInvariant(TorchFunctionMode):
     order for the forward's layers.
     """
 
-    def __init__(self, probe=None, holes: bool | None = None, compact: torch.Tensor | None = None):
+    def __init__(self, probe=None, holes: bool | None = None, compact: torch.Tensor | None = None,
+                 seen: torch.Tensor | None = None):
         super().__init__()
         self.orders: dict = {key: value for key, value in ((HOLES, holes), (COMPACT, compact)) if value is not None}
+        if seen is not None:  # [b, L] the layout's keys, before windows (SEEN)
+            self.orders[SEEN] = seen
         self.probe = probe  # callable(component, rows [b, q, ...]): the exactness check reads attention's rows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -131,6 +131,69 @@ def step_mask(cache_valid: torch.Tensor, draft_len: int, proposals: torch.Tensor
     return mask
 
 
+def windowed(mask: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int,
+             key_slot: torch.Tensor) -> torch.Tensor:
+    """A sliding-window layer's mask: `mask` [b, q, k] without the keys `window` or more positions back.
+
+    A row at position p reads a key at position p' only if p - p' < window,
+    as transformers' sliding layers do (`sliding_window_overlay`: the window
+    holds the W tokens ending at the row's own). Clean rows are thus causal
+    within the window. A slot row reads its logical predecessors (the tokens
+    before its block) within the window, measured from its own position, plus
+    its whole block: slot keys (`key_slot`) are never cut, and a layout only
+    ever shows a slot row the slots of its own block. The one definition for
+    every layout (training, prefill, decode step), so training and decoding
+    see the same layer.
+
+    query_pos [b, q], key_pos [b, k] (the cached keys' positions, then the
+    rows'), key_slot bool [b, k].
+
+    Training layout (`training_mask`), B = 3, S = 6, window W = 3:
+                keys: c0 c1 c2 c3 c4 c5 | m0 m1 m2 m3 m4 m5
+       c0             1  .  .  .  .  .  | .  .  .  .  .  .
+       c1             1  1  .  .  .  .  | .  .  .  .  .  .
+       c2             1  1  1  .  .  .  | .  .  .  .  .  .
+       c3             .  1  1  1  .  .  | .  .  .  .  .  .
+       c4             .  .  1  1  1  .  | .  .  .  .  .  .
+       c5             .  .  .  1  1  1  | .  .  .  .  .  .
+       m0 m1 m2       .  .  .  .  .  .  | 1  1  1  .  .  .
+       m3             .  1  1  .  .  .  | .  .  .  1  1  1
+       m4             .  .  1  .  .  .  | .  .  .  1  1  1
+       m5             .  .  .  .  .  .  | .  .  .  1  1  1
+
+    Decode step (`step_mask`), committed tokens at positions 0..3, K = 3,
+    R = {1}, W = 3 (d_j at position 3 + j, P_1 slot s at 4 + s):
+       keys ->   cache 0 1 2 3 | d1 d2 d3 | P1 slots
+       d1 (4)          . . 1 1 | 1  .  .  |  . . .
+       d2 (5)          . . . 1 | 1  1  .  |  . . .
+       d3 (6)          . . . . | 1  1  1  |  . . .
+       P1 s1 (5)       . . . 1 | 1  .  .  |  1 1 1
+       P1 s2 (6)       . . . . | 1  .  .  |  1 1 1
+       P1 s3 (7)       . . . . | .  .  .  |  1 1 1
+    """
+    near = query_pos[:, :, None] - key_pos[:, None, :] < window  # [b, q, k]
+    out = mask & (near | key_slot[:, None, :])
+    # a padding row (a shorter prompt's hole, which reads that prompt) may keep no key in its window: it reads its
+    # own, the forward's rows being the last q keys, so no softmax sees an empty row (NaN in its K/V poisons others)
+    q, k = mask.shape[-2:]
+    rows = torch.arange(q, device=mask.device)
+    out[:, rows, rows + k - q] |= ~out.any(-1)
+    return out
+
+
+def key_positions(mask: torch.Tensor, query_pos: torch.Tensor, cached: int) -> torch.Tensor:
+    """Positions [b, cached + q] of a forward's keys: its cached keys' (derived from `mask`), then its rows'.
+
+    ar2dlm's caches hold each batch row's committed tokens in position order
+    from 0, and a layout's clean rows read every one of them (holes, never
+    read, are padding and tokens another batch row kept): a cached key's
+    position is the number of read cache keys before it. So `mask` [b, q,
+    cached + q] must be the layout before any window is applied.
+    """
+    seen = mask[:, :, :cached].any(1)  # [b, cached]
+    return torch.cat([seen.long().cumsum(1) - 1, query_pos], 1)
+
+
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask [b, q, k] -> additive float mask [b, 1, q, k] (0 = attend, finfo.min = not).
 
@@ -141,8 +204,11 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out[:, None]
 
 
-def for_model(mask: torch.Tensor, model) -> torch.Tensor:
-    """The 4D mask a stock HF forward takes as-is: bool for sdpa, additive float otherwise."""
+def for_model(mask: torch.Tensor | dict[str, torch.Tensor], model) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The 4D mask a stock HF forward takes as-is: bool for sdpa, additive float otherwise (a dict of them, one
+    per layer kind, for a model whose layers see different windows)."""
+    if isinstance(mask, dict):
+        return {kind: for_model(m, model) for kind, m in mask.items()}
     impl = getattr(model.config, "_attn_implementation", "eager")
     if impl in ("sdpa", "ar2dlm_sdpa"):  # attention.NAME: sdpa over packed GQA rows
         return mask[:, None]

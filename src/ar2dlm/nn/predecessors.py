@@ -33,9 +33,11 @@ one after d_r (row r - 1 of the forward), not after the last row fed.
 
 The hooks are forward hooks on one model instance's modules (no modeling
 file is forked, nothing global is patched), active only inside
-`predecessors(model, pred, cache)`. Another finite-window mixer (LFM2's
-short convolution, say) joins by adding its module's hook here: it needs
-the same chain of W inputs per row.
+`predecessors(model, pred, cache)`. LFM2's short convolution (`Lfm2ShortConv`,
+y = C * conv(B x) over L = `conv_L_cache` inputs) is hooked the same way: each
+row's convolution over its own chain of L inputs, its conv state after a
+row that chain. Another finite-window mixer joins by adding its module's
+hooks here: it needs the same chain of W inputs per row.
 """
 
 from __future__ import annotations
@@ -130,7 +132,60 @@ class _CCA:
         layer.recurrent_states[0].copy_(self.delayed[ar, rows])
 
 
-MIXERS = {"ZayaCCAProjection": _CCA}  # module class name -> its hooks
+class _ShortConv:
+    """The hooks of one `Lfm2ShortConv`: y = C * conv(B * x) over each row's own chain of L = `conv_L_cache` inputs.
+
+    The stock forward convolves the tensor's neighbouring rows (in a function, not a module call, so no hook sits
+    on the convolution itself): `in_proj`'s output gives B, C and x, each row's convolution is computed here over
+    its chain (the cached conv state's columns first, newest last), and `out_proj`'s input is replaced by that
+    row's C * conv. The state after a row is its chain's L inputs (the stock state after a token: the last L)."""
+
+    def __init__(self, conv, ctx):
+        self.conv, self.ctx = conv, ctx
+        self.L = conv.conv_kernel_size
+        self.y = None  # [b, n, C]: out_proj's input, computed from each row's chain
+        self.windows = None  # [b, n, C, L]: each row's chain of conv inputs (the conv state after that row)
+        self.handles = [conv.in_proj.register_forward_hook(self.after_in_proj),
+                        conv.out_proj.register_forward_pre_hook(self.before_out_proj)]
+
+    def after_in_proj(self, module, args, output):
+        B, C, x = output.transpose(-1, -2).chunk(3, dim=-2)  # [b, C, n] each, as the stock code splits them
+        Bx = B * x
+        b, channels, _ = Bx.shape
+        W = self.L - 1
+        state = self.state(Bx)  # [b, C, L]: the inputs before this forward, newest last
+        ext = torch.cat([state[..., self.L - W:], Bx], dim=-1)  # [b, C, W + n]
+        idx = chain(self.ctx.pred, W)  # [b, n, W + 1]
+        n = idx.shape[1]
+        win = ext.gather(2, idx.reshape(b, 1, -1).expand(b, channels, -1)).view(b, channels, n, W + 1)
+        weight = self.conv.conv.weight[:, 0].to(win.dtype)  # [C, L], applied oldest first as F.conv1d does
+        out = torch.einsum("bcnj,cj->bcn", win, weight)
+        if self.conv.conv.bias is not None:
+            out = out + self.conv.conv.bias[:, None]
+        self.windows = win.permute(0, 2, 1, 3)
+        self.y = (C * out.to(C.dtype)).transpose(-1, -2).contiguous()  # [b, n, C]
+        return output
+
+    def before_out_proj(self, module, args):
+        y, self.y = self.y, None
+        return (y,) if y is not None else None
+
+    def state(self, like: torch.Tensor) -> torch.Tensor:
+        layer = self.ctx.layer(self.conv.layer_idx)
+        if layer is not None and layer.is_conv_states_initialized.get(0) and layer.has_previous_state.get(0):
+            return layer.conv_states[0].clone()  # the stock forward overwrites it with the rows it was fed
+        return like.new_zeros(like.shape[0], like.shape[1], self.L)  # the start of a sequence
+
+    def commit(self, rows: torch.Tensor) -> None:
+        """Set this layer's conv state to the one after row rows[b] of the last forward."""
+        layer = self.ctx.layer(self.conv.layer_idx)
+        if layer is None or not layer.is_conv_states_initialized.get(0):
+            return
+        ar = torch.arange(rows.shape[0], device=rows.device)
+        layer.conv_states[0].copy_(self.windows[ar, rows])
+
+
+MIXERS = {"ZayaCCAProjection": _CCA, "Lfm2ShortConv": _ShortConv}  # module class name -> its hooks
 
 
 _FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its mixer modules (found once)
@@ -277,15 +332,17 @@ def crop(cache, tokens: int) -> None:
         cache.crop(-tokens)
         return
     for layer in cache.layers:
-        DynamicLayer.crop(layer, -tokens)
+        if isinstance(layer, DynamicLayer):  # a conv-only layer (LFM2's) has no keys
+            DynamicLayer.crop(layer, -tokens)
 
 
 def select_rows(cache, keep: torch.Tensor) -> None:
     """Keep batch rows `keep` of the keys/values and of every conv / recurrent state."""
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    cache.batch_select_indices(keep)
     for layer in cache.layers:
+        if hasattr(layer, "batch_select_indices"):  # keys and values (a conv-only layer has none)
+            layer.batch_select_indices(keep)
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             for i in range(layer.number_of_states):
                 if layer.is_conv_states_initialized[i]:

@@ -201,7 +201,8 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     idx = torch.arange(S, device=ids.device).expand(ids.shape[0], S)
     if select:
         ids, pos, mask, labels, idx = _select_slots(ids, pos, mask, labels, S)
-    logits = lm.forward(ids, pos, mask, torch.ones_like(ids, dtype=torch.bool), cache)
+    logits = lm.forward(ids, pos, mask, torch.ones_like(ids, dtype=torch.bool), cache,
+                        cache_positions=batch.position_ids[:, :S])  # what a sliding layer's window is measured by
     return objective.mean_ce(logits, labels), logits, idx
 
 
