@@ -130,6 +130,10 @@ def test_trees_with_suffix_candidates_and_joined_rows(drafter):
     assert [r.tokens for r in rows] == expected
     kinds = set().union(*(r.stats.by_kind for r in rows))
     assert {"tree", "suffix"} <= kinds, kinds
+    # adaptive drafting prices the siblings' rows and counts what they bring
+    adaptive = drafter.generate(ps, max_new_tokens=30, draft_len=8, proposals=1, tree=(2, 1), adaptive=True,
+                                candidates="diffusion")
+    assert [g.token_ids for g in adaptive] == expected
 
 
 @pytest.mark.parametrize("settings", [
@@ -209,3 +213,14 @@ def test_trees_are_refused_on_sliding_window_layers():
     with pytest.raises(ConfigError) as e:
         lm.generate([[3, 4, 5]], max_new_tokens=4, draft_len=4, proposals=1, tree=(2,))
     assert e.value.field == "tree"
+
+
+def test_adaptive_drafting_learns_how_often_siblings_are_taken():
+    from ar2dlm.decode.policy import AdaptiveDraft, CostModel
+    policy = AdaptiveDraft(4, 1, CostModel(), shape=(2,), sibling_prior=0.25)
+    for _ in range(30):  # the chain always stops at depth 1 (r = 1 without a sibling, 2 with one), siblings always
+        policy.update([2, 2], [4, 4], [0, 1])
+    assert policy.h[0] > 0.95 and policy.a[0] < 0.05
+    for _ in range(30):  # now they never are
+        policy.update([1, 1], [4, 4], [-1, -1])
+    assert policy.h[0] < 0.05
