@@ -84,7 +84,8 @@ def start_from(model, init: str) -> None:
         raise ConfigError(f"adapter.init: {init} holds no adapter_model.safetensors (give an exported drafter "
                           f"folder, a run's final/ folder, or a bundled name that ships one)", field="adapter.init")
     fit = "use the rank and targets it was trained with"
-    own = {k for k in model.state_dict() if "lora_" in k or "trainable_tokens" in k}
+    state = model.state_dict()
+    own = {k for k in state if "lora_" in k or "trainable_tokens" in k}
     try:
         result = set_peft_model_state_dict(model, load_file(str(path)))
     except (RuntimeError, OSError, ValueError) as e:  # a shape that differs, a file that is not safetensors
@@ -92,6 +93,8 @@ def start_from(model, init: str) -> None:
                           field="adapter.init") from e
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = own & set(getattr(result, "missing_keys", []) or [])
+    loaded = {state[k].data_ptr() for k in own - missing}
+    missing = {k for k in missing if state[k].data_ptr() not in loaded}  # a tied copy (lm_head = embeddings) is loaded
     if unexpected or missing:
         raise ConfigError(f"adapter.init: {path} does not fit this adapter ({len(unexpected)} tensors it has no "
                           f"place for, {len(missing)} of its own not in the file): {fit}", field="adapter.init")
