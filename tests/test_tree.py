@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EOS, make_tokenizer, tiny_model
-from test_core import HostReads
+from test_core import HostReads, _alike
 from test_lossless import SMALL_V, chi_square_p, exact_joint, small_lm
 
 from ar2dlm.core.errors import ConfigError
-from ar2dlm.decode import engine
 from ar2dlm.decode.config import DecodeConfig
 from ar2dlm.decode.core import Batch, Request
 from ar2dlm.model.convert import add_mask_token
@@ -112,23 +111,16 @@ def test_greedy_with_trees_equals_the_bf16_ar_loop():
 
 
 def test_trees_with_suffix_candidates_and_joined_rows(drafter):
-    """Trees compose with suffix candidates and with rows that join a running batch."""
+    """Trees compose with suffix candidates, and with rows that join a running batch (generate, stream and a
+    joined Batch give the AR loop's tokens)."""
     pattern = drafter.pattern
     ps = [pattern[i:] + pattern[:i] for i in (0, 3)] + [[5, 9, 13, 2, 40]]
     settings = dict(max_new_tokens=30, draft_len=4, proposals=1, tree=(2, 1), candidates="both", adaptive=False)
-    cfg = drafter.decode_config(**settings)
     expected = [g.token_ids for g in drafter.generate(ps, max_new_tokens=30, ar=True)]
-    assert [g.token_ids for g in engine.generate(drafter, ps, cfg)] == expected
-    batch = Batch(drafter, cfg)
-    rows = [Request(drafter, cfg, p) for p in ps]
-    batch.join(rows[:1])
-    for row in rows[1:]:
-        batch.step()
-        batch.join([row])
-    while len(batch):
-        batch.step()
-    assert [r.tokens for r in rows] == expected
-    kinds = set().union(*(r.stats.by_kind for r in rows))
+    together, alone, joined = _alike(drafter, ps, settings)
+    assert together == alone == joined == expected
+    gens = drafter.generate(ps, **settings)
+    kinds = set().union(*(g.stats.by_kind for g in gens))
     assert {"tree", "suffix"} <= kinds, kinds
     # adaptive drafting prices the siblings' rows and counts what they bring
     adaptive = drafter.generate(ps, max_new_tokens=30, draft_len=8, proposals=1, tree=(2, 1), adaptive=True,
