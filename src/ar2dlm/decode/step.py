@@ -150,7 +150,6 @@ def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen
         r, t, hit = tree.verify(cfg, logits[:, :K], draft, state.draft_logits, state.n_draft, lm.mask_token_id,
                                 gen, sibs)
         last = torch.where(hit >= 0, K + hit, r - 1)  # the forward's row of the last committed token
-        predecessors.move_slots(state.cache, before + last, before + r - 1)  # an accepted sibling to its slot
     else:
         r, t = verify(cfg, logits[:, :K], draft, state.draft_logits, state.n_draft, lm.mask_token_id, gen)
         hit = torch.full_like(r, -1)
@@ -166,6 +165,8 @@ def step(lm: DecodeModel, state: State, n_proposals: int, cfg: DecodeConfig, gen
     # the one host read
     read = torch.cat([r[:, None], state.n_draft.clamp(max=K)[:, None], hit[:, None], emitted], 1).tolist()
     out = Outcome([x[0] for x in read], [x[1] for x in read], [x[3:3 + x[0]] for x in read], [x[2] for x in read])
+    if S and max(out.sibling) >= 0:  # an accepted sibling's keys and values to the slot its position owns
+        predecessors.move_slots(state.cache, before + last, before + r - 1)
     commit(state, r, out.r, ids.shape[1])
     state.draft_logits, state.n_draft = proposal_for(logits[:, rows:], R, r, K, r - (hit >= 0).long())
     state.draft = next_draft(t, state.draft_logits, cfg, lm.mask_token_id, gen)
