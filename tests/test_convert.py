@@ -118,7 +118,7 @@ def test_settings_file_round_trips(base_dirs, converted_dirs, tmp_path):
     path = converted_dirs["llama"]
     raw = json.loads((path / SETTINGS_FILE).read_text())
     loaded = DiffusionConfig.load(path)
-    assert dataclasses.asdict(loaded) == raw
+    assert json.loads(json.dumps(dataclasses.asdict(loaded))) == raw  # tuples are JSON lists
     assert loaded == DiffusionConfig(block_size=4, mask_token_id=VOCAB, base_model=str(base_dirs["llama"]))
     loaded.save(tmp_path)
     assert DiffusionConfig.load(tmp_path) == loaded

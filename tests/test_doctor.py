@@ -57,7 +57,7 @@ def test_doctor_says_exact_part_by_part_and_caches_the_verdict(arch, converted_d
 def test_doctor_names_the_part_that_is_not_invariant(converted_dirs, home, capsys, monkeypatch):
     """A stub attention whose rows depend on how many rows share the call (as a library kernel's blocking can):
     the check must blame attention, not the parts after it, exit 1, and loading must say so on stderr."""
-    def by_row_count(rows, k, v, allowed, scale, keys_t=None):
+    def by_row_count(rows, k, v, allowed, scale, keys_t=None, compact=None):
         out = F.scaled_dot_product_attention(rows, k, v, attn_mask=allowed, scale=scale)
         return out + 1e-2 * (rows.shape[2] > rows.shape[1])  # more rows than heads: a "multi-row" call
 
