@@ -11,7 +11,13 @@ import pytest
 import torch
 from conftest import EOS, VOCAB, make_tokenizer
 from test_decode import hf_greedy, random_prompts
-from transformers import AutoModelForCausalLM, NemotronHConfig, Qwen3_5TextConfig, Qwen3NextConfig
+from transformers import (
+    AutoModelForCausalLM,
+    NemotronHConfig,
+    Qwen3_5MoeTextConfig,
+    Qwen3_5TextConfig,
+    Qwen3NextConfig,
+)
 
 from ar2dlm.model.architectures import check_architecture
 from ar2dlm.model.convert import add_mask_token
@@ -30,18 +36,22 @@ FAMILIES = {
     "qwen3_next": lambda V: Qwen3NextConfig(vocab_size=V, **_C, **_DELTA, num_experts=4, num_experts_per_tok=2,
                                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
     "qwen3_5_text": lambda V: Qwen3_5TextConfig(vocab_size=V, **_C, **_DELTA),
+    "qwen3_5_moe_text": lambda V: Qwen3_5MoeTextConfig(vocab_size=V, **_C, **_DELTA, num_experts=4,
+                                                       num_experts_per_tok=2, moe_intermediate_size=32,
+                                                       shared_expert_intermediate_size=32),
     # two groups of B/C over 4 heads; chunk_size 8 so that HF's prefill crosses chunks
     "nemotron_h": lambda V: NemotronHConfig(vocab_size=V, **_C, layers_block_type=["mamba", "attention", "mamba"],
                                             mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=4, n_groups=2,
                                             conv_kernel=4, chunk_size=8),
 }
+MOE = ("qwen3_next", "qwen3_5_moe_text")
 SETTINGS = [(2, 1), (2, 2), (4, 1), (4, 3), (8, 1), (8, 3)]  # (K, |R|); |R| <= K
 NEW = 24
 
 
 def tiny(family, seed=0, vocab=VOCAB, dtype=torch.float64, sharpen=8.0):
     torch.manual_seed(seed)
-    extra = {"experts_implementation": "eager"} if family == "qwen3_next" else {}  # grouped_mm: no float64
+    extra = {"experts_implementation": "eager"} if family in MOE else {}  # grouped_mm: no float64
     model = AutoModelForCausalLM.from_config(FAMILIES[family](vocab), attn_implementation="sdpa", **extra)
     model = model.to(dtype).eval()
     with torch.no_grad():  # sharper logits, and convolutions that matter
@@ -171,6 +181,23 @@ def test_recurrent_drafting_loss_equals_naive(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_drafting_adapter_leaves_the_clean_rows_on_the_base_weights(family):
+    """With the drafting adapter attached (non-zero LoRA), rows that are not slots compute the base model: no LoRA
+    reaches them through a weight (peft's MoE conversion targets fused expert parameters) or through a mixer."""
+    from test_zaya import with_drafting_adapter
+
+    base, lm = converted(family)
+    with_drafting_adapter(lm, scale=0.5)
+    ids = torch.randint(2, VOCAB, (2, 11))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        with predecessors.predecessors(lm.model, torch.arange(-1, 10).expand(2, -1)):
+            got = lm.forward(ids, torch.arange(11).expand(2, -1), masks.causal_mask(11, 2),
+                             torch.zeros(2, 11, dtype=torch.bool))
+    torch.testing.assert_close(got[..., :VOCAB], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_recurrent_lossless_matches_ar_distribution(family):
     """Speculative sampling on a tiny-vocabulary model: the first 3 sampled tokens follow AR's exact joint."""
     from test_lossless import chi_square_p, exact_joint, sample_first_tokens
@@ -203,7 +230,9 @@ def test_recurrent_rows_joining_and_leaving_decode_as_alone():
         assert got[i] == (alone[:len(got[i])] if i == 1 else alone), i
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# a saved qwen3_5_moe_text directory loads transformers' Qwen3.5 tokenizer class whatever tokenizer it holds, so the
+# tests' word-level tokenizer does not survive the round trip through disk (its mixer is qwen3_5_text's)
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen3_5_moe_text"}))
 def test_recurrent_distill_train_drafting_adapter_end_to_end(family, tmp_path):
     """`ar2dlm distill`, then `ar2dlm train` with the gated drafting adapter, then decoding from its output: greedy
     equals the base model's HF generate, and the trained drafts get accepted (the commit after d_r > 1 runs)."""

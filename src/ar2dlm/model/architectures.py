@@ -70,7 +70,7 @@ STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAtte
 CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
 TESTED = ("llama", "qwen2", "qwen3", "mistral (with and without sliding_window)", "qwen2_moe", "gpt2",
           "gpt_oss", "gemma3_text", "olmo3", "gemma2", "zaya (ZAYA1 CCA)", "lfm2", "qwen3_next", "qwen3_5_text",
-          "nemotron_h")
+          "qwen3_5_moe_text", "nemotron_h")
 SUPPORTED = ("decoder-only causal LMs whose every layer is full causal or sliding-window attention over a KV cache, "
              "with dense or MoE MLPs, ZAYA1's CCA attention, LFM2's short convolutions, or the recurrent layers of "
              "Qwen3-Next / Qwen3.5 (gated DeltaNet) and Nemotron-H (Mamba-2) (their convolutions and states follow "

@@ -409,6 +409,7 @@ class _Mamba2(_Recurrent):
 
 MIXERS = {"ZayaCCAProjection": _CCA, "Lfm2ShortConv": _ShortConv,  # module class name -> its hooks
           "Qwen3NextGatedDeltaNet": _GatedDeltaNet, "Qwen3_5GatedDeltaNet": _GatedDeltaNet,
+          "Qwen3_5MoeGatedDeltaNet": _GatedDeltaNet,
           "NemotronHMamba2Mixer": _Mamba2}
 
 
