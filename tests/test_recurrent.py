@@ -129,14 +129,16 @@ def test_step_commits_the_state_after_d_r(family):
                                                rtol=1e-6, atol=1e-6, msg=f"{name} of layer {i}, r = {r}")
 
 
+@pytest.mark.parametrize("prompt", [None, [19, 19]], ids=["scan", "prompt"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_recurrent_prefill_equals_the_stock_forward(family):
-    """The scan in the stock layout (each row after the one before it) == transformers' own (chunked) forward."""
+def test_recurrent_prefill_equals_the_stock_forward(family, prompt):
+    """The scan in the stock layout (each row after the one before it), and a prefill's prompt rows (transformers'
+    chunked form) == transformers' own forward."""
     base, lm = converted(family)
     ids = torch.randint(2, VOCAB, (2, 19))
     with torch.no_grad():
         want = base(input_ids=ids).logits
-        with predecessors.predecessors(lm.model, torch.arange(-1, 18).expand(2, -1)):
+        with predecessors.predecessors(lm.model, torch.arange(-1, 18).expand(2, -1), prompt=prompt):
             got = lm.forward(ids, torch.arange(19).expand(2, -1), masks.causal_mask(19, 2))
     torch.testing.assert_close(got[..., :VOCAB], want, rtol=1e-5, atol=1e-5)  # the recurrent rule runs in fp32
 
@@ -307,3 +309,63 @@ def test_recurrent_rows_equal_the_one_row_forward(family, dtype):
             if getattr(a, "is_recurrent_states_initialized", {}).get(0, False):
                 assert torch.equal(a.conv_states[0][:1], b.conv_states[0])
                 assert torch.equal(a.recurrent_states[0][:1], b.recurrent_states[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("family", ["nemotron_h", "qwen3_5_text"])
+def test_recurrent_prefill_of_a_ragged_batch_equals_each_prompt_alone(family, dtype):
+    """A prefill runs each prompt through transformers' chunked form alone, then scans its proposal's slots: in a
+    ragged batch, a prompt's last logits, its slots' logits and the state it commits are bitwise its own alone."""
+    model = tiny(family, dtype=dtype)
+    tok = make_tokenizer()
+    lm = DiffusionLM(model, tok, DiffusionConfig(block_size=4, mask_token_id=add_mask_token(model, tok)),
+                     batch_invariant=True)
+    lm.fuse()
+    K = 4
+
+    def prefill(prompts):
+        sizes = [len(p) for p in prompts]
+        lens, Lp, b = torch.tensor(sizes), max(sizes), len(prompts)
+        ids = torch.tensor([p + [0] * (Lp - len(p)) for p in prompts])
+        ids = torch.cat([ids, torch.full((b, K), lm.mask_token_id)], 1)
+        pos = torch.cat([torch.arange(Lp).expand(b, Lp), lens[:, None] + torch.arange(K)], 1)
+        cache = predecessors.new_cache(lm.model)
+        order = predecessors.prefill_predecessors(lens, Lp, K)
+        with torch.no_grad(), predecessors.predecessors(lm.model, order, cache, prompt=sizes) as seq:
+            logits = lm.forward(ids, pos, masks.prefill_mask(lens, Lp, K), (torch.arange(Lp + K) >= Lp).expand(b, -1),
+                                cache, slots_from=Lp, holes=min(sizes) < Lp)
+        seq.commit(lens - 1)
+        return logits, cache
+
+    prompts = random_prompts(4, seed=11, lo=3, hi=20)
+    logits, cache = prefill(prompts)
+    Lp = max(len(p) for p in prompts)
+    for i, p in enumerate(prompts):
+        one, alone = prefill([p])
+        assert torch.equal(logits[i, len(p) - 1], one[0, -K - 1]) and torch.equal(logits[i, Lp:], one[0, -K:]), i
+        for a, b in zip(cache.layers, alone.layers):
+            if getattr(a, "is_recurrent_states_initialized", {}).get(0, False):
+                assert torch.equal(a.conv_states[0][i], b.conv_states[0][0])
+                assert torch.equal(a.recurrent_states[0][i], b.recurrent_states[0][0])
+
+
+def test_recurrent_tune_forward_cost_runs():
+    """tune's forward-cost timing builds a cache with recurrent states and crops it (no values asserted: speed lives
+    in benchmarks)."""
+    from ar2dlm.measure.tune import forward_cost
+
+    _, lm = converted("nemotron_h")
+    assert set(forward_cost(lm, (1, 4, 8), context=16, reps=1)) == {1, 4, 8}
+
+
+def test_recurrent_bf16_checkpoint_loads_with_its_machine_check(tmp_path):
+    """A converted recurrent checkpoint loads in bf16 (batch-invariant by default), and the machine check of
+    model/exactness.py runs through its recurrent layers."""
+    from ar2dlm import convert
+
+    base = tiny("qwen3_5_text", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    lm = DiffusionLM.from_pretrained(convert(tmp_path / "base", tmp_path / "out", block_size=4), dtype="bfloat16")
+    assert lm.batch_invariant and lm.exactness(quiet=True) is not None
+    assert lm.generate([[5, 6, 7]], max_new_tokens=6, draft_len=4, proposals=2)[0].token_ids

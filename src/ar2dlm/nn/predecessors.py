@@ -53,13 +53,17 @@ accept r = 2: commit S(d2) (and the conv state after d2); S(-1) was only read
 ```
 
 f is transformers' one-token update (the form its `generate` runs after the
-prompt), so a row equals the AR loop's step at its position. Training's
-doubled sequence is the same scan with `training_predecessors`.
+prompt), so a row equals the AR loop's step at its position. A prefill's
+prompt rows (`prompt=` lengths) run transformers' chunked form instead, as
+`generate` does, each prompt alone; its slots are scanned from the state
+after its last token. Training's doubled sequence is the scan with
+`training_predecessors`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 
 import torch
@@ -278,6 +282,20 @@ class _Recurrent:
     def scan(self, stock: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def prompt_runs(self, chunked, *rows: torch.Tensor):
+        """A prefill's prompts through transformers' chunked form (what its `generate` runs on a prompt), each batch
+        row alone over its own prompt from the zero state: (lens [b], outputs [b, n, ...] (zeros past a prompt),
+        final states [b, ...]), or None outside a prefill. `chunked(*rows)` takes the rows of one prompt, [1, T, ...]."""
+        lens = self.ctx.prompt
+        if lens is None or self.recurrent_state is not None:
+            return None
+        outs, finals = [], []
+        for b, T in enumerate(lens):  # a prefill, not the step: one call per prompt keeps each row as alone
+            out, final = chunked(*(x[b:b + 1, :T] for x in rows))
+            outs.append(F.pad(out, (0, 0) * (out.dim() - 2) + (0, rows[0].shape[1] - T)))
+            finals.append(final)
+        return torch.tensor(lens, device=rows[0].device), torch.cat(outs), torch.cat(finals)
+
     def commit(self, rows: torch.Tensor) -> None:
         """Set this layer's conv and recurrent state to those after row rows[b] of the last forward."""
         layer = self.ctx.layer(self.mixer.layer_idx)
@@ -295,11 +313,13 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # transformers' (and FLA's) l2norm
 
 
-def gated_delta_scan(query, key, value, g, beta, initial, pred):
+def gated_delta_scan(query, key, value, g, beta, initial, pred, runs=None):
     """transformers' `torch_recurrent_gated_delta_rule`, row i starting from row pred[b, i]'s state.
 
     query, key [b, n, hk, dk]; value [b, n, hv, dv]; g, beta [b, n, hv]; initial [b, hv, dk, dv] or None;
     pred [b, n] -> (output [b, n, hv, dv] in query's dtype, states [b, n, hv, dk, dv] fp32 after each row).
+    runs: (lens, outputs, final states) of rows already computed (`_Recurrent.prompt_runs`): row i < lens[b] keeps
+    its output, and only the state after its last row (the one a later row reads) is known.
     """
     dtype = query.dtype
     b, n, hk, dk = key.shape
@@ -318,14 +338,24 @@ def gated_delta_scan(query, key, value, g, beta, initial, pred):
     out = torch.zeros_like(value)  # [b, hv, n, dv]
     ar, src = torch.arange(b, device=pred.device), pred + 1
     decay = g.exp()[..., None, None]  # [b, hv, n, 1, 1]
-    for i in range(n):
+    start, done = 0, None
+    if runs is not None:
+        lens, done_out, final = runs
+        out.copy_(done_out.transpose(1, 2))
+        states[ar, lens] = final.to(states)
+        start, done = int(lens.min()), torch.arange(n, device=pred.device)[None, :] < lens[:, None]  # [b, n]
+    for i in range(start, n):
         # 3. the stock one-token update from the predecessor's state
         q_t, k_t, v_t = query[:, :, i], key[:, :, i], value[:, :, i]
         s = states[ar, src[:, i]] * decay[:, :, i]
         kv_mem = (s * k_t.unsqueeze(-1)).sum(dim=-2)
         delta = (v_t - kv_mem) * beta[:, :, i].unsqueeze(-1)
         s = s + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
-        out[:, :, i] = (s * q_t.unsqueeze(-1)).sum(dim=-2)
+        o = (s * q_t.unsqueeze(-1)).sum(dim=-2)
+        if done is not None:  # rows of a longer prompt: computed already
+            keep = done[:, i, None, None]
+            o, s = torch.where(keep, out[:, :, i], o), torch.where(keep[..., None], states[:, i + 1], s)
+        out[:, :, i] = o
         states[:, i + 1] = s
     return out.transpose(1, 2).contiguous().to(dtype), states[:, 1:]
 
@@ -352,40 +382,54 @@ class _GatedDeltaNet(_Recurrent):
         v = v.reshape(bsz, n, -1, m.head_v_dim)
         beta = b_.reshape(bsz, n, -1).sigmoid()
         g = -m.A_log.float().exp() * F.softplus(a.reshape(bsz, n, -1).float() + m.dt_bias)
-        out, self.states = gated_delta_scan(q, k, v, g, beta, self.recurrent_state, self.ctx.pred)
+        chunk = sys.modules[type(m).__module__].torch_chunk_gated_delta_rule  # the function the stock forward calls
+        runs = self.prompt_runs(lambda *x: chunk(*x, initial_state=None, output_final_state=True,
+                                                 use_qk_l2norm_in_kernel=True), q, k, v, g, beta)
+        out, self.states = gated_delta_scan(q, k, v, g, beta, self.recurrent_state, self.ctx.pred, runs)
         return out.reshape(stock.shape)  # the stock passes [b * n * hv, dv] to the norm
 
 
-def mamba2_scan(x, dt, A, B, C, D, dt_bias, initial, pred):
+def mamba2_scan(x, dt, A, B, C, D, dt_bias, initial, pred, runs=None):
     """transformers' `mamba2_selective_state_update` (Mamba-2's one-token step), row i starting from row
     pred[b, i]'s state.
 
     x [b, n, H, P]; dt [b, n, H]; A, D, dt_bias [H]; B, C [b, n, G, N]; initial [b, H, P, N] or None;
     pred [b, n] -> (output [b, n, H, P] in x's dtype, states [b, n, H, P, N] fp32 after each row).
+    runs: rows already computed, as in `gated_delta_scan`.
     """
     b, n, H, P = x.shape
     G, N = B.shape[-2:]
-    # 1. discretise every row at once, elementwise as the stock step does for one
+    # 1. the stock step's operands, every row at once (the [.., P, N] products are formed per row, below)
     dt = dt[..., None].expand(b, n, H, P)
     dt = F.softplus(dt + dt_bias[:, None].expand(H, P).to(dt.dtype))[..., None]  # [b, n, H, P, 1]
     A = A[:, None, None].expand(H, P, N)
-    dA = torch.exp(dt.float() * A.float())  # [b, n, H, P, N]
     B = B[:, :, :, None].expand(b, n, G, H // G, N).reshape(b, n, H, 1, N)
-    dBx = (dt * B) * x[..., None]
     C = C[:, :, :, None].expand(b, n, G, H // G, N).reshape(b, n, H, N)
     D = D[:, None].expand(H, P)
     # 2. states[:, 0] = the committed state (fp32, transformers' cache dtype); states[:, i + 1] after row i
     states = x.new_zeros(b, n + 1, H, P, N, dtype=torch.float32)
     if initial is not None:
         states[:, 0] = initial.to(states)
-    out = x.new_empty(b, n, H, P)
+    out = x.new_zeros(b, n, H, P)
     ar, src = torch.arange(b, device=pred.device), pred + 1
-    for i in range(n):
+    start, done = 0, None
+    if runs is not None:
+        lens, done_out, final = runs
+        out.copy_(done_out)
+        states[ar, lens] = final.to(states)
+        start, done = int(lens.min()), torch.arange(n, device=pred.device)[None, :] < lens[:, None]  # [b, n]
+    for i in range(start, n):
         # 3. the stock step: the output reads the new state before it is rounded to the cache's dtype
-        s = states[ar, src[:, i]] * dA[:, i] + dBx[:, i]
-        states[:, i + 1] = s.to(states.dtype)
+        dA = torch.exp(dt[:, i].float() * A.float())  # [b, H, P, N]
+        s = states[ar, src[:, i]] * dA + (dt[:, i] * B[:, i]) * x[:, i, ..., None]
         y = torch.bmm(s.to(C.dtype).reshape(b * H, P, N), C[:, i].reshape(b * H, N, 1)).view(b, H, P)
-        out[:, i] = (y + x[:, i] * D).to(y.dtype).to(x.dtype)
+        y = (y + x[:, i] * D).to(y.dtype).to(x.dtype)
+        s = s.to(states.dtype)
+        if done is not None:  # rows of a longer prompt: computed already
+            keep = done[:, i, None, None]
+            y, s = torch.where(keep, out[:, i], y), torch.where(keep[..., None], states[:, i + 1], s)
+        out[:, i] = y
+        states[:, i + 1] = s
     return out, states[:, 1:]
 
 
@@ -401,9 +445,15 @@ class _Mamba2(_Recurrent):
         bsz, n, _ = xBC.shape
         GN = m.n_groups * m.ssm_state_size
         x, B, C = torch.split(xBC, [m.intermediate_size, GN, GN], dim=-1)
-        out, self.states = mamba2_scan(x.reshape(bsz, n, m.num_heads, m.head_dim), dt, -torch.exp(m.A_log.float()),
-                                       B.reshape(bsz, n, m.n_groups, -1), C.reshape(bsz, n, m.n_groups, -1), m.D,
-                                       m.dt_bias, self.recurrent_state, self.ctx.pred)
+        x = x.reshape(bsz, n, m.num_heads, m.head_dim)
+        B, C = (y.reshape(bsz, n, m.n_groups, -1) for y in (B, C))
+        A = -torch.exp(m.A_log.float())
+        chunk = sys.modules[type(m).__module__].mamba2_chunk_scan  # the function the stock forward calls
+        runs = self.prompt_runs(
+            lambda x, dt, B, C: chunk(x, dt, A, B, C, chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias,
+                                      dt_softplus=True, initial_states=None, dt_limit=m.time_step_limit,
+                                      return_final_states=True), x, dt, B, C)
+        out, self.states = mamba2_scan(x, dt, A, B, C, m.D, m.dt_bias, self.recurrent_state, self.ctx.pred, runs)
         return out.reshape(bsz, n, -1)
 
 
@@ -431,10 +481,11 @@ class Predecessors:
     """The hooks of one model instance for one forward; see the module docstring.
 
     `pred` is a [b, n] tensor, or a function returning one (only called when the model has mixers, so the
-    other architectures pay nothing)."""
+    other architectures pay nothing). `prompt`: per batch row, how many rows from row 0 are its prompt, read in
+    order from the start of a sequence (a prefill): a recurrent mixer runs transformers' chunked form there."""
 
-    def __init__(self, model, pred, cache=None):
-        self.mixers, self.cache = [], cache
+    def __init__(self, model, pred, cache=None, prompt: list[int] | None = None):
+        self.mixers, self.cache, self.prompt = [], cache, prompt
         mods = mixer_modules(model)
         self.pred = (pred() if callable(pred) else pred) if mods else None
         self.mixers = [MIXERS[type(m).__name__](m, self) for m in mods]
@@ -453,9 +504,10 @@ class Predecessors:
 
 
 @contextlib.contextmanager
-def predecessors(model, pred: torch.Tensor, cache=None):
-    """Inside: every hooked mixer of `model` (MIXERS) reads each row's predecessors from `pred` [b, n] (-1 = state)."""
-    ctx = Predecessors(model, pred, cache)
+def predecessors(model, pred: torch.Tensor, cache=None, prompt: list[int] | None = None):
+    """Inside: every hooked mixer of `model` (MIXERS) reads each row's predecessors from `pred` [b, n] (-1 = state);
+    `prompt` (a prefill): each batch row's prompt length (see `Predecessors`)."""
+    ctx = Predecessors(model, pred, cache, prompt)
     try:
         yield ctx
     finally:
