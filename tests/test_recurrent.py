@@ -14,6 +14,7 @@ from test_decode import hf_greedy, random_prompts
 from transformers import (
     AutoModelForCausalLM,
     NemotronHConfig,
+    OlmoHybridConfig,
     Qwen3_5MoeTextConfig,
     Qwen3_5TextConfig,
     Qwen3NextConfig,
@@ -39,6 +40,8 @@ FAMILIES = {
     "qwen3_5_moe_text": lambda V: Qwen3_5MoeTextConfig(vocab_size=V, **_C, **_DELTA, num_experts=4,
                                                        num_experts_per_tok=2, moe_intermediate_size=32,
                                                        shared_expert_intermediate_size=32),
+    # q, k, v, a, b and the gate projected apart; beta in [0, 2]
+    "olmo_hybrid": lambda V: OlmoHybridConfig(vocab_size=V, **_C, **_DELTA),
     # two groups of B/C over 4 heads; chunk_size 8 so that HF's prefill crosses chunks
     "nemotron_h": lambda V: NemotronHConfig(vocab_size=V, **_C, layers_block_type=["mamba", "attention", "mamba"],
                                             mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=4, n_groups=2,
@@ -178,7 +181,7 @@ def test_recurrent_drafting_loss_equals_naive(family):
     torch.testing.assert_close(got.detach(), torch.as_tensor(want, dtype=got.dtype), rtol=1e-5, atol=1e-5)
     assert abs(float(want) - float(bare)) > 1e-3
     got.backward()
-    grads = [p.grad for n, p in lm.model.named_parameters() if p.requires_grad and "lora" in n and "in_proj" in n]
+    grads = [p.grad for m in predecessors.mixer_modules(lm.model) for n, p in m.named_parameters() if "lora" in n]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 

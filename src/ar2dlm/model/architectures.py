@@ -12,10 +12,11 @@ breaks one of the two:
     ----------------------------------------  ----------------------------------------------------
     linear_attention  (Mamba/SSM, gated       one recurrent state per sequence: the step's proposal
       DeltaNet, RG-LRU, linear attention)     rows would advance it past tokens that are rejected,
-                                              and a state cannot be cropped back to d_r. (Qwen3-Next's
-                                              and Qwen3.5's gated DeltaNet and Nemotron-H's Mamba-2 are
-                                              exact: nn/predecessors.py scans each row's state from its
-                                              predecessor's and commits the state after d_r)
+                                              and a state cannot be cropped back to d_r. (The gated
+                                              DeltaNet of Qwen3-Next, Qwen3.5 and OLMo hybrid and
+                                              Nemotron-H's Mamba-2 are exact: nn/predecessors.py
+                                              scans each row's state from its predecessor's and
+                                              commits the state after d_r)
     conv, hybrid_sliding                      reads the previous rows of the tensor, not each row's
       (a short convolution not hooked;        logical predecessor; conv state is set after the last
       ZAYA1 CCA + window)                     row fed, not after d_r. (LFM2's 'conv' layers and ZAYA1's
@@ -70,11 +71,11 @@ STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAtte
 CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
 TESTED = ("llama", "qwen2", "qwen3", "mistral (with and without sliding_window)", "qwen2_moe", "gpt2",
           "gpt_oss", "gemma3_text", "olmo3", "gemma2", "zaya (ZAYA1 CCA)", "lfm2", "qwen3_next", "qwen3_5_text",
-          "qwen3_5_moe_text", "nemotron_h")
+          "qwen3_5_moe_text", "olmo_hybrid", "nemotron_h")
 SUPPORTED = ("decoder-only causal LMs whose every layer is full causal or sliding-window attention over a KV cache, "
              "with dense or MoE MLPs, ZAYA1's CCA attention, LFM2's short convolutions, or the recurrent layers of "
-             "Qwen3-Next / Qwen3.5 (gated DeltaNet) and Nemotron-H (Mamba-2) (their convolutions and states follow "
-             f"each row's predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
+             "Qwen3-Next / Qwen3.5 / OLMo hybrid (gated DeltaNet) and Nemotron-H (Mamba-2) (their convolutions and "
+             f"states follow each row's predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
 
 
 def layer_kinds(config) -> list[str]:

@@ -215,12 +215,14 @@ class _Recurrent:
     projections' outputs are kept, and the gated norm's input (the mixer's sequence output) is replaced by each
     row's output from a scan in row order: row i's state = the update of its predecessor's state (the cache's
     for pred = -1, zeros at the start of a sequence) by row i's own input, every row's state kept. The update is
-    transformers' one-token recurrent form, the one its `generate` uses after the prompt; the output of the
-    stock chunked form it replaces is thrown away. `commit` sets the cached conv and recurrent state to those
-    after the chosen row (the accepted length), as a crop rolls the KV cache back.
+    transformers' one-token recurrent form, the one its `generate` uses after the prompt; a prefill's prompt rows
+    take its chunked form instead (`prompt_runs`), keeping the state after the prompt's last token only. The
+    output of the stock forward's own (cache-less) computation is thrown away. `commit` sets the cached conv and
+    recurrent state to those after the chosen row (the accepted length), as a crop rolls the KV cache back.
     """
 
     projections: tuple[str, ...] = ()
+    norm = "norm"  # the gated norm the sequence output goes through
 
     def __init__(self, mixer, ctx):
         self.mixer, self.ctx = mixer, ctx
@@ -229,9 +231,9 @@ class _Recurrent:
         self.pending = False  # the gated norm of this forward is still to come
         self.conv_state = self.recurrent_state = None  # the committed state this forward starts from
         self.windows = None  # [b, n, C, L]: each row's chain of conv inputs (the conv state after that row)
-        self.states = None  # [b, n, ...]: the recurrent state after each row
+        self.states, self.offset = None, -1  # [b, m, ...]: states[:, j] = the recurrent state after row offset + j
         self.handles = [mixer.register_forward_pre_hook(self.before, with_kwargs=True),
-                        mixer.norm.register_forward_pre_hook(self.before_norm),
+                        getattr(mixer, self.norm).register_forward_pre_hook(self.before_norm),
                         mixer.register_forward_hook(self.after)]
         self.handles += [getattr(mixer, name).register_forward_hook(self.keeper(name)) for name in self.projections]
 
@@ -285,7 +287,7 @@ class _Recurrent:
     def prompt_runs(self, chunked, *rows: torch.Tensor):
         """A prefill's prompts through transformers' chunked form (what its `generate` runs on a prompt), each batch
         row alone over its own prompt from the zero state: (lens [b], outputs [b, n, ...] (zeros past a prompt),
-        final states [b, ...]), or None outside a prefill. `chunked(*rows)` takes the rows of one prompt, [1, T, ...]."""
+        final states [b, ...]), or None outside a prefill. `chunked(*rows)` takes one prompt's rows [1, T, ...]."""
         lens = self.ctx.prompt
         if lens is None or self.recurrent_state is not None:
             return None
@@ -303,10 +305,29 @@ class _Recurrent:
             return
         ar = torch.arange(rows.shape[0], device=rows.device)
         layer.conv_states[0] = self.windows[ar, rows].contiguous()
-        layer.recurrent_states[0] = self.states[ar, rows].contiguous()
+        layer.recurrent_states[0] = self.states[ar, rows - self.offset].contiguous()
         layer.conv_kernel_size[0] = self.L
         layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
         layer.has_previous_state[0] = True
+
+
+def _states(b: int, n: int, tail: tuple, initial, runs, like: torch.Tensor):
+    """The buffer a scan keeps its states in, and what it starts from -> (states, first, done).
+
+    first: the first row scanned (0, or past the shortest prompt of `runs`); states[:, j] (fp32) = the state after
+    row first - 1 + j, states[:, 0] the one the scan starts from (the committed state, zeros at the start of a
+    sequence, or the shortest prompt's final state): a prompt's rows keep no state but their last. done [b, n]:
+    rows `runs` computed (None without)."""
+    first = 0 if runs is None else int(runs[0].min())
+    states = like.new_zeros(b, n - first + 1, *tail, dtype=torch.float32)
+    if initial is not None:
+        states[:, 0] = initial.to(states)
+    done = None
+    if runs is not None:
+        lens, _, final = runs
+        states[torch.arange(b, device=lens.device), lens - first] = final.to(states)
+        done = torch.arange(n, device=lens.device)[None, :] < lens[:, None]
+    return states, first, done
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -317,9 +338,10 @@ def gated_delta_scan(query, key, value, g, beta, initial, pred, runs=None):
     """transformers' `torch_recurrent_gated_delta_rule`, row i starting from row pred[b, i]'s state.
 
     query, key [b, n, hk, dk]; value [b, n, hv, dv]; g, beta [b, n, hv]; initial [b, hv, dk, dv] or None;
-    pred [b, n] -> (output [b, n, hv, dv] in query's dtype, states [b, n, hv, dk, dv] fp32 after each row).
-    runs: (lens, outputs, final states) of rows already computed (`_Recurrent.prompt_runs`): row i < lens[b] keeps
-    its output, and only the state after its last row (the one a later row reads) is known.
+    pred [b, n] -> (output [b, n, hv, dv] in query's dtype, states [b, m, hv, dk, dv] fp32, offset): states[:, j]
+    is the state after row offset + j (`_states`). runs: (lens, outputs, final states) of rows already computed
+    (`_Recurrent.prompt_runs`): row i < lens[b] keeps its output, and only the state after its last row (the one a
+    later row reads) is kept.
     """
     dtype = query.dtype
     b, n, hk, dk = key.shape
@@ -331,20 +353,14 @@ def gated_delta_scan(query, key, value, g, beta, initial, pred, runs=None):
                                   for x in (query, key, value, beta, g))
     query, key = _l2norm(query), _l2norm(key)
     query = query / (query.shape[-1] ** 0.5)
-    # 2. states[:, 0] = the committed state; states[:, i + 1] = the state after row i
-    states = query.new_zeros(b, n + 1, hv, dk, dv)
-    if initial is not None:
-        states[:, 0] = initial.to(states)
+    # 2. the state the scan starts from, and a slot for the state after each row it scans
+    states, first, done = _states(b, n, (hv, dk, dv), initial, runs, query)
     out = torch.zeros_like(value)  # [b, hv, n, dv]
-    ar, src = torch.arange(b, device=pred.device), pred + 1
-    decay = g.exp()[..., None, None]  # [b, hv, n, 1, 1]
-    start, done = 0, None
     if runs is not None:
-        lens, done_out, final = runs
-        out.copy_(done_out.transpose(1, 2))
-        states[ar, lens] = final.to(states)
-        start, done = int(lens.min()), torch.arange(n, device=pred.device)[None, :] < lens[:, None]  # [b, n]
-    for i in range(start, n):
+        out.copy_(runs[1].transpose(1, 2))
+    ar, src = torch.arange(b, device=pred.device), pred - first + 1
+    decay = g.exp()[..., None, None]  # [b, hv, n, 1, 1]
+    for i in range(first, n):
         # 3. the stock one-token update from the predecessor's state
         q_t, k_t, v_t = query[:, :, i], key[:, :, i], value[:, :, i]
         s = states[ar, src[:, i]] * decay[:, :, i]
@@ -354,38 +370,46 @@ def gated_delta_scan(query, key, value, g, beta, initial, pred, runs=None):
         o = (s * q_t.unsqueeze(-1)).sum(dim=-2)
         if done is not None:  # rows of a longer prompt: computed already
             keep = done[:, i, None, None]
-            o, s = torch.where(keep, out[:, :, i], o), torch.where(keep[..., None], states[:, i + 1], s)
+            o, s = torch.where(keep, out[:, :, i], o), torch.where(keep[..., None], states[:, i - first + 1], s)
         out[:, :, i] = o
-        states[:, i + 1] = s
-    return out.transpose(1, 2).contiguous().to(dtype), states[:, 1:]
+        states[:, i - first + 1] = s
+    return out.transpose(1, 2).contiguous().to(dtype), states, first - 1
 
 
 class _GatedDeltaNet(_Recurrent):
-    """Qwen3-Next's and Qwen3.5's gated DeltaNet: conv over [q | k | v], then the gated delta rule."""
+    """The gated DeltaNet of Qwen3-Next, Qwen3.5 and OLMo hybrid: conv over [q | k | v], then the gated delta rule."""
 
     def __init__(self, mixer, ctx):
-        self.projections = (("in_proj_qkvz", "in_proj_ba") if hasattr(mixer, "in_proj_qkvz")
-                            else ("in_proj_qkv", "in_proj_b", "in_proj_a"))
+        if hasattr(mixer, "in_proj_qkvz"):  # Qwen3-Next: q, k, v, z interleaved per key head
+            self.projections = ("in_proj_qkvz", "in_proj_ba")
+        elif hasattr(mixer, "in_proj_qkv"):  # Qwen3.5
+            self.projections = ("in_proj_qkv", "in_proj_b", "in_proj_a")
+        else:  # OLMo hybrid: one projection each, and its gated norm is o_norm
+            self.projections, self.norm = ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj"), "o_norm"
         super().__init__(mixer, ctx)
 
     def scan(self, stock: torch.Tensor) -> torch.Tensor:
         m, p = self.mixer, self.proj
-        if "in_proj_qkvz" in p:  # Qwen3-Next: q, k, v, z interleaved per key head
+        if "in_proj_qkvz" in p:
             q, k, v, _, b_, a = m.fix_query_key_value_ordering(p["in_proj_qkvz"], p["in_proj_ba"])
             qkv = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)], -1)
-        else:
+        elif "in_proj_qkv" in p:
             qkv, b_, a = p["in_proj_qkv"], p["in_proj_b"], p["in_proj_a"]
+        else:
+            qkv, b_, a = torch.cat([p["q_proj"], p["k_proj"], p["v_proj"]], -1), p["b_proj"], p["a_proj"]
         qkv = self.convolve(qkv, m.activation)
         bsz, n, _ = qkv.shape
         q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
         q, k = (x.reshape(bsz, n, -1, m.head_k_dim) for x in (q, k))
         v = v.reshape(bsz, n, -1, m.head_v_dim)
         beta = b_.reshape(bsz, n, -1).sigmoid()
+        if getattr(m, "allow_neg_eigval", False):  # OLMo hybrid: beta in [0, 2]
+            beta = beta * 2.0
         g = -m.A_log.float().exp() * F.softplus(a.reshape(bsz, n, -1).float() + m.dt_bias)
         chunk = sys.modules[type(m).__module__].torch_chunk_gated_delta_rule  # the function the stock forward calls
         runs = self.prompt_runs(lambda *x: chunk(*x, initial_state=None, output_final_state=True,
                                                  use_qk_l2norm_in_kernel=True), q, k, v, g, beta)
-        out, self.states = gated_delta_scan(q, k, v, g, beta, self.recurrent_state, self.ctx.pred, runs)
+        out, self.states, self.offset = gated_delta_scan(q, k, v, g, beta, self.recurrent_state, self.ctx.pred, runs)
         return out.reshape(stock.shape)  # the stock passes [b * n * hv, dv] to the norm
 
 
@@ -394,8 +418,8 @@ def mamba2_scan(x, dt, A, B, C, D, dt_bias, initial, pred, runs=None):
     pred[b, i]'s state.
 
     x [b, n, H, P]; dt [b, n, H]; A, D, dt_bias [H]; B, C [b, n, G, N]; initial [b, H, P, N] or None;
-    pred [b, n] -> (output [b, n, H, P] in x's dtype, states [b, n, H, P, N] fp32 after each row).
-    runs: rows already computed, as in `gated_delta_scan`.
+    pred [b, n] -> (output [b, n, H, P] in x's dtype, states [b, m, H, P, N] fp32, offset), as `gated_delta_scan`;
+    runs: rows already computed, as there.
     """
     b, n, H, P = x.shape
     G, N = B.shape[-2:]
@@ -406,19 +430,13 @@ def mamba2_scan(x, dt, A, B, C, D, dt_bias, initial, pred, runs=None):
     B = B[:, :, :, None].expand(b, n, G, H // G, N).reshape(b, n, H, 1, N)
     C = C[:, :, :, None].expand(b, n, G, H // G, N).reshape(b, n, H, N)
     D = D[:, None].expand(H, P)
-    # 2. states[:, 0] = the committed state (fp32, transformers' cache dtype); states[:, i + 1] after row i
-    states = x.new_zeros(b, n + 1, H, P, N, dtype=torch.float32)
-    if initial is not None:
-        states[:, 0] = initial.to(states)
+    # 2. the state the scan starts from (fp32, transformers' cache dtype), a slot for the state after each row scanned
+    states, first, done = _states(b, n, (H, P, N), initial, runs, x)
     out = x.new_zeros(b, n, H, P)
-    ar, src = torch.arange(b, device=pred.device), pred + 1
-    start, done = 0, None
     if runs is not None:
-        lens, done_out, final = runs
-        out.copy_(done_out)
-        states[ar, lens] = final.to(states)
-        start, done = int(lens.min()), torch.arange(n, device=pred.device)[None, :] < lens[:, None]  # [b, n]
-    for i in range(start, n):
+        out.copy_(runs[1])
+    ar, src = torch.arange(b, device=pred.device), pred - first + 1
+    for i in range(first, n):
         # 3. the stock step: the output reads the new state before it is rounded to the cache's dtype
         dA = torch.exp(dt[:, i].float() * A.float())  # [b, H, P, N]
         s = states[ar, src[:, i]] * dA + (dt[:, i] * B[:, i]) * x[:, i, ..., None]
@@ -427,10 +445,10 @@ def mamba2_scan(x, dt, A, B, C, D, dt_bias, initial, pred, runs=None):
         s = s.to(states.dtype)
         if done is not None:  # rows of a longer prompt: computed already
             keep = done[:, i, None, None]
-            y, s = torch.where(keep, out[:, i], y), torch.where(keep[..., None], states[:, i + 1], s)
+            y, s = torch.where(keep, out[:, i], y), torch.where(keep[..., None], states[:, i - first + 1], s)
         out[:, i] = y
-        states[:, i + 1] = s
-    return out, states[:, 1:]
+        states[:, i - first + 1] = s
+    return out, states, first - 1
 
 
 class _Mamba2(_Recurrent):
@@ -453,13 +471,14 @@ class _Mamba2(_Recurrent):
             lambda x, dt, B, C: chunk(x, dt, A, B, C, chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias,
                                       dt_softplus=True, initial_states=None, dt_limit=m.time_step_limit,
                                       return_final_states=True), x, dt, B, C)
-        out, self.states = mamba2_scan(x, dt, A, B, C, m.D, m.dt_bias, self.recurrent_state, self.ctx.pred, runs)
+        out, self.states, self.offset = mamba2_scan(x, dt, A, B, C, m.D, m.dt_bias, self.recurrent_state,
+                                                    self.ctx.pred, runs)
         return out.reshape(bsz, n, -1)
 
 
 MIXERS = {"ZayaCCAProjection": _CCA, "Lfm2ShortConv": _ShortConv,  # module class name -> its hooks
           "Qwen3NextGatedDeltaNet": _GatedDeltaNet, "Qwen3_5GatedDeltaNet": _GatedDeltaNet,
-          "Qwen3_5MoeGatedDeltaNet": _GatedDeltaNet,
+          "Qwen3_5MoeGatedDeltaNet": _GatedDeltaNet, "OlmoHybridGatedDeltaNet": _GatedDeltaNet,
           "NemotronHMamba2Mixer": _Mamba2}
 
 
