@@ -8,6 +8,7 @@ from conftest import ARCHS, EOS, VOCAB, make_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     BambaConfig,
+    FalconH1Config,
     FalconMambaConfig,
     Gemma3TextConfig,
     GraniteMoeHybridConfig,
@@ -45,6 +46,8 @@ REFUSED = {
     "jamba": (lambda: JambaConfig(**_C, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                   expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4), "Mamba"),
     "bamba": (lambda: BambaConfig(**_C, **_SSM, attn_layer_indices=[1]), "recurrent state"),
+    "falcon_h1": (lambda: FalconH1Config(**_C, mamba_n_heads=4, mamba_d_head=8, mamba_d_ssm=32, mamba_n_groups=1,
+                                         mamba_d_state=4), "Mamba"),
     "granitemoehybrid": (lambda: GraniteMoeHybridConfig(**_C, **_SSM, num_local_experts=2, num_experts_per_tok=1,
                                                         layer_types=["mamba", "attention"]), "Mamba"),
     "recurrent_gemma": (lambda: RecurrentGemmaConfig(**{k: v for k, v in _C.items() if k != "num_key_value_heads"},

@@ -55,8 +55,9 @@ WHY = {
                         "past rejected tokens, and it cannot be cropped back",
     "conv": "a short convolution over the previous rows of the input (conv state), which in ar2dlm's layouts are "
             "not each row's previous token",
-    "hybrid": "attention whose q/k/v also read the previous rows through a convolution and a delayed value "
-              "(ZAYA1 CCA; conv and recurrent state in the cache)",
+    "hybrid": "attention beside a mixer that reads the previous rows or carries a state (ZAYA1's CCA convolutions "
+              "and delayed value, Falcon-H1's parallel Mamba; conv and recurrent state in the cache) that "
+              "nn/predecessors.py does not hook",
     "hybrid_sliding": "sliding-window attention whose q/k/v also read the previous rows (ZAYA1 CCA, conv state)",
     "chunked_attention": "chunked attention (attention within fixed chunks of positions), a layout ar2dlm's "
                          "masks do not draw",
