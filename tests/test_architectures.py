@@ -8,6 +8,7 @@ from conftest import ARCHS, EOS, VOCAB, make_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     BambaConfig,
+    FalconH1Config,
     FalconMambaConfig,
     Gemma3TextConfig,
     GraniteMoeHybridConfig,
@@ -45,15 +46,10 @@ REFUSED = {
     "jamba": (lambda: JambaConfig(**_C, num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                   expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4), "Mamba"),
     "bamba": (lambda: BambaConfig(**_C, **_SSM, attn_layer_indices=[1]), "recurrent state"),
-    "nemotron_h": (lambda: NemotronHConfig(**{k: v for k, v in _C.items() if k != "num_hidden_layers"},
-                                           layers_block_type=["mamba", "attention"], mamba_num_heads=4,
-                                           mamba_head_dim=16, ssm_state_size=4, n_groups=1), "Mamba"),
+    "falcon_h1": (lambda: FalconH1Config(**_C, mamba_n_heads=4, mamba_d_head=8, mamba_d_ssm=32, mamba_n_groups=1,
+                                         mamba_d_state=4), "Mamba"),
     "granitemoehybrid": (lambda: GraniteMoeHybridConfig(**_C, **_SSM, num_local_experts=2, num_experts_per_tok=1,
                                                         layer_types=["mamba", "attention"]), "Mamba"),
-    "qwen3_next": (lambda: Qwen3NextConfig(**_C, **_DELTA, num_experts=4, num_experts_per_tok=2,
-                                           moe_intermediate_size=32, shared_expert_intermediate_size=32),
-                   "DeltaNet"),
-    "qwen3_5_text": (lambda: Qwen3_5TextConfig(**_C, **_DELTA), "DeltaNet"),
     "recurrent_gemma": (lambda: RecurrentGemmaConfig(**{k: v for k, v in _C.items() if k != "num_key_value_heads"},
                                                      lru_width=32, attention_window_size=8), "RG-LRU"),
     "gemma3_bidirectional": (lambda: Gemma3TextConfig(**_C, head_dim=8, sliding_window=8,
@@ -63,6 +59,15 @@ REFUSED = {
     "zaya_sliding": (lambda: ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,
                                         moe_intermediate_size=32, router_hidden_size=16, sliding_window=8,
                                         layer_types=["hybrid_sliding", "hybrid"]), "sliding-window"),
+}
+# recurrent hybrids whose mixers nn/predecessors.py scans row by row (decoding held to HF generate in test_recurrent.py)
+RECURRENT = {
+    "nemotron_h": lambda: NemotronHConfig(**{k: v for k, v in _C.items() if k != "num_hidden_layers"},
+                                          layers_block_type=["mamba", "attention"], mamba_num_heads=4,
+                                          mamba_head_dim=16, ssm_state_size=4, n_groups=1),
+    "qwen3_next": lambda: Qwen3NextConfig(**_C, **_DELTA, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_5_text": lambda: Qwen3_5TextConfig(**_C, **_DELTA),
 }
 ZAYA = lambda: ZayaConfig(**{**_C, "hidden_size": 64}, head_dim=16, num_experts=4,  # noqa: E731
                           moe_intermediate_size=32, router_hidden_size=16)
@@ -91,10 +96,19 @@ def test_convert_refuses_before_writing(family, tmp_path):
 def test_cli_convert_refuses(tmp_path, capsys):
     from ar2dlm.cli import main
 
-    base = _save(REFUSED["qwen3_next"][0](), tmp_path / "base")
+    base = _save(REFUSED["bamba"][0](), tmp_path / "base")
     assert main(["convert", str(base), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "'linear_attention'" in err and "DeltaNet" in err and not (tmp_path / "out").exists()
+    assert "'linear_attention'" in err and "recurrent state" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", sorted(RECURRENT))
+def test_recurrent_hybrids_convert(family, tmp_path):
+    """Their recurrent mixers are hooked (nn/predecessors.py), so convert accepts them and the result loads."""
+    out = convert(_save(RECURRENT[family](), tmp_path / "base"), tmp_path / "out", block_size=4)
+    lm = DiffusionLM.from_pretrained(out)
+    assert "linear_attention" in layer_kinds(lm.model.config)
+    assert 1 <= len(lm.generate([[5, 6, 7]], max_new_tokens=4, draft_len=4, proposals=2)[0].token_ids) <= 4
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -133,9 +147,9 @@ def test_previously_converted_checkpoint_is_refused_on_load(tmp_path):
     """A checkpoint converted before convert refused it fails on load with the reason, not an IndexError."""
     from ar2dlm.model.settings import DiffusionConfig
 
-    d = _save(REFUSED["qwen3_next"][0](), tmp_path / "qwen3_next")
+    d = _save(REFUSED["bamba"][0](), tmp_path / "bamba")
     DiffusionConfig(block_size=4, mask_token_id=5).save(d)
-    with pytest.raises(ConfigError, match="cannot decode 'qwen3_next'"):
+    with pytest.raises(ConfigError, match="cannot decode 'bamba'"):
         DiffusionLM.from_pretrained(d)
 
 

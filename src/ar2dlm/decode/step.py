@@ -85,7 +85,8 @@ def prefill(lm: DecodeModel, prompts: list[list[int]], K: int, cfg: DecodeConfig
         keep, column = torch.tensor(rows, device=device), [0] * (Lp + slots)
         for j, i in enumerate(rows):
             column[i] = j
-    with predecessors.predecessors(lm.model, lambda: predecessors.prefill_predecessors(lens, Lp, slots), cache) as seq:
+    with predecessors.predecessors(lm.model, lambda: predecessors.prefill_predecessors(lens, Lp, slots), cache,
+                                   prompt=sizes) as seq:
         logits = lm.forward(ids, clamp_pos(lm, pos), masks.prefill_mask(lens, Lp, slots), mask_slots, cache,
                             slots_from=Lp, holes=min(sizes) < Lp and slots > 0, logits_to_keep=keep)
     seq.commit(lens - 1)  # conv / delayed-value state after each prompt's last token

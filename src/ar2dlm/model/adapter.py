@@ -34,12 +34,19 @@ from . import checkpoint
 from .settings import AdapterSection
 
 
-def lora_config(section: AdapterSection, mask_token_id: int, embed_name: str):
+# peft refuses LoRA on a Mamba mixer's out_proj and conv1d in the model types it knows as Mamba (a fused kernel reads
+# their weights directly); the adapter leaves them out there
+MAMBA_TYPES = ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h")
+MAMBA_SKIPPED = ["out_proj", "conv1d"]
+
+
+def lora_config(section: AdapterSection, mask_token_id: int, embed_name: str, model_type: str | None = None):
     from peft import LoraConfig
 
     targets = "all-linear" if tuple(section.targets) == ("all-linear",) else list(section.targets)
     return LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
                       target_modules=targets, bias="none",
+                      exclude_modules=MAMBA_SKIPPED if model_type in MAMBA_TYPES else None,
                       trainable_token_indices={embed_name: [mask_token_id]} if section.mask_row else None)
 
 
@@ -59,15 +66,31 @@ def attach(lm, section: AdapterSection) -> None:
         for p in lm.model.parameters():
             p.requires_grad_(True)
         return
-    cfg = lora_config(section, lm.mask_token_id, embedding_name(lm.model))
+    cfg = lora_config(section, lm.mask_token_id, embedding_name(lm.model), lm.model.config.model_type)
     with _quiet_peft():
-        lm.model = get_peft_model(lm.model, cfg)
+        model = get_peft_model(lm.model, cfg)
+        if section.kind == "drafting" and any(type(m).__name__ == "ParamWrapper" for m in model.modules()):
+            # peft put LoRA on fused parameters (transformers' stacked MoE experts, a router: its MoE conversion of
+            # 'all-linear' also takes layers named like experts, e.g. a shared expert's gate_proj): a weight delta
+            # reaches every row, so the drafting adapter keeps only the layers it adapts per row
+            cfg = lora_config(section, lm.mask_token_id, embedding_name(lm.model), lm.model.config.model_type)
+            cfg.target_modules = _per_row_layers(model)
+            model = get_peft_model(model.unload(), cfg)
+        lm.model = model
     if section.init:
         start_from(lm.model, section.init)
     if section.kind == "drafting":
         install_gates(lm)
     install_token_rows(lm)
     lm.settings = _with_adapter(lm.settings, section.kind)
+
+
+def _per_row_layers(model) -> list[str]:
+    """Names (in the base model) of the modules peft adapted as layers, not through their weights."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(name.removeprefix("base_model.model.") for name, m in model.named_modules()
+                  if isinstance(m, LoraLayer) and type(m).__name__ != "ParamWrapper")
 
 
 def start_from(model, init: str) -> None:

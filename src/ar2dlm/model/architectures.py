@@ -12,7 +12,11 @@ breaks one of the two:
     ----------------------------------------  ----------------------------------------------------
     linear_attention  (Mamba/SSM, gated       one recurrent state per sequence: the step's proposal
       DeltaNet, RG-LRU, linear attention)     rows would advance it past tokens that are rejected,
-                                              and a state cannot be cropped back to d_r
+                                              and a state cannot be cropped back to d_r. (The gated
+                                              DeltaNet of Qwen3-Next, Qwen3.5 and OLMo hybrid and
+                                              Nemotron-H's Mamba-2 are exact: nn/predecessors.py
+                                              scans each row's state from its predecessor's and
+                                              commits the state after d_r)
     conv, hybrid_sliding                      reads the previous rows of the tensor, not each row's
       (a short convolution not hooked;        logical predecessor; conv state is set after the last
       ZAYA1 CCA + window)                     row fed, not after d_r. (LFM2's 'conv' layers and ZAYA1's
@@ -46,12 +50,14 @@ from ..nn.predecessors import MIXERS
 # the layer kinds whose only sequence memory is the KV cache; "dummy" = a layer without attention (MLP/MoE only)
 EXACT_LAYER_TYPES = ("full_attention", "sliding_attention")
 WHY = {
-    "linear_attention": "a recurrent state per sequence (Mamba/SSM, gated DeltaNet, linear attention, RG-LRU) that "
-                        "a step's proposal rows would advance past rejected tokens and that cannot be cropped back",
+    "linear_attention": "a recurrent state per sequence (Mamba/SSM, gated DeltaNet, linear attention, RG-LRU) in a "
+                        "mixer nn/predecessors.py does not scan row by row: a step's proposal rows would advance it "
+                        "past rejected tokens, and it cannot be cropped back",
     "conv": "a short convolution over the previous rows of the input (conv state), which in ar2dlm's layouts are "
             "not each row's previous token",
-    "hybrid": "attention whose q/k/v also read the previous rows through a convolution and a delayed value "
-              "(ZAYA1 CCA; conv and recurrent state in the cache)",
+    "hybrid": "attention beside a mixer that reads the previous rows or carries a state (ZAYA1's CCA convolutions "
+              "and delayed value, Falcon-H1's parallel Mamba; conv and recurrent state in the cache) that "
+              "nn/predecessors.py does not hook",
     "hybrid_sliding": "sliding-window attention whose q/k/v also read the previous rows (ZAYA1 CCA, conv state)",
     "chunked_attention": "chunked attention (attention within fixed chunks of positions), a layout ar2dlm's "
                          "masks do not draw",
@@ -65,10 +71,12 @@ STATEFUL_MODULE = re.compile(r"Mamba|Mixer|Ssm|SSM|DeltaNet|ShortConv|LinearAtte
 # wrappers and norms named after their family, not mixers themselves
 CONTAINER = re.compile(r"(Model|ForCausalLM|Norm|NormGated|Block|DecoderLayer|Mlp|MLP)$")
 TESTED = ("llama", "qwen2", "qwen3", "mistral (with and without sliding_window)", "qwen2_moe", "gpt2",
-          "gpt_oss", "gemma3_text", "olmo3", "gemma2", "zaya (ZAYA1 CCA)", "lfm2")
+          "gpt_oss", "gemma3_text", "olmo3", "gemma2", "zaya (ZAYA1 CCA)", "lfm2", "qwen3_next", "qwen3_5_text",
+          "qwen3_5_moe_text", "olmo_hybrid", "nemotron_h")
 SUPPORTED = ("decoder-only causal LMs whose every layer is full causal or sliding-window attention over a KV cache, "
-             "with dense or MoE MLPs, ZAYA1's CCA attention or LFM2's short convolutions (their convolutions read "
-             f"each row's predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
+             "with dense or MoE MLPs, ZAYA1's CCA attention, LFM2's short convolutions, or the recurrent layers of "
+             "Qwen3-Next / Qwen3.5 / OLMo hybrid (gated DeltaNet) and Nemotron-H (Mamba-2) (their convolutions and "
+             f"states follow each row's predecessors, nn/predecessors.py) (tested: {', '.join(TESTED)})")
 
 
 def layer_kinds(config) -> list[str]:
@@ -160,9 +168,10 @@ def check_architecture(config, where: str = "") -> None:
     """ConfigError naming the layers (and modules) ar2dlm cannot decode exactly, and what is supported."""
     kinds = layer_kinds(config)
     modules, handled, per_kind = stateful_modules(config)
-    # a 'hybrid' layer (attention + conv / delayed-value state, ZAYA1) or a 'conv' one (LFM2's short convolution) is
-    # exact when nn/predecessors.py hooks its mixer
-    exact = EXACT_LAYER_TYPES + tuple(k for k in ("hybrid", "conv") if handled >= kinds.count(k) > 0)
+    # a 'hybrid' layer (attention + conv / delayed-value state, ZAYA1), a 'conv' one (LFM2's short convolution) or a
+    # 'linear_attention' one (a recurrent state) is exact when nn/predecessors.py hooks its mixer
+    exact = EXACT_LAYER_TYPES + tuple(k for k in ("hybrid", "conv", "linear_attention")
+                                      if handled >= kinds.count(k) > 0)
     bad: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):
         if kind not in exact and kind != "mlp":

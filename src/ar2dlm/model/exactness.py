@@ -268,8 +268,15 @@ def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
 
 
 def _forward(lm, ids, start, allowed, cache, slots=None):
-    pos = torch.arange(ids.shape[1])[None] + start
-    return lm.forward(ids, pos, allowed, slots, past_key_values=cache)
+    """One forward as the engine runs it: a layer that reads its neighbours or carries a state (nn/predecessors.py)
+    reads each row after the one before it, and the state after the last row is committed."""
+    b, n = ids.shape
+    pos = torch.arange(n)[None] + start
+    order = lambda: torch.arange(-1, n - 1).expand(b, n)  # noqa: E731
+    with predecessors.predecessors(lm.model, order, cache) as seq:
+        out = lm.forward(ids, pos, allowed, slots, past_key_values=cache)
+    seq.commit(torch.full((b,), n - 1))
+    return out
 
 
 def _prefill(lm, prefix: torch.Tensor):

@@ -38,14 +38,36 @@ y = C * conv(B x) over L = `conv_L_cache` inputs) is hooked the same way: each
 row's convolution over its own chain of L inputs, its conv state after a
 row that chain. Another finite-window mixer joins by adding its module's
 hooks here: it needs the same chain of W inputs per row.
+
+A recurrent mixer (transformers' `linear_attention` kind: Qwen3-Next's and
+Qwen3.5's gated DeltaNet, Nemotron-H's Mamba-2) has no finite window: its
+state after a row depends on the whole chain. So the scan runs in row order
+(every layout puts a row's predecessor before it) and keeps the state after
+every row:
+
+```
+decode step, K = 3, R = {1, 2}; S(x) = the state after row x, S(-1) the committed one
+S(d1) = f(S(-1), d1)   S(d2) = f(S(d1), d2)   S(d3) = f(S(d2), d3)
+S(P1s1) = f(S(d1), P1s1)   S(P1s2) = f(S(P1s1), P1s2) ...   S(P2s1) = f(S(d2), P2s1) ...
+accept r = 2: commit S(d2) (and the conv state after d2); S(-1) was only read
+```
+
+f is transformers' one-token update (the form its `generate` runs after the
+prompt), so a row equals the AR loop's step at its position. A prefill's
+prompt rows (`prompt=` lengths) run transformers' chunked form instead, as
+`generate` does, each prompt alone; its slots are scanned from the state
+after its last token. Training's doubled sequence is the scan with
+`training_predecessors`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 
 def chain(pred: torch.Tensor, depth: int) -> torch.Tensor:
@@ -185,7 +207,279 @@ class _ShortConv:
         layer.conv_states[0].copy_(self.windows[ar, rows])
 
 
-MIXERS = {"ZayaCCAProjection": _CCA, "Lfm2ShortConv": _ShortConv}  # module class name -> its hooks
+class _Recurrent:
+    """The hooks of one recurrent mixer (gated DeltaNet, Mamba-2): a causal convolution, then a recurrent state
+    carried from token to token, each row over its own chain of predecessors.
+
+    The stock forward runs without the cache (`cache_params=None`), so it never changes the committed state; its
+    projections' outputs are kept, and the gated norm's input (the mixer's sequence output) is replaced by each
+    row's output from a scan in row order: row i's state = the update of its predecessor's state (the cache's
+    for pred = -1, zeros at the start of a sequence) by row i's own input, every row's state kept. The update is
+    transformers' one-token recurrent form, the one its `generate` uses after the prompt; a prefill's prompt rows
+    take its chunked form instead (`prompt_runs`), keeping the state after the prompt's last token only. The
+    output of the stock forward's own (cache-less) computation is thrown away. `commit` sets the cached conv and
+    recurrent state to those after the chosen row (the accepted length), as a crop rolls the KV cache back.
+    """
+
+    projections: tuple[str, ...] = ()
+    norm = "norm"  # the gated norm the sequence output goes through
+
+    def __init__(self, mixer, ctx):
+        self.mixer, self.ctx = mixer, ctx
+        self.L = mixer.conv_kernel_size  # the conv state holds the last L inputs (transformers' layout)
+        self.proj: dict = {}
+        self.pending = False  # the gated norm of this forward is still to come
+        self.conv_state = self.recurrent_state = None  # the committed state this forward starts from
+        self.windows = None  # [b, n, C, L]: each row's chain of conv inputs (the conv state after that row)
+        self.states, self.offset = None, -1  # [b, m, ...]: states[:, j] = the recurrent state after row offset + j
+        self.handles = [mixer.register_forward_pre_hook(self.before, with_kwargs=True),
+                        getattr(mixer, self.norm).register_forward_pre_hook(self.before_norm),
+                        mixer.register_forward_hook(self.after)]
+        self.handles += [getattr(mixer, name).register_forward_hook(self.keeper(name)) for name in self.projections]
+
+    def keeper(self, name):
+        def keep(module, args, output):
+            self.proj[name] = output
+        return keep
+
+    def before(self, module, args, kwargs):
+        layer = self.ctx.layer(self.mixer.layer_idx)
+        started = layer is not None and bool(layer.is_recurrent_states_initialized.get(0))
+        self.conv_state = layer.conv_states[0] if started else None
+        self.recurrent_state = layer.recurrent_states[0] if started else None
+        self.proj, self.pending = {}, True
+        return args, {**kwargs, "cache_params": None}
+
+    def after(self, module, args, output):
+        if self.pending:  # a fused kernel ran the whole mixer: its rows read their tensor neighbours
+            raise RuntimeError(f"{type(module).__name__} ran without its gated norm (a fused kernel?): ar2dlm cannot "
+                               "give its rows their logical predecessors; load the model without kernels")
+
+    def before_norm(self, module, args):
+        if not self.pending:
+            return None
+        self.pending = False
+        return (self.scan(args[0]),) + tuple(args[1:])
+
+    def convolve(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """x [b, n, C] conv inputs -> act(conv) [b, n, C], each row's depthwise convolution over its own chain."""
+        from transformers.activations import ACT2FN
+
+        conv = self.mixer.conv1d
+        b, n, C = x.shape
+        W = self.L - 1
+        xt = x.transpose(1, 2)  # [b, C, n]
+        state = self.conv_state if self.conv_state is not None else xt.new_zeros(b, C, self.L)
+        ext = torch.cat([state[..., self.L - W:].to(xt.dtype), xt], -1)  # [b, C, W + n]
+        idx = chain(self.ctx.pred, W)  # [b, n, L]
+        win = ext.gather(2, idx.reshape(b, 1, -1).expand(b, C, -1)).view(b, C, n, self.L)
+        self.windows = win.permute(0, 2, 1, 3)
+        weight = conv.weight[:, 0]  # [C, L], applied oldest first as F.conv1d does
+        # a sum over each row's own L inputs (an einsum would pick its matmul blocking from the row count)
+        out = (win.to(weight.dtype) * weight[:, None, :]).sum(-1)
+        if conv.bias is not None:
+            out = out + conv.bias[:, None]
+        return ACT2FN[activation](out).to(x.dtype).transpose(1, 2)
+
+    def scan(self, stock: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prompt_runs(self, chunked, *rows: torch.Tensor):
+        """A prefill's prompts through transformers' chunked form (what its `generate` runs on a prompt), each batch
+        row alone over its own prompt from the zero state: (lens [b], outputs [b, n, ...] (zeros past a prompt),
+        final states [b, ...]), or None outside a prefill. `chunked(*rows)` takes one prompt's rows [1, T, ...]."""
+        lens = self.ctx.prompt
+        if lens is None or self.recurrent_state is not None:
+            return None
+        outs, finals = [], []
+        for b, T in enumerate(lens):  # a prefill, not the step: one call per prompt keeps each row as alone
+            out, final = chunked(*(x[b:b + 1, :T] for x in rows))
+            outs.append(F.pad(out, (0, 0) * (out.dim() - 2) + (0, rows[0].shape[1] - T)))
+            finals.append(final)
+        return torch.tensor(lens, device=rows[0].device), torch.cat(outs), torch.cat(finals)
+
+    def commit(self, rows: torch.Tensor) -> None:
+        """Set this layer's conv and recurrent state to those after row rows[b] of the last forward."""
+        layer = self.ctx.layer(self.mixer.layer_idx)
+        if layer is None or self.states is None:
+            return
+        ar = torch.arange(rows.shape[0], device=rows.device)
+        layer.conv_states[0] = self.windows[ar, rows].contiguous()
+        layer.recurrent_states[0] = self.states[ar, rows - self.offset].contiguous()
+        layer.conv_kernel_size[0] = self.L
+        layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
+        layer.has_previous_state[0] = True
+
+
+def _states(b: int, n: int, tail: tuple, initial, runs, like: torch.Tensor):
+    """The buffer a scan keeps its states in, and what it starts from -> (states, first, done).
+
+    first: the first row scanned (0, or past the shortest prompt of `runs`); states[:, j] (fp32) = the state after
+    row first - 1 + j, states[:, 0] the one the scan starts from (the committed state, zeros at the start of a
+    sequence, or the shortest prompt's final state): a prompt's rows keep no state but their last. done [b, n]:
+    rows `runs` computed (None without)."""
+    first = 0 if runs is None else int(runs[0].min())
+    states = like.new_zeros(b, n - first + 1, *tail, dtype=torch.float32)
+    if initial is not None:
+        states[:, 0] = initial.to(states)
+    done = None
+    if runs is not None:
+        lens, _, final = runs
+        states[torch.arange(b, device=lens.device), lens - first] = final.to(states)
+        done = torch.arange(n, device=lens.device)[None, :] < lens[:, None]
+    return states, first, done
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # transformers' (and FLA's) l2norm
+
+
+def gated_delta_scan(query, key, value, g, beta, initial, pred, runs=None):
+    """transformers' `torch_recurrent_gated_delta_rule`, row i starting from row pred[b, i]'s state.
+
+    query, key [b, n, hk, dk]; value [b, n, hv, dv]; g, beta [b, n, hv]; initial [b, hv, dk, dv] or None;
+    pred [b, n] -> (output [b, n, hv, dv] in query's dtype, states [b, m, hv, dk, dv] fp32, offset): states[:, j]
+    is the state after row offset + j (`_states`). runs: (lens, outputs, final states) of rows already computed
+    (`_Recurrent.prompt_runs`): row i < lens[b] keeps its output, and only the state after its last row (the one a
+    later row reads) is kept.
+    """
+    dtype = query.dtype
+    b, n, hk, dk = key.shape
+    hv, dv = value.shape[-2:]
+    if hk != hv:  # grouped values: each q/k head serves hv // hk consecutive value heads
+        query, key = (x.repeat_interleave(hv // hk, dim=2) for x in (query, key))
+    # 1. fp32, heads first, q and k l2-normalised, q scaled (the stock steps, once for all rows)
+    query, key, value, beta, g = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                                  for x in (query, key, value, beta, g))
+    query, key = _l2norm(query), _l2norm(key)
+    query = query / (query.shape[-1] ** 0.5)
+    # 2. the state the scan starts from, and a slot for the state after each row it scans
+    states, first, done = _states(b, n, (hv, dk, dv), initial, runs, query)
+    out = torch.zeros_like(value)  # [b, hv, n, dv]
+    if runs is not None:
+        out.copy_(runs[1].transpose(1, 2))
+    ar, src = torch.arange(b, device=pred.device), pred - first + 1
+    decay = g.exp()[..., None, None]  # [b, hv, n, 1, 1]
+    for i in range(first, n):
+        # 3. the stock one-token update from the predecessor's state
+        q_t, k_t, v_t = query[:, :, i], key[:, :, i], value[:, :, i]
+        s = states[ar, src[:, i]] * decay[:, :, i]
+        kv_mem = (s * k_t.unsqueeze(-1)).sum(dim=-2)
+        delta = (v_t - kv_mem) * beta[:, :, i].unsqueeze(-1)
+        s = s + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
+        o = (s * q_t.unsqueeze(-1)).sum(dim=-2)
+        if done is not None:  # rows of a longer prompt: computed already
+            keep = done[:, i, None, None]
+            o, s = torch.where(keep, out[:, :, i], o), torch.where(keep[..., None], states[:, i - first + 1], s)
+        out[:, :, i] = o
+        states[:, i - first + 1] = s
+    return out.transpose(1, 2).contiguous().to(dtype), states, first - 1
+
+
+class _GatedDeltaNet(_Recurrent):
+    """The gated DeltaNet of Qwen3-Next, Qwen3.5 and OLMo hybrid: conv over [q | k | v], then the gated delta rule."""
+
+    def __init__(self, mixer, ctx):
+        if hasattr(mixer, "in_proj_qkvz"):  # Qwen3-Next: q, k, v, z interleaved per key head
+            self.projections = ("in_proj_qkvz", "in_proj_ba")
+        elif hasattr(mixer, "in_proj_qkv"):  # Qwen3.5
+            self.projections = ("in_proj_qkv", "in_proj_b", "in_proj_a")
+        else:  # OLMo hybrid: one projection each, and its gated norm is o_norm
+            self.projections, self.norm = ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj"), "o_norm"
+        super().__init__(mixer, ctx)
+
+    def scan(self, stock: torch.Tensor) -> torch.Tensor:
+        m, p = self.mixer, self.proj
+        if "in_proj_qkvz" in p:
+            q, k, v, _, b_, a = m.fix_query_key_value_ordering(p["in_proj_qkvz"], p["in_proj_ba"])
+            qkv = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)], -1)
+        elif "in_proj_qkv" in p:
+            qkv, b_, a = p["in_proj_qkv"], p["in_proj_b"], p["in_proj_a"]
+        else:
+            qkv, b_, a = torch.cat([p["q_proj"], p["k_proj"], p["v_proj"]], -1), p["b_proj"], p["a_proj"]
+        qkv = self.convolve(qkv, m.activation)
+        bsz, n, _ = qkv.shape
+        q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
+        q, k = (x.reshape(bsz, n, -1, m.head_k_dim) for x in (q, k))
+        v = v.reshape(bsz, n, -1, m.head_v_dim)
+        beta = b_.reshape(bsz, n, -1).sigmoid()
+        if getattr(m, "allow_neg_eigval", False):  # OLMo hybrid: beta in [0, 2]
+            beta = beta * 2.0
+        g = -m.A_log.float().exp() * F.softplus(a.reshape(bsz, n, -1).float() + m.dt_bias)
+        chunk = sys.modules[type(m).__module__].torch_chunk_gated_delta_rule  # the function the stock forward calls
+        runs = self.prompt_runs(lambda *x: chunk(*x, initial_state=None, output_final_state=True,
+                                                 use_qk_l2norm_in_kernel=True), q, k, v, g, beta)
+        out, self.states, self.offset = gated_delta_scan(q, k, v, g, beta, self.recurrent_state, self.ctx.pred, runs)
+        return out.reshape(stock.shape)  # the stock passes [b * n * hv, dv] to the norm
+
+
+def mamba2_scan(x, dt, A, B, C, D, dt_bias, initial, pred, runs=None):
+    """transformers' `mamba2_selective_state_update` (Mamba-2's one-token step), row i starting from row
+    pred[b, i]'s state.
+
+    x [b, n, H, P]; dt [b, n, H]; A, D, dt_bias [H]; B, C [b, n, G, N]; initial [b, H, P, N] or None;
+    pred [b, n] -> (output [b, n, H, P] in x's dtype, states [b, m, H, P, N] fp32, offset), as `gated_delta_scan`;
+    runs: rows already computed, as there.
+    """
+    b, n, H, P = x.shape
+    G, N = B.shape[-2:]
+    # 1. the stock step's operands, every row at once (the [.., P, N] products are formed per row, below)
+    dt = dt[..., None].expand(b, n, H, P)
+    dt = F.softplus(dt + dt_bias[:, None].expand(H, P).to(dt.dtype))[..., None]  # [b, n, H, P, 1]
+    A = A[:, None, None].expand(H, P, N)
+    B = B[:, :, :, None].expand(b, n, G, H // G, N).reshape(b, n, H, 1, N)
+    C = C[:, :, :, None].expand(b, n, G, H // G, N).reshape(b, n, H, N)
+    D = D[:, None].expand(H, P)
+    # 2. the state the scan starts from (fp32, transformers' cache dtype), a slot for the state after each row scanned
+    states, first, done = _states(b, n, (H, P, N), initial, runs, x)
+    out = x.new_zeros(b, n, H, P)
+    if runs is not None:
+        out.copy_(runs[1])
+    ar, src = torch.arange(b, device=pred.device), pred - first + 1
+    for i in range(first, n):
+        # 3. the stock step: the output reads the new state before it is rounded to the cache's dtype
+        dA = torch.exp(dt[:, i].float() * A.float())  # [b, H, P, N]
+        s = states[ar, src[:, i]] * dA + (dt[:, i] * B[:, i]) * x[:, i, ..., None]
+        y = torch.bmm(s.to(C.dtype).reshape(b * H, P, N), C[:, i].reshape(b * H, N, 1)).view(b, H, P)
+        y = (y + x[:, i] * D).to(y.dtype).to(x.dtype)
+        s = s.to(states.dtype)
+        if done is not None:  # rows of a longer prompt: computed already
+            keep = done[:, i, None, None]
+            y, s = torch.where(keep, out[:, i], y), torch.where(keep[..., None], states[:, i - first + 1], s)
+        out[:, i] = y
+        states[:, i - first + 1] = s
+    return out, states, first - 1
+
+
+class _Mamba2(_Recurrent):
+    """Nemotron-H's Mamba-2 mixer: conv over [x | B | C], then the selective state update."""
+
+    projections = ("in_proj",)
+
+    def scan(self, stock: torch.Tensor) -> torch.Tensor:
+        m = self.mixer
+        _, xBC, dt = self.proj["in_proj"].split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+        xBC = self.convolve(xBC, m.activation)
+        bsz, n, _ = xBC.shape
+        GN = m.n_groups * m.ssm_state_size
+        x, B, C = torch.split(xBC, [m.intermediate_size, GN, GN], dim=-1)
+        x = x.reshape(bsz, n, m.num_heads, m.head_dim)
+        B, C = (y.reshape(bsz, n, m.n_groups, -1) for y in (B, C))
+        A = -torch.exp(m.A_log.float())
+        chunk = sys.modules[type(m).__module__].mamba2_chunk_scan  # the function the stock forward calls
+        runs = self.prompt_runs(
+            lambda x, dt, B, C: chunk(x, dt, A, B, C, chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias,
+                                      dt_softplus=True, initial_states=None, dt_limit=m.time_step_limit,
+                                      return_final_states=True), x, dt, B, C)
+        out, self.states, self.offset = mamba2_scan(x, dt, A, B, C, m.D, m.dt_bias, self.recurrent_state,
+                                                    self.ctx.pred, runs)
+        return out.reshape(bsz, n, -1)
+
+
+MIXERS = {"ZayaCCAProjection": _CCA, "Lfm2ShortConv": _ShortConv,  # module class name -> its hooks
+          "Qwen3NextGatedDeltaNet": _GatedDeltaNet, "Qwen3_5GatedDeltaNet": _GatedDeltaNet,
+          "Qwen3_5MoeGatedDeltaNet": _GatedDeltaNet, "OlmoHybridGatedDeltaNet": _GatedDeltaNet,
+          "NemotronHMamba2Mixer": _Mamba2}
 
 
 _FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its mixer modules (found once)
@@ -206,10 +500,11 @@ class Predecessors:
     """The hooks of one model instance for one forward; see the module docstring.
 
     `pred` is a [b, n] tensor, or a function returning one (only called when the model has mixers, so the
-    other architectures pay nothing)."""
+    other architectures pay nothing). `prompt`: per batch row, how many rows from row 0 are its prompt, read in
+    order from the start of a sequence (a prefill): a recurrent mixer runs transformers' chunked form there."""
 
-    def __init__(self, model, pred, cache=None):
-        self.mixers, self.cache = [], cache
+    def __init__(self, model, pred, cache=None, prompt: list[int] | None = None):
+        self.mixers, self.cache, self.prompt = [], cache, prompt
         mods = mixer_modules(model)
         self.pred = (pred() if callable(pred) else pred) if mods else None
         self.mixers = [MIXERS[type(m).__name__](m, self) for m in mods]
@@ -228,9 +523,10 @@ class Predecessors:
 
 
 @contextlib.contextmanager
-def predecessors(model, pred: torch.Tensor, cache=None):
-    """Inside: every CCA projection of `model` reads each row's predecessors from `pred` [b, n] (-1 = state)."""
-    ctx = Predecessors(model, pred, cache)
+def predecessors(model, pred: torch.Tensor, cache=None, prompt: list[int] | None = None):
+    """Inside: every hooked mixer of `model` (MIXERS) reads each row's predecessors from `pred` [b, n] (-1 = state);
+    `prompt` (a prefill): each batch row's prompt length (see `Predecessors`)."""
+    ctx = Predecessors(model, pred, cache, prompt)
     try:
         yield ctx
     finally:
@@ -316,7 +612,7 @@ def move_slots(cache, source: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def new_cache(model):
-    """A DynamicCache whose layers hold the conv and delayed-value state when the model has mixers."""
+    """A DynamicCache whose layers hold the conv, delayed-value or recurrent state when the model has mixers."""
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config) if has_mixers(model) else DynamicCache()
