@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 # The layer contract first (pyproject.toml, [tool.importlinter]): imports point only down the stages.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-logo
-	OMP_NUM_THREADS=2 $(VENV_PY) -m pytest -q tests
+	OMP_NUM_THREADS=2 $(VENV_PY) -m pytest -q --durations=15 tests
 
 # The bundled SmolLM2-135M with its shipped drafter: a chat, a code and a prose
 # prompt, streamed, each timed against the same-stack AR loop.
