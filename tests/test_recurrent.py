@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from conftest import EOS, VOCAB, make_tokenizer
-from test_decode import hf_greedy, random_prompts
+from test_decode import drafting_end_to_end, hf_greedy, random_prompts
 from transformers import (
     AutoModelForCausalLM,
     NemotronHConfig,
@@ -244,37 +244,8 @@ def test_recurrent_rows_joining_and_leaving_decode_as_alone():
 def test_recurrent_distill_train_drafting_adapter_end_to_end(family, tmp_path):
     """`ar2dlm distill`, then `ar2dlm train` with the gated drafting adapter, then decoding from its output: greedy
     equals the base model's HF generate, and the trained drafts get accepted (the commit after d_r > 1 runs)."""
-    import json
-
-    import yaml
-    from conftest import distill_random_prompts
-
-    from ar2dlm.cli import main
-
-    base = tiny(family, dtype=torch.float32)
-    base.save_pretrained(tmp_path / "base")
-    make_tokenizer().save_pretrained(tmp_path / "base")
-    data = distill_random_prompts(tmp_path / "base", tmp_path, 32)
-    recipe = {"run_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "base"), "precision": "fp32"},
-              "data": {"train": [str(data)], "seq_len": 48, "heldout_fraction": 0.1},
-              "objective": {"block_size": 4}, "adapter": {"kind": "drafting", "rank": 8, "alpha": 16},
-              "optim": {"lr": 1e-2, "mask_row_lr": 1e-2, "batch_size": 8},
-              "schedule": {"max_steps": 60, "warmup_fraction": 0.0},
-              "eval": {"every_steps": 0, "log_every": 10}, "checkpoint": {"every_steps": 1000, "every_minutes": 0}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 0
-    lm = DiffusionLM.from_pretrained(tmp_path / "run" / "final")
-    assert lm.settings.adapter == "drafting"
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-    prompts = [json.loads(line)["prompt_ids"] for line in data.read_text().splitlines()][:4]
-    accepted = 0
-    for p in prompts + random_prompts(2, seed=4):
-        want = hf_greedy(ref, p, 24)
-        for K, R in [(4, 1), (4, 3)]:
-            got = lm.generate([p], max_new_tokens=24, draft_len=K, proposals=R)[0]
-            assert got.token_ids == want, (p, K, R)
-            accepted += sum(n * c for n, c in got.stats.accepted.items() if n > 1)
-    assert accepted > 10  # the trained drafts were accepted: the accept branches ran
+    drafting_end_to_end(tiny(family, dtype=torch.float32), tmp_path, n_data=32, steps=60, n_prompts=4,
+                        accepted_min=10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
