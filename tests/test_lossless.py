@@ -81,6 +81,17 @@ def chi_square_p(counts, probs, n):
     return chisquare(obs, exp).pvalue
 
 
+def assert_lossless(base, lm, n: int, prompt=(3, 5, 2), settings=None) -> None:
+    """The first 3 tokens `lm` samples (lossless, K = 4, |R| = 2 unless `settings` say otherwise) follow the exact
+    joint of `base` (chi-square), and the draws had both rejections and accepts."""
+    prompt = list(prompt)
+    settings = settings or dict(sampler="lossless", draft_len=4, proposals=2)
+    probs = exact_joint(base, prompt, DecodeConfig(sampler="lossless"))
+    counts, hist = sample_first_tokens(lm, prompt, settings, n=n)
+    assert chi_square_p(counts, probs, n) > 1e-3
+    assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts
+
+
 @pytest.mark.parametrize("settings", [
     dict(sampler="lossless", draft_len=4, proposals=2),
     dict(sampler="lossless", draft_len=3, proposals=3, temperature=0.7, top_k=5, top_p=0.9),

@@ -207,34 +207,19 @@ def test_drafting_adapter_leaves_the_clean_rows_on_the_base_weights(family):
 @pytest.mark.parametrize("family", ["nemotron_h", "qwen3_5_text", "qwen3_next"])
 def test_recurrent_lossless_matches_ar_distribution(family):
     """Speculative sampling on a tiny-vocabulary model: the first 3 sampled tokens follow AR's exact joint."""
-    from test_lossless import chi_square_p, exact_joint, sample_first_tokens
-
-    from ar2dlm.decode.config import DecodeConfig
+    from test_lossless import assert_lossless
 
     base, lm = converted(family, vocab=8, sharpen=0.25)
-    prompt = [3, 5, 2]
-    probs = exact_joint(base, prompt, DecodeConfig(sampler="lossless"))
-    n = 6000
-    counts, hist = sample_first_tokens(lm, prompt, dict(sampler="lossless", draft_len=4, proposals=2), n=n)
-    assert chi_square_p(counts, probs, n) > 1e-3
-    assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts
+    assert_lossless(base, lm, 6000)
 
 
 def test_recurrent_rows_joining_and_leaving_decode_as_alone():
     """Continuous batching: merged caches (recurrent states stacked), rows leaving mid-way."""
-    from test_serve_batching import drive
+    from test_serve_batching import assert_joined_rows_decode_as_alone
 
     _, lm = converted("qwen3_5_text")
     ps = random_prompts(6, seed=7)
-    news = [5, 24, 9, 17, 3, 30]
-    settings = [dict(draft_len=4, proposals=2), dict(draft_len=4, proposals=3), dict(ar=True),
-                dict(draft_len=2, proposals=1), dict(draft_len=8, proposals=3), dict(draft_len=4, proposals=2)]
-    cfgs = [lm.decode_config(max_new_tokens=m, **s) for m, s in zip(news, settings)]
-    got, sizes = drive(lm, cfgs, ps, [0, 0, 2, 3, 3, 6], cancel={1: 4}, draft=lambda step, rows: rows <= 3)
-    assert max(sizes) > 3
-    for i, p in enumerate(ps):
-        alone = lm.generate([p], max_new_tokens=news[i], **settings[i])[0].token_ids
-        assert got[i] == (alone[:len(got[i])] if i == 1 else alone), i
+    assert_joined_rows_decode_as_alone(lm, ps, cancel={1: 4})
 
 
 # a saved qwen3_5_moe_text directory loads transformers' Qwen3.5 tokenizer class whatever tokenizer it holds, so the

@@ -56,6 +56,21 @@ def drive(lm, cfgs, ps, joins, cancel=None, draft=lambda step, rows: True):
     return {i: r.tokens for i, r in rows.items()}, sizes
 
 
+def assert_joined_rows_decode_as_alone(lm, ps, cancel=None) -> None:
+    """Six requests of mixed settings (drafts, proposals, AR) join a running batch at different steps, some leave
+    (finished or cancelled: cancel={id: step}); each row's tokens == the same request decoded alone (a cancelled
+    one: a prefix of it), and the batch really held several rows."""
+    news = [5, 24, 9, 17, 3, 30]
+    settings = [dict(draft_len=4, proposals=2), dict(draft_len=4, proposals=3), dict(ar=True),
+                dict(draft_len=2, proposals=1), dict(draft_len=8, proposals=3), dict(draft_len=4, proposals=2)]
+    cfgs = [lm.decode_config(max_new_tokens=m, **s) for m, s in zip(news, settings)]
+    got, sizes = drive(lm, cfgs, ps, [0, 0, 2, 3, 3, 6], cancel=cancel, draft=lambda step, rows: rows <= 3)
+    assert max(sizes) > 3
+    for i, p in enumerate(ps):
+        alone = lm.generate([p], max_new_tokens=news[i], **settings[i])[0].token_ids
+        assert got[i] == (alone[:len(got[i])] if i in (cancel or {}) else alone), i
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
 def test_rows_joining_and_leaving_decode_as_alone(arch):
     lm = converted(arch)

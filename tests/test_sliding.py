@@ -223,17 +223,11 @@ def test_sliding_reference_decoders_agree_with_engine(drafter):
 def test_sliding_lossless_matches_ar_distribution(family):
     """Speculative sampling on a tiny-vocabulary windowed model: the first 3 sampled tokens after a prompt longer
     than the window follow AR's exact joint."""
-    from test_lossless import chi_square_p, exact_joint, sample_first_tokens
-
-    from ar2dlm.decode.config import DecodeConfig
+    from test_lossless import assert_lossless
 
     base, lm = converted(family, vocab=8, sharpen=0.25)
     prompt = [3, 5, 2, 6, 4, 7, 3]  # longer than the window: the sampled tokens read only its end
-    probs = exact_joint(base, prompt, DecodeConfig(sampler="lossless"))
-    n = 10000
-    counts, hist = sample_first_tokens(lm, prompt, dict(sampler="lossless", draft_len=4, proposals=2), n=n)
-    assert chi_square_p(counts, probs, n) > 1e-3
-    assert hist.get(1, 0) > 0 and sum(v for r, v in hist.items() if r > 1) > 0, hist  # rejections and accepts
+    assert_lossless(base, lm, 10000, prompt)
 
 
 def test_sliding_converts_and_decodes_from_disk(tmp_path):
@@ -311,15 +305,7 @@ def test_exactness_check_covers_windowed_layers(family):
 def test_sliding_rows_joining_and_leaving_decode_as_alone():
     """Continuous batching (decode/core.Batch): a newcomer's cache is merged with holes, rows leave; each row's
     windows are measured from its own committed tokens, so it decodes as alone."""
-    from test_serve_batching import drive
+    from test_serve_batching import assert_joined_rows_decode_as_alone
 
     _, lm = converted("gemma3_text")
-    ps = prompts_around_the_window(6, seed=7)
-    news = [5, 24, 9, 17, 3, 30]
-    settings = [dict(draft_len=4, proposals=2), dict(draft_len=4, proposals=3), dict(ar=True),
-                dict(draft_len=2, proposals=1), dict(draft_len=8, proposals=3), dict(draft_len=4, proposals=2)]
-    cfgs = [lm.decode_config(max_new_tokens=m, **s) for m, s in zip(news, settings)]
-    got, sizes = drive(lm, cfgs, ps, [0, 0, 2, 3, 3, 6], draft=lambda step, rows: rows <= 3)
-    assert max(sizes) > 3
-    for i, p in enumerate(ps):
-        assert got[i] == lm.generate([p], max_new_tokens=news[i], **settings[i])[0].token_ids, i
+    assert_joined_rows_decode_as_alone(lm, prompts_around_the_window(6, seed=7))
