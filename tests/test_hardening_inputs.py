@@ -256,8 +256,13 @@ def test_every_verb_exits_128_plus_the_signal(root, tmp_path, capsys, monkeypatc
         time.sleep(1)  # the handler runs here
 
     monkeypatch.setattr(settings.DiffusionConfig, "save", interrupted)
-    before = checksums(root / "base")
-    rc, out, err, _ = run_cli(["convert", root / "base", tmp_path / "out"], capsys)
+    # SIGINT raises KeyboardInterrupt, as in a terminal, whatever the suite was started under (`&` ignores it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = checksums(root / "base")
+        rc, out, err, _ = run_cli(["convert", root / "base", tmp_path / "out"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == code and "Traceback" not in err and "interrupted" in err
     assert checksums(root / "base") == before and not list(tmp_path.iterdir())
 

@@ -199,12 +199,31 @@ def test_ungated_lora_disable_and_merge(corpus, tmp_path):
 
 def _launch(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as a terminal gives it, whatever the suite was started under (a shell's `&` ignores SIGINT)
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _write(cfg: TrainConfig, path: Path) -> Path:
     cfg.save_yaml(path)
     return path
+
+
+def test_a_signal_the_process_ignores_stays_ignored_during_training():
+    """Started with SIGINT ignored (`nohup`, a shell's `&`), a run keeps going on SIGINT; SIGTERM still stops it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = trainer._Stop()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM
+        stop.restore()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_after_a_real_signal_is_exact(corpus, tmp_path):

@@ -251,11 +251,14 @@ def _autocast(run: Run):
 # ---------------------------------------------------------------------------- the loop
 class _Stop:
     """SIGINT / SIGTERM ask for a clean stop: the loop saves a checkpoint, then the signal goes on to the handler
-    that was there before (the CLI's: exit 130 / 143; else Python's: KeyboardInterrupt, or termination)."""
+    that was there before (the CLI's: exit 130 / 143; else Python's: KeyboardInterrupt, or termination).
+    A signal the process was started ignoring (`nohup`, a shell's `&` ignores SIGINT) stays ignored: catching it
+    would stop the run, and the ignored signal raised again after the checkpoint would let it exit 0, as if done."""
 
     def __init__(self):
         self.signum: int | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
 
     @property
     def requested(self) -> bool:
