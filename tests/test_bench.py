@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
@@ -152,3 +153,28 @@ def test_bench_reference_drift(converted_dirs, base_dirs, tmp_path):
     assert drift["exact_match"] == sum(a == b for a, b in zip(ours, theirs)) / 4
     assert drift["reference_nll"] > drift["reference_nll_own"]  # the reference's own greedy text is likelier to it
     assert "vs reference" in bench.table(report)
+
+
+def test_the_fp32_stock_row_runs_the_weights_in_float32_and_restores_them(converted_dirs):
+    """A bf16 model's bench has HF generate of its weights in float32 (the base as HF loads it by default): inside,
+    the forward is the float32 model's; after, every tensor is the one it had, bit for bit."""
+    names = {s.name for s in bench.specs_for(DiffusionLM.from_pretrained(converted_dirs["llama"], dtype="float32"),
+                                             [2], [1], [], ["greedy"])}
+    assert "hf_generate_stock" in names and "hf_generate_stock_fp32" not in names  # fp32 already: nothing to add
+    lm = DiffusionLM.from_pretrained(converted_dirs["llama"], dtype="bfloat16")
+    assert "hf_generate_stock_fp32" in {s.name for s in bench.specs_for(lm, [2], [1], [], ["greedy"])}
+    model = lm.model
+    ids = torch.tensor([[3, 5, 7, 11, 13, 17]])
+    tensors = [*model.parameters(), *model.buffers()]
+    before = [(t.dtype, t.data_ptr(), t.detach().clone()) for t in tensors]
+    with torch.inference_mode(), lm.base_weights(), lm.plain():
+        bf16 = model(input_ids=ids).logits
+        upcast = copy.deepcopy(model).float()
+        with bench.float32_weights(model):
+            assert {t.dtype for t in model.parameters()} == {torch.float32}
+            inside = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        assert inside.dtype == torch.float32 and torch.equal(inside, upcast(input_ids=ids).logits)
+    assert torch.equal(after, bf16) and after.dtype == torch.bfloat16
+    for t, (dtype, ptr, value) in zip(tensors, before):
+        assert t.dtype == dtype and t.data_ptr() == ptr and torch.equal(t, value)

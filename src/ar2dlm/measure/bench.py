@@ -10,7 +10,9 @@ tokens/s (median of the runs) and the ratio to the same-stack AR loop (same
 model, same KV cache, one token per forward). Baselines: HF `generate`
 (greedy), the same with transformers' own attention and linear modules
 (`hf_generate_stock`: what runs without ar2dlm's fast paths; see kernels.py
-and attention.py) and HF assisted generation with
+and attention.py; for a bf16 or fp16 model also `hf_generate_stock_fp32`, the
+same on the weights in float32: the base as HF loads it by default, what a
+user starts from) and HF assisted generation with
 prompt lookup (batch 1). For the mix sampler, drift from AR: the AR model's
 mean NLL of the tokens it generated (vs the lossless sampler's, which are AR
 samples) and, at temperature 0, the share of prompts whose output equals AR
@@ -25,6 +27,7 @@ The last line of stdout is one JSON document with everything.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 import sys
 import time
@@ -75,6 +78,8 @@ def specs_for(lm: DiffusionLM, draft_lens, proposals, mix_weights, samplers, hf:
         # HF generate once more on the plain modules: what the user runs without ar2dlm (DiffusionLM.plain)
         out += [Spec("hf_generate", "hf"), Spec("hf_generate_stock", "hf", {"stock_kernels": True}),
                 Spec("hf_prompt_lookup", "hf_pld")]
+        if lm.model.dtype != torch.float32:
+            out.append(Spec("hf_generate_stock_fp32", "hf", {"stock_kernels": True, "float32": True}))
     for K in draft_lens:
         for n in proposals:
             if n > K:
@@ -138,11 +143,26 @@ def _hf_generate(lm: DiffusionLM, prompts, batch_size, max_new_tokens, eos, look
     return outs, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def float32_weights(model: torch.nn.Module):
+    """The model's floating weights and buffers in float32 inside; after, the very tensors it had, bit for bit."""
+    saved = [(t, t.data) for t in itertools.chain(model.parameters(), model.buffers())
+             if t.is_floating_point() and t.dtype != torch.float32]
+    try:
+        for t, data in saved:
+            t.data = data.float()
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
 def run_once(lm: DiffusionLM, spec: Spec, prompts, batch_size: int, max_new_tokens: int, seed: int, eos) -> dict:
     if spec.kind in ("hf", "hf_pld"):
         if spec.kind == "hf_pld" and batch_size > 1:
             return {}
-        with lm.plain() if spec.settings.get("stock_kernels") else contextlib.nullcontext():
+        with (lm.plain() if spec.settings.get("stock_kernels") else contextlib.nullcontext(),
+              float32_weights(lm.model) if spec.settings.get("float32") else contextlib.nullcontext()):
             toks, seconds = _hf_generate(lm, prompts, batch_size, max_new_tokens, eos, spec.kind == "hf_pld")
         return {"tokens": toks, "seconds": seconds, "new": sum(map(len, toks))}
     cfg = lm.decode_config(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=tuple(eos), **spec.settings)
@@ -274,6 +294,9 @@ def summarize(lm: DiffusionLM, name, bs, prompts, specs, per, max_new_tokens, se
     ar_speed = statistics.median(r["new"] / r["seconds"] for r in ar_runs)
     ar_tokens = ar_runs[0]["tokens"]
     sample_speed = statistics.median(r["new"] / r["seconds"] for r in per["ar_sample"]) if per.get("ar_sample") else None
+    # what a user starts from: HF generate of the base in float32 on the stock modules (a bf16 / fp16 model only)
+    fp32 = per.get("hf_generate_stock_fp32")
+    fp32_speed = statistics.median(r["new"] / r["seconds"] for r in fp32) if fp32 else None
     lossless_nll = None
     for spec in specs:
         runs = per[spec.name]
@@ -284,6 +307,7 @@ def summarize(lm: DiffusionLM, name, bs, prompts, specs, per, max_new_tokens, se
                "tokens_per_s": round(speed, 2), "speedup_vs_ar": round(speed / ar_speed, 3),
                **({"speedup_vs_ar_sample": round(speed / sample_speed, 3)}
                   if sample_speed and spec.settings.get("sampler") in ("lossless", "mix") else {}),
+               **({"speedup_vs_hf_stock_fp32": round(speed / fp32_speed, 3)} if fp32_speed else {}),
                "new_tokens": runs[0]["new"]}
         if "forwards" in runs[0]:
             hist = runs[0]["hist"]
@@ -322,7 +346,7 @@ def default_eos(lm: DiffusionLM) -> list[int]:
 
 def table(report: dict) -> str:
     cols = ["prompt_set", "batch_size", "config", "tpf", "mean_accepted", "tokens_per_s", "speedup_vs_ar",
-            "speedup_vs_ar_sample", "equals_ar", "nll_vs_lossless", "greedy_exact_match",
+            "speedup_vs_ar_sample", "speedup_vs_hf_stock_fp32", "equals_ar", "nll_vs_lossless", "greedy_exact_match",
             "tau_x_share_by_kind"]
     lines = [" | ".join(cols)]
     for r in report["results"]:
