@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from ar2dlm.core.errors import ConfigError
 from ar2dlm.model.lm import DiffusionLM
+from ar2dlm.nn import masks
 from ar2dlm.train import objective, trainer
 from ar2dlm.train.checkpoints import latest_checkpoint
 from ar2dlm.train.config import TrainConfig
@@ -133,6 +134,47 @@ def test_drafting_loss_selected_slots_equal_all_slots_and_doubled_forward(corpus
         for j, i in enumerate(idx[row].tolist()):
             if target[row, i]:
                 torch.testing.assert_close(sel_logits[row, j], all_logits[row, i])
+
+
+@pytest.mark.parametrize("kind", ["drafting", "lora"])
+def test_slot_decay_weights_each_slot_by_its_place_in_its_block(corpus, distilled, kind):
+    """objective.slot_decay d: the diffusion loss is sum d**i CE / sum d**i over the target slots, i = the slot's
+    index in its block (found here from the block ids), for the selected slots, every slot and the doubled forward."""
+    d, B = 0.5, 4
+    cfg = config(corpus, f"decay-{kind}", kind, data={"train": [str(distilled)], "seq_len": 48},
+                 objective={"block_size": B, "slot_decay": d})
+    run = trainer.setup(cfg)
+    with torch.no_grad():
+        for p in run.lm.model.parameters():  # a non-zero adapter
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    rows, offsets = run.train_rows, torch.tensor([0, 1, 2, 3])
+    batch = objective.build_batch(rows.tokens[:4], run.lm.settings, rows.doc_ids[:4], rows.loss_mask[:4], offsets)
+    S = batch.labels.shape[1] // 2
+    blocks = masks.block_ids(S, B, offsets)  # [4, S]
+    with torch.no_grad():
+        _, _, plain = objective.loss(run.lm, batch)
+        _, _, doubled = objective.loss(run.lm, batch, slot_decay=d)
+        logits = run.lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots)[:, S:]
+        if kind == "drafting":
+            sel, _, _ = trainer.drafting_loss(run.lm, batch, select=True, slot_decay=d)
+            every, _, _ = trainer.drafting_loss(run.lm, batch, select=False, slot_decay=d)
+        got = trainer.micro_batch(run, batch)["diff_loss"]
+    num = den = 0.0
+    for row in range(4):
+        for i in range(S):
+            label = int(batch.labels[row, S + i])
+            if label != objective.IGNORE:
+                w = d ** (i - int((blocks[row] == blocks[row, i]).nonzero()[0]))  # slots before it in its block
+                num += w * float(torch.nn.functional.cross_entropy(logits[row, i].float(), torch.tensor(label)))
+                den += w
+    expected = torch.tensor(num / den)
+    assert not torch.isclose(plain, expected, rtol=1e-3)  # the weights change the loss
+    torch.testing.assert_close(doubled.float(), expected, rtol=1e-4, atol=1e-5)
+    if kind == "drafting":
+        torch.testing.assert_close(sel.float(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(every.float(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_drafting_adapter_keeps_the_ar_path_exact(corpus, distilled):
@@ -302,6 +344,7 @@ def test_config_errors_name_the_field(tmp_path):
     for text, field in (("optim:\n  lr: fast\n", "optim.lr"), ("optim:\n  lrr: 1\n", "optim.lrr"),
                         ("optim:\n  batch_size: 0\n", "optim.batch_size"), ("data:\n  train: 3\n", "data.train"),
                         ("objective:\n  block_size: 99\n", "objective.block_size"), ("seed: x\n", "seed"),
+                        ("objective:\n  slot_decay: 0\n", "objective.slot_decay"),
                         ("eval: 3\n", "eval")):
         bad.write_text(text)
         with pytest.raises(ConfigError) as e:

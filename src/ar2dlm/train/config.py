@@ -82,9 +82,14 @@ class ObjectiveSection:
     """alpha of the AR loss (ungated kinds only; the drafting adapter leaves the AR path untouched)."""
     random_offset: bool = True
     """Start blocks at a random offset per row (inference blocks start anywhere)."""
+    slot_decay: float = 1.0
+    """Diffusion loss weight slot_decay**i of the slot at index i of its block (1 = every slot alike; < 1 favours
+    the first drafted tokens, the ones every accepted run of tokens starts with)."""
 
     def __post_init__(self):
         check_types(self)
+        check(0 < self.slot_decay <= 1, f"objective.slot_decay must be in (0, 1], got {self.slot_decay}",
+              "slot_decay")
         DiffusionConfig(block_size=self.block_size, masking=self.masking, half_life_ratio=self.half_life_ratio,
                         loss_weight=self.loss_weight)
 

@@ -3,7 +3,8 @@
 A clean row x of S tokens becomes [x_0..x_{S-1} | slots m_0..m_{S-1}] with
 positions [0..S-1, 0..S-1] and `masks.training_mask`. Clean logits are
 shifted (c_i predicts x_{i+1}); slot logits are not (m_i predicts x_i).
-Loss = (alpha L_AR + L_diff) / (1 + alpha), each a mean token cross-entropy.
+Loss = (alpha L_AR + L_diff) / (1 + alpha), each a mean token cross-entropy; L_diff may weight a slot by its
+place i in its block, slot_decay**i (`slot_weights`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class TrainingBatch:
     labels: torch.Tensor
     masked: torch.Tensor  # [b, S] which slots carry the mask token
     predecessors: torch.Tensor | None = None  # [b, 2S] each row's previous token (nn/predecessors.py), for CCA-like layers
+    slot_place: torch.Tensor | None = None  # [b, S] each slot's index in its block (0 = the first drafted token)
 
     def to(self, device) -> "TrainingBatch":
         return TrainingBatch(*(getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None
@@ -104,6 +106,7 @@ def build_batch(input_ids: torch.Tensor, cfg: DiffusionConfig, doc_ids: torch.Te
         labels=torch.cat([ar_labels, diff_labels], 1),
         masked=masked,
         predecessors=predecessors.training_predecessors(S, cfg.block_size, doc_ids, block_offset),
+        slot_place=(pos + torch.as_tensor(block_offset, device=device).reshape(-1, 1)) % cfg.block_size,
     )
 
 
@@ -114,19 +117,42 @@ def mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
 
 
-def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0):
-    """(loss, ar_loss, diff_loss) from logits [b, 2S, V] and labels [b, 2S]."""
+def slot_weights(slot_place: torch.Tensor, decay: float) -> torch.Tensor | None:
+    """The diffusion loss weight of each slot: decay**i for the slot at index i of its block (None when decay is 1).
+
+    Greedy verification reaches slot i only when slots 0..i-1 were accepted, so a slot late in the block is worth
+    less to the tokens per forward than the first; decay < 1 spends the adapter's capacity where acceptance starts.
+    """
+    return None if decay == 1.0 else torch.pow(torch.as_tensor(decay, dtype=torch.float32), slot_place.float())
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """`mean_ce` with a weight per label ([b, T] like labels): sum w CE / sum w over the labels that are not
+    IGNORE (the plain mean when weights is None)."""
+    if weights is None:
+        return mean_ce(logits, labels)
+    keep = labels != IGNORE
+    if not keep.any():
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+    w = weights.to(ce.device)[keep]
+    return (w * ce).sum() / w.sum()
+
+
+def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
+               slot_weight: torch.Tensor | None = None):
+    """(loss, ar_loss, diff_loss) from logits [b, 2S, V] and labels [b, 2S]; slot_weight [b, S] (`slot_weights`)."""
     S = labels.shape[1] // 2
     ar = mean_ce(logits[:, :S], labels[:, :S])
-    diff = mean_ce(logits[:, S:], labels[:, S:])
+    diff = weighted_ce(logits[:, S:], labels[:, S:], slot_weight)
     return (alpha * ar + diff) / (1 + alpha), ar, diff
 
 
-def loss(lm: DiffusionLM, batch: TrainingBatch, alpha: float = 1.0):
+def loss(lm: DiffusionLM, batch: TrainingBatch, alpha: float = 1.0, slot_decay: float = 1.0):
     """One forward of the doubled batch through `lm` (a DiffusionLM) -> (loss, ar_loss, diff_loss)."""
     with predecessors.predecessors(lm.model, batch.predecessors):
         logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots)
-    return tidar_loss(logits, batch.labels, alpha)
+    return tidar_loss(logits, batch.labels, alpha, slot_weights(batch.slot_place, slot_decay))
 
 
 def naive_loss(lm: DiffusionLM, batch: TrainingBatch, block_size: int, block_offset: int = 0, alpha: float = 1.0):

@@ -171,9 +171,10 @@ def _cat(parts: list[objective.TrainingBatch]) -> objective.TrainingBatch:
 
 
 # ---------------------------------------------------------------------------- forward
-def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool = True):
+def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool = True, slot_decay: float = 1.0):
     """Gated adapter: the clean half only fills the KV cache (base weights, no grad, no logits);
     the slot half attends to it. Returns (diff_loss, slot_logits [b, T, V], slot indices [b, T]).
+    slot_decay weights the slot at index i of its block by slot_decay**i (`objective.slot_weights`).
 
     select=True runs only the slots a target slot can see (its own block):
     slots over prompt tokens without targets cost nothing, and the loss is
@@ -186,12 +187,13 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
     rows on base weights there too, so the loss is the same function.
     """
     S = batch.input_ids.shape[1] // 2
+    weights = objective.slot_weights(batch.slot_place, slot_decay)  # [b, S] or None
     if predecessors.has_mixers(lm.model):
         with predecessors.predecessors(lm.model, batch.predecessors):
             logits = lm.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.mask_slots,
                                 logits_to_keep=S)
         idx = torch.arange(S, device=logits.device).expand(logits.shape[0], S)
-        return objective.mean_ce(logits, batch.labels[:, S:]), logits, idx
+        return objective.weighted_ce(logits, batch.labels[:, S:], weights), logits, idx
     cache = DynamicCache()
     with torch.no_grad(), _adapter_off(lm):
         lm.forward(batch.input_ids[:, :S], batch.position_ids[:, :S], batch.attention_mask[:, :S, :S],
@@ -203,7 +205,7 @@ def drafting_loss(lm: DiffusionLM, batch: objective.TrainingBatch, select: bool 
         ids, pos, mask, labels, idx = _select_slots(ids, pos, mask, labels, S)
     logits = lm.forward(ids, pos, mask, torch.ones_like(ids, dtype=torch.bool), cache,
                         cache_positions=batch.position_ids[:, :S])  # what a sliding layer's window is measured by
-    return objective.mean_ce(logits, labels), logits, idx
+    return objective.weighted_ce(logits, labels, None if weights is None else weights.gather(1, idx)), logits, idx
 
 
 def _select_slots(ids, pos, mask, labels, S):
@@ -237,9 +239,9 @@ def micro_batch(run: Run, batch: objective.TrainingBatch) -> dict[str, torch.Ten
     batch = batch.to(run.accelerator.device)
     with _autocast(run):
         if cfg.adapter.kind == "drafting":
-            diff, _, _ = drafting_loss(lm, batch)
+            diff, _, _ = drafting_loss(lm, batch, slot_decay=cfg.objective.slot_decay)
             return {"loss": diff, "diff_loss": diff}
-        loss, ar, diff = objective.loss(lm, batch, cfg.objective.loss_weight)
+        loss, ar, diff = objective.loss(lm, batch, cfg.objective.loss_weight, cfg.objective.slot_decay)
         return {"loss": loss, "ar_loss": ar, "diff_loss": diff}
 
 
